@@ -35,7 +35,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b % self.vocab_size for b in text.encode("utf-8")] or [1 % self.vocab_size]
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return " ".join(str(int(i)) for i in ids)
 
 

@@ -75,8 +75,9 @@ def export_onnx(model, out_dir: Path, opset: int = 18) -> Path:
         {0: batch, 1: seq},
         {0: batch, 1: Dim.AUTO},  # = past + sequence; export infers the relation
         {0: batch, 1: seq},
-        tuple({0: batch, 2: past} for _ in range(2 * len(kept))),
     )
+    if kept:  # *past is one tuple argument to torch.export
+        dynamic_shapes += (tuple({0: batch, 2: past} for _ in range(2 * len(kept))),)
     # torch.onnx is chatty (progress lines, deprecation warnings); our own progress is shown instead.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():

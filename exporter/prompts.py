@@ -34,4 +34,9 @@ def left_padded(tokenizer, texts: list[str], chat: bool = False):
 
 
 def decode(tokenizer, ids) -> str:
-    return tokenizer.decode([int(i) for i in ids])
+    """Text of generated ids, cut at the first end-of-sequence token, special tokens dropped."""
+    ids = [int(i) for i in ids]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)

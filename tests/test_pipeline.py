@@ -1,0 +1,83 @@
+"""`export-skip RECIPE` end to end: artifact folder, report contents, exit codes, publish-on-success."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "tiny-llama"
+    result = run_cli(ROOT / "recipes" / "tiny-llama.yaml", "--out", out)
+    return out, result
+
+
+def test_tiny_recipe_passes_and_writes_the_artifact(tiny_run):
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "report.json", "report.md"}
+
+
+def test_report_json_contents(tiny_run):
+    out, _ = tiny_run
+    r = json.loads((out / "report.json").read_text())
+    assert r["passed"] is True
+    assert r["mask"] == {"attention": [3, 4], "mlp": [4], "blocks": [4]}
+    assert r["kept_attention_layers"] == [0, 1, 2, 5]
+    params = r["parameters"]
+    assert params["full"] - params["skipped"] == params["removed"] == params["removed_modules"] > 0
+    kinds = {a["kind"]: a for a in r["artifacts"]}
+    assert set(kinds) == {"onnx", "onnx-external-data"}
+    for a in r["artifacts"]:
+        assert (out / a["path"]).stat().st_size == a["bytes"] and len(a["sha256"]) == 64
+    # parity: ONNX and the skipped torch model, batch 1 and a left-padded batch 2, prefill and decode
+    combos = {(p["artifact"], p["phase"], p["batch"]) for p in r["parity"]}
+    assert {("onnx:fp32", ph, b) for ph in ("prefill", "decode") for b in (1, 2)} <= combos
+    for p in r["parity"]:
+        assert p["passed"] and p["greedy_match"] and p["max_abs_diff"] <= p["atol"]
+    assert [s["name"] for s in r["stages"]] == ["load", "remove", "export", "validate"]
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in r["stages"])
+    assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(r["versions"])
+    assert r["kv_cache"]["bytes_per_token_skipped"] * 6 == r["kv_cache"]["bytes_per_token_full"] * 4
+    md = (out / "report.md").read_text()
+    assert "PASSED" in md and "onnx:fp32" in md
+
+
+def test_failed_parity_exits_1_and_keeps_the_previous_artifact(tiny_run, tmp_path):
+    out, _ = tiny_run
+    before = (out / "report.json").read_bytes()
+    strict = tmp_path / "tiny-llama.yaml"
+    text = (ROOT / "recipes" / "tiny-llama.yaml").read_text()
+    strict.write_text(text.replace("atol: {prefill: 1.0e-4, decode: 1.0e-4}", "atol: {prefill: 1.0e-15, decode: 1.0e-15}"))
+    result = run_cli(strict, "--out", out)
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr and "vs atol 1e-15" in result.stderr
+    assert (out / "report.json").read_bytes() == before  # previous good artifact untouched
+    failed = out.with_name(out.name + ".failed")
+    report = json.loads((failed / "report.json").read_text())
+    assert report["passed"] is False and not all(p["passed"] for p in report["parity"])
+    assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
+
+
+def test_smollm2_default_recipe_end_to_end(tmp_path):
+    """The default recipe on real SmolLM2-135M weights (CI runs this): fp32 parity <= 1e-3, greedy match."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "smollm2-135m"
+    result = run_cli(ROOT / "recipes" / "smollm2-135m.yaml", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["mask"]["attention"] == [9, 25, 26, 28] and len(r["kept_attention_layers"]) == 26
+    for p in r["parity"]:
+        assert p["max_abs_diff"] <= 1e-3 and p["greedy_match"], p
+    assert "Paris" in r["samples"][0]["skipped"]
