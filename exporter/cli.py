@@ -15,7 +15,9 @@ from pathlib import Path
 from exporter.errors import UserError
 
 USAGE = """export-skip RECIPE [--out DIR]        export, validate and report (the main job)
-       export-skip check RECIPE             validate a recipe (and its mask against the model config)"""
+       export-skip check RECIPE             validate a recipe (and its mask against the model config)
+       export-skip plan RECIPE [--config JSON] [--json]
+                                            the cost model's predicted speedup, from the config alone"""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -61,7 +63,27 @@ def _check(argv: list[str], console) -> int:
     return 0
 
 
-COMMANDS = {"check": _check}
+def _plan(argv: list[str], console) -> int:
+    import json
+
+    from exporter.cost import plan, render_prediction
+    from exporter.recipe import load_recipe
+
+    parser = _parser("export-skip plan")
+    parser.add_argument("--config", type=Path, help="a config.json to plan from (default: the recipe's model)")
+    parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    args = parser.parse_args(argv)
+    result = plan(load_recipe(args.recipe), args.config)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    console.print(f"{args.recipe}: {result['architecture']}, config from {result['config_from']}; "
+                  f"attention skipped {result['mask']['attention'] or 'none'}, MLP skipped {result['mask']['mlp'] or 'none'}")
+    print("\n".join(render_prediction(result["prediction"])))
+    return 0
+
+
+COMMANDS = {"check": _check, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,270 @@
+"""The cost model: what a skip mask should save, from the model's config alone (no weights, no export).
+
+Decode is memory-bound: one step reads every kept weight once, one embedding row per sequence, the
+LM head, and the KV cache of every kept attention layer up to the context length (capped by its
+sliding window). Prefill is compute-bound: FLOPs per token are 2 x the kept matmul weights plus the
+attention scores and weighted sum over the (causal, on average half the prompt) keys.
+
+Public API (other modules call these):
+    predicted_decode_speedup(config, mask, context, batch=1, precision="float32") -> full / skipped
+    predicted_prefill_speedup(config, mask, tokens) -> full / skipped
+    predicted_saving(speedup) -> 1 - 1 / speedup (the fraction of time the mask should save)
+    decode_bytes(config, mask, context, batch, precision) -> dict of bytes per decode step
+    prefill_flops_per_token(config, mask, tokens) -> dict of FLOPs
+    kv_bytes_per_token(config, mask, precision) -> int
+    predict(config, mask, ...) -> dict (the block shown in report.json and by `export-skip plan`)
+
+`config` is a transformers config or any object with the same attribute names; `mask` is a
+`surgery.SkipMask` (or anything with `.attention` and `.mlp` index tuples); None means the full model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+DECODE_CONTEXTS = (128, 512, 2048)
+PREFILL_TOKENS = (128, 512)
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """Parameter counts of one decoder layer's sub-layers and of the model's ends."""
+
+    attention: int  # q/k/v/o projections (+ biases, + q/k norms)
+    attention_norm: int
+    mlp: int  # gate/up/down (+ biases)
+    mlp_norm: int
+    embedding: int  # vocab x hidden
+    lm_head: int  # vocab x hidden (the same matrix as the embedding when tied)
+    final_norm: int
+    tied: bool
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_sizes(config) -> LayerSizes:
+    c, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    h, kv, d = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+    model_type = getattr(config, "model_type", "llama")
+    q_out, kv_out = h * d, kv * d
+    attention = c * q_out + 2 * c * kv_out + q_out * c
+    if model_type == "qwen2":  # q/k/v always carry biases, o_proj none
+        attention += q_out + 2 * kv_out
+    elif getattr(config, "attention_bias", False):  # llama, qwen3: q/k/v/o biases
+        attention += q_out + 2 * kv_out + c
+    if model_type == "qwen3":  # per-head RMSNorm on q and k
+        attention += 2 * d
+    mlp = 3 * c * i + ((2 * i + c) if getattr(config, "mlp_bias", False) else 0)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    return LayerSizes(attention=attention, attention_norm=c, mlp=mlp, mlp_norm=c, embedding=v * c,
+                      lm_head=v * c, final_norm=c, tied=tied)
+
+
+def _mask_sets(config, mask) -> tuple[set[int], set[int]]:
+    if mask is None:
+        return set(), set()
+    n = config.num_hidden_layers
+    attention, mlp = set(mask.attention), set(mask.mlp)
+    bad = sorted(i for i in attention | mlp if not 0 <= i < n)
+    if bad:
+        from exporter.errors import UserError
+
+        raise UserError(f"skip mask names layer(s) {bad} but the model has {n} layers (0-{n - 1})")
+    return attention, mlp
+
+
+def kept_attention_layers(config, mask) -> list[int]:
+    attention, _ = _mask_sets(config, mask)
+    return [i for i in range(config.num_hidden_layers) if i not in attention]
+
+
+def kept_parameters(config, mask) -> int:
+    """Distinct parameters of the skipped model (tied embedding counted once), as `count_parameters`."""
+    s = layer_sizes(config)
+    attention, mlp = _mask_sets(config, mask)
+    n = config.num_hidden_layers
+    total = s.embedding + s.final_norm + (0 if s.tied else s.lm_head)
+    total += (n - len(attention)) * (s.attention + s.attention_norm)
+    total += (n - len(mlp)) * (s.mlp + s.mlp_norm)
+    return total
+
+
+def _window(config, layer: int) -> int | None:
+    from exporter.architectures import sliding_window_for
+
+    try:
+        return sliding_window_for(config, layer)
+    except Exception:  # an unsupported model_type: no window information, assume full attention
+        return None
+
+
+def kv_bytes_per_token(config, mask, precision: str = "float32") -> int:
+    """KV cache bytes per token per sequence: key and value of every kept attention layer."""
+    per_layer = 2 * config.num_key_value_heads * _head_dim(config) * ITEMSIZE[precision]
+    return per_layer * len(kept_attention_layers(config, mask))
+
+
+def decode_bytes(config, mask, context: int, batch: int = 1, precision: str = "float32") -> dict:
+    """Bytes moved by one decode step of `batch` sequences with `context` tokens already cached."""
+    s = layer_sizes(config)
+    item = ITEMSIZE[precision]
+    attention, mlp = _mask_sets(config, mask)
+    n = config.num_hidden_layers
+    layers = (n - len(attention)) * (s.attention + s.attention_norm) + (n - len(mlp)) * (s.mlp + s.mlp_norm)
+    kv_row = 2 * config.num_key_value_heads * _head_dim(config) * item  # one token, one layer, K and V
+    kept = kept_attention_layers(config, mask)
+    kv_read = batch * kv_row * sum(min(context, _window(config, i) or context) for i in kept)
+    out = {
+        "layer_weights": layers * item,
+        "embedding_rows": batch * config.hidden_size * item,
+        "lm_head": s.lm_head * item,  # read in full every step (the embedding matrix when tied)
+        "final_norm": s.final_norm * item,
+        "kv_read": kv_read,
+        "kv_write": batch * kv_row * len(kept),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def prefill_flops_per_token(config, mask, tokens: int) -> dict:
+    """FLOPs per prompt token for a prefill of `tokens` tokens (matmuls only; norms are noise)."""
+    s = layer_sizes(config)
+    attention, mlp = _mask_sets(config, mask)
+    n = config.num_hidden_layers
+    h, d = config.num_attention_heads, _head_dim(config)
+    projections = 2 * ((n - len(attention)) * s.attention + (n - len(mlp)) * s.mlp)
+    keys = (tokens + 1) / 2  # causal: query t attends to t keys, on average (T + 1) / 2
+    scores = sum(4 * h * d * min(keys, _window(config, i) or keys) for i in kept_attention_layers(config, mask))
+    out = {"projections": projections, "attention_scores": int(scores), "lm_head": 2 * s.lm_head}
+    out["total"] = sum(out.values())
+    return out
+
+
+def predicted_decode_speedup(config, mask, context: int, batch: int = 1, precision: str = "float32") -> float:
+    """Full-model decode step time / skipped-model decode step time, if decode is memory-bound."""
+    full = decode_bytes(config, None, context, batch, precision)["total"]
+    return full / decode_bytes(config, mask, context, batch, precision)["total"]
+
+
+def predicted_prefill_speedup(config, mask, tokens: int) -> float:
+    """Full-model prefill time / skipped-model prefill time, if prefill is compute-bound."""
+    full = prefill_flops_per_token(config, None, tokens)["total"]
+    return full / prefill_flops_per_token(config, mask, tokens)["total"]
+
+
+def predicted_saving(speedup: float) -> float:
+    """The fraction of time saved: 1 - skipped / full."""
+    return 1.0 - 1.0 / speedup
+
+
+def predict(config, mask, contexts=DECODE_CONTEXTS, prefill_tokens=PREFILL_TOKENS, batches=(1,),
+            precision: str = "float32") -> dict:
+    """Everything the cost model says about a mask: the block in report.json and `export-skip plan`."""
+    n = config.num_hidden_layers
+    kept = kept_attention_layers(config, mask)
+    kv_full, kv_skipped = kv_bytes_per_token(config, None, precision), kv_bytes_per_token(config, mask, precision)
+    decode = []
+    for batch in batches:
+        for ctx in contexts:
+            full = decode_bytes(config, None, ctx, batch, precision)
+            skipped = decode_bytes(config, mask, ctx, batch, precision)
+            speedup = full["total"] / skipped["total"]
+            decode.append({"batch": batch, "context": ctx, "bytes_full": full["total"], "bytes_skipped": skipped["total"],
+                           "kv_read_full": full["kv_read"], "kv_read_skipped": skipped["kv_read"],
+                           "speedup": round(speedup, 4), "saving": round(predicted_saving(speedup), 4)})
+    prefill = []
+    for tokens in prefill_tokens:
+        full = prefill_flops_per_token(config, None, tokens)["total"]
+        skipped = prefill_flops_per_token(config, mask, tokens)["total"]
+        prefill.append({"tokens": tokens, "flops_per_token_full": full, "flops_per_token_skipped": skipped,
+                        "speedup": round(full / skipped, 4), "saving": round(1 - skipped / full, 4)})
+    return {
+        "model": "memory-bound decode (bytes per step), compute-bound prefill (FLOPs per token)",
+        "precision": precision,
+        "num_layers": n,
+        "attention_layers_kept": len(kept),
+        "parameters_full": kept_parameters(config, None),
+        "parameters_skipped": kept_parameters(config, mask),
+        "kv_bytes_per_token_full": kv_full,
+        "kv_bytes_per_token_skipped": kv_skipped,
+        "kv_reduction": round(1 - kv_skipped / kv_full, 4) if kv_full else 0.0,
+        "decode": decode,
+        "prefill": prefill,
+    }
+
+
+def render_prediction(pred: dict) -> list[str]:
+    """Markdown lines for report.md and the `plan` command."""
+    gib = 2**30
+    lines = [
+        f"Cost model ({pred['model']}; {pred['precision']}): parameters {pred['parameters_full']:,} -> "
+        f"{pred['parameters_skipped']:,}; attention layers kept {pred['attention_layers_kept']} of {pred['num_layers']}; "
+        f"KV cache {pred['kv_bytes_per_token_full']:,} -> {pred['kv_bytes_per_token_skipped']:,} bytes/token "
+        f"(-{pred['kv_reduction']:.1%}).",
+        "",
+        "| phase | batch | context / tokens | full | skipped | predicted speedup | predicted saving |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in pred["decode"]:
+        lines.append(f"| decode | {d['batch']} | {d['context']} | {d['bytes_full'] / gib:.3f} GiB/step | "
+                     f"{d['bytes_skipped'] / gib:.3f} GiB/step | {d['speedup']:.3f}x | {d['saving']:.1%} |")
+    for p in pred["prefill"]:
+        lines.append(f"| prefill | 1 | {p['tokens']} | {p['flops_per_token_full'] / 1e9:.3f} GFLOP/token | "
+                     f"{p['flops_per_token_skipped'] / 1e9:.3f} GFLOP/token | {p['speedup']:.3f}x | {p['saving']:.1%} |")
+    return lines
+
+
+# --- configs for `plan`: from the recipe's source, or a shipped copy of a public config -------------
+
+
+def shipped_config_path(hub_id: str) -> Path:
+    """recipes/configs/<repo name, lower case>.json, e.g. mistralai/Mistral-7B-v0.1 -> mistral-7b-v0.1.json."""
+    return SHIPPED_CONFIGS / (hub_id.split("/")[-1].lower() + ".json")
+
+
+def config_from_json(path: Path):
+    """A config object (attribute access) from a config.json, without transformers."""
+    from exporter.errors import UserError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read a config.json: {exc}") from None
+    missing = [k for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "vocab_size") if k not in data]
+    if missing:
+        raise UserError(f"{path}: config.json lacks {', '.join(missing)}")
+    data.setdefault("num_key_value_heads", data["num_attention_heads"])
+    return SimpleNamespace(**data)
+
+
+def config_for_recipe(recipe, config_path: Path | None = None):
+    """(config, where it came from). Hub models use a shipped public config when it exists (no network)."""
+    from exporter.models import load_config
+
+    if config_path is not None:
+        return config_from_json(config_path), str(config_path)
+    source = recipe.model
+    if source.kind == "hub":
+        shipped = shipped_config_path(source.hub)
+        if shipped.is_file():
+            return config_from_json(shipped), f"shipped copy {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
+    return load_config(source), f"model source ({source.kind})"
+
+
+def plan(recipe, config_path: Path | None = None, contexts=DECODE_CONTEXTS, batches=(1, 4)) -> dict:
+    """The cost model's prediction for a recipe's mask, from the config alone."""
+    from exporter.recipe import resolve_mask
+
+    config, origin = config_for_recipe(recipe, config_path)
+    mask = resolve_mask(recipe, config.num_hidden_layers)
+    pred = predict(config, mask, contexts=contexts, batches=batches, precision=recipe.model.dtype)
+    return {"config_from": origin, "architecture": config.model_type,
+            "mask": {"attention": list(mask.attention), "mlp": list(mask.mlp)}, "prediction": pred}
