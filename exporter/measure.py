@@ -15,6 +15,7 @@ class StageStats:
     name: str
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    cached: bool = False  # restored from the stage cache instead of run
 
 
 class _PeakSampler(threading.Thread):

@@ -161,6 +161,20 @@ def _convert_gguf(source: ModelSource) -> Path:
     return folder
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only(folder: Path, source: ModelSource) -> None:
+    """A folder whose weights exist only as pickles is refused unless the recipe allows pickle."""
+    if source.allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"model.path: {folder} holds weights only as pickle files ({', '.join(pickles[:3])}), "
+                        "which can run code when loaded; convert them to safetensors or set "
+                        "model.allow_pickle: true if you trust them")
+
+
 def load_model(source: ModelSource):
     """(model, tokenizer): an eval-mode causal LM in the recipe's dtype, and its tokenizer."""
     import torch
@@ -174,11 +188,14 @@ def load_model(source: ModelSource):
         tokenizer = ByteTokenizer(config.vocab_size)
     elif source.kind == "hub":
         load_config(source)  # fails fast (one line) when offline
-        model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype)
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype,
+                          use_safetensors=None if source.allow_pickle else True)
         tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
     else:
         folder = _convert_gguf(source) if source.kind == "gguf" else source.path
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=source.trust_remote_code)
+        _refuse_pickle_only(folder, source)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=source.trust_remote_code,
+                                                     use_safetensors=None if source.allow_pickle else True)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError):

@@ -52,7 +52,8 @@ class ModelSource(_Strict):
     config: dict[str, Any] | None = None
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repository's own Python code: only when asked
+    allow_pickle: bool = False  # load pickle weight files (.bin/.pt), which can run code when unpickled
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -155,8 +156,8 @@ def _where(loc: tuple) -> str:
     for p in loc:
         if isinstance(p, int):
             parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
-        else:
-            parts.append(str(p))
+        else:  # odd keys (spaces, control characters) are quoted so the message stays one line
+            parts.append(str(p) if re.fullmatch(r"[\w-]+", str(p), flags=re.ASCII) else repr(str(p)))
     return ".".join(parts) or "(top level)"
 
 
