@@ -157,15 +157,16 @@ def good_artifact(tmp_path_factory):
     return recipe, out
 
 
-KILLS = [
-    ("SIGINT", "while loading the model", None, 2.0),
-    ("SIGTERM", "while exporting ONNX", "✓ load", 0.5),
-    ("SIGKILL", "while validating parity", "✓ export", 0.2),
-    ("SIGTERM", "while validating parity", "✓ export", 0.2),
+KILLS = [  # (signal, when, line to wait for, seconds after it); the default run tries two, -m slow all
+    pytest.param("SIGINT", "while loading the model", None, 2.0, marks=pytest.mark.slow, id="SIGINT-load"),
+    pytest.param("SIGTERM", "while exporting ONNX", "✓ load", 0.5, id="SIGTERM-export"),
+    pytest.param("SIGKILL", "while validating parity", "✓ export", 0.2, id="SIGKILL-validate"),
+    pytest.param("SIGINT", "while exporting ONNX", "✓ load", 1.0, marks=pytest.mark.slow, id="SIGINT-export"),
+    pytest.param("SIGTERM", "while validating parity", "✓ export", 0.2, marks=pytest.mark.slow, id="SIGTERM-validate"),
 ]
 
 
-@pytest.mark.parametrize("sig, when, after_line, delay", KILLS, ids=[f"{k[0]}-{k[1]}" for k in KILLS])
+@pytest.mark.parametrize("sig, when, after_line, delay", KILLS)
 def test_killed_run_leaves_the_previous_artifact_untouched(good_artifact, sig, when, after_line, delay):
     recipe, out = good_artifact
     before = _snapshot(out)
