@@ -17,7 +17,12 @@ from exporter.errors import UserError
 USAGE = """export-skip RECIPE [--out DIR]        export, validate and report (the main job)
        export-skip check RECIPE             validate a recipe (and its mask against the model config)
        export-skip plan RECIPE [--config JSON] [--json]
-                                            the cost model's predicted speedup, from the config alone"""
+                                            the cost model's predicted speedup, from the config alone
+       export-skip inspect DIR              what an artifact folder holds: mask as a layer map, sizes, checks
+       export-skip verify DIR [--recipe RECIPE] [--ort]
+                                            re-hash every file against manifest.json, check the ONNX graphs
+       export-skip generate DIR --prompt TEXT [--max-new-tokens N] [--runtime ort|genai]
+                                            stream greedy text from an artifact"""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -83,7 +88,58 @@ def _plan(argv: list[str], console) -> int:
     return 0
 
 
-COMMANDS = {"check": _check, "plan": _plan}
+def _folder_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, usage=USAGE)
+    parser.add_argument("folder", type=Path, help="artifact folder (e.g. artifacts/smollm2-135m)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser
+
+
+def _inspect(argv: list[str], console) -> int:
+    from rich.console import Console
+
+    from exporter.inspect import render
+
+    args = _folder_parser("export-skip inspect").parse_args(argv)
+    render(args.folder, Console(highlight=False))
+    return 0
+
+
+def _verify(argv: list[str], console) -> int:
+    from exporter.manifest import verify
+
+    parser = _folder_parser("export-skip verify")
+    parser.add_argument("--recipe", type=Path, help="also check the artifact was built from this recipe")
+    parser.add_argument("--ort", action="store_true", help="also open every ONNX graph in ONNX Runtime")
+    args = parser.parse_args(argv)
+    problems = verify(args.folder, args.recipe, with_ort=args.ort)
+    for problem in problems:
+        console.print(f"[red]MISMATCH[/] {problem}", soft_wrap=True, highlight=False)
+    if problems:
+        console.print(f"[red bold]FAILED[/] {args.folder}: {len(problems)} problem(s)")
+        return 1
+    console.print(f"[green bold]OK[/] {args.folder}: every file matches manifest.json")
+    return 0
+
+
+def _generate(argv: list[str], console) -> int:
+    from exporter.generate import generate
+
+    parser = _folder_parser("export-skip generate")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap the prompt in the chat template (default: what the recipe validated with)")
+    parser.add_argument("--runtime", choices=("ort", "genai"), default="ort",
+                        help="ONNX Runtime via export-skip's runner, or onnxruntime-genai (extra [genai])")
+    parser.add_argument("--onnx", help="graph file inside the folder (default: model.onnx)")
+    args = parser.parse_args(argv)
+    generate(args.folder, args.prompt, args.max_new_tokens, args.chat, args.runtime, args.onnx)
+    return 0
+
+
+COMMANDS = {"check": _check, "plan": _plan, "inspect": _inspect, "verify": _verify,
+            "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from exporter import manifest as manifests
 from exporter import report as reports
 from exporter.measure import StageStats, stage
 from exporter.recipe import Recipe, resolve_mask
@@ -48,6 +49,11 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
         _done(console, rec, f"worst max|Δlogit| {worst['max_abs_diff']:.1e} (atol {worst['atol']:.0e}), "
                             f"{sum(p['passed'] for p in parity)}/{len(parity)} phases pass")
 
+        with stage("package", stats) as rec:
+            packaged = package_stage(recipe, model, skipped, tokenizer, mask, work.path, artifacts[0]["path"])
+        artifacts = artifacts + packaged
+        _done(console, rec, ", ".join(a["path"] for a in packaged) or "nothing to add")
+
         checks = size["checks"] + onnx_checks
         passed = all(p["passed"] for p in parity) and all(c["passed"] for c in checks)
         report = {
@@ -74,6 +80,7 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
         report["wall_seconds"] = round(time.perf_counter() - started, 2)
         reports.write_json(report, work.path)
         reports.write_markdown(report, work.path)
+        manifests.write_manifest(work.path, recipe, report)  # last: it hashes every file in the folder
         report["published_to"] = str(work.publish() if passed else work.keep_failed())
     return report
 
@@ -91,6 +98,21 @@ class _status:
     def __exit__(self, *exc):
         if self.ctx:
             self.ctx.__exit__(*exc)
+
+
+def package_stage(recipe: Recipe, model, skipped, tokenizer, mask, out_dir: Path, onnx_file: str) -> list[dict]:
+    """What ships beside the ONNX: the resolved recipe, tokenizer files, genai_config.json, a serving checkpoint."""
+    from exporter.genai import save_tokenizer, write_genai_config
+
+    files = [(manifests.write_recipe_copy(recipe, out_dir), "recipe")]
+    files += [(p, "tokenizer") for p in save_tokenizer(tokenizer, out_dir)]
+    if recipe.export.genai:
+        files.append((write_genai_config(model, out_dir, onnx_file, recipe.export.max_context), "genai-config"))
+    if recipe.export.checkpoint:
+        from exporter.checkpoint import write_checkpoint
+
+        files += [(p, "checkpoint") for p in write_checkpoint(model, skipped, mask, out_dir / "checkpoint", tokenizer)]
+    return [reports.describe_file(p, out_dir, kind) for p, kind in files]
 
 
 def load_stage(recipe: Recipe):

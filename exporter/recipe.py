@@ -103,6 +103,8 @@ class Export(_Strict):
     opset: int = Field(default=18, ge=18, le=23)
     max_batch: int = Field(default=4, ge=1)
     max_context: int = Field(default=2048, ge=2)
+    genai: bool = True  # genai_config.json beside the ONNX (onnxruntime-genai runs the artifact as is)
+    checkpoint: bool = False  # also a Nemotron-NAS / DeciLM-style HF checkpoint in checkpoint/ (vLLM, TRT-LLM)
 
 
 class Validate(_Strict):

@@ -1,0 +1,280 @@
+"""manifest.json: the record of an artifact folder's contents, and `verify` against it.
+
+report.json is the record of checks; the manifest is the record of contents: every file in the folder
+(whatever other stages wrote, not a fixed list) with bytes and sha256, the resolved recipe and its
+hash, the base model's identity, the mask, each ONNX graph's I/O signature, tool versions and the
+creation time. The pipeline writes it last, after report.json / report.md. `verify` re-hashes every
+file, checks that nothing was added or removed, that the recorded recipe still hashes to its hash,
+and that every ONNX graph loads, matches its recorded signature and finds its external data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from exporter.errors import UserError
+
+MANIFEST = "manifest.json"
+RECIPE_COPY = "recipe.yaml"
+FORMAT = "export-skip-manifest/1"
+EXTRA_PACKAGES = ("onnxruntime-genai", "safetensors", "tokenizers")
+
+
+def canonical_hash(data) -> str:
+    """sha256 of JSON with sorted keys and no whitespace: the same data always hashes the same."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def resolved_recipe(recipe) -> dict:
+    """The recipe after validation and defaults, as plain JSON data (paths absolute)."""
+    return recipe.model_dump(mode="json", by_alias=True)
+
+
+def write_recipe_copy(recipe, folder: Path) -> Path:
+    """recipe.yaml in the artifact: the resolved recipe, runnable as is (`export-skip DIR/recipe.yaml`)."""
+    import yaml
+
+    path = folder / RECIPE_COPY
+    header = (f"# The resolved recipe this artifact was built from (source: {recipe.source_path}).\n"
+              f"# Re-run: export-skip {RECIPE_COPY}. Its sha256 (canonical JSON) is in manifest.json.\n")
+    path.write_text(header + yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True),
+                    encoding="utf-8")
+    return path
+
+
+def _kind(rel: str, known: dict[str, dict]) -> tuple[str, str | None]:
+    """A file's kind: what the stage that wrote it said in report.json, else a guess from its name."""
+    if rel in known:
+        return known[rel]["kind"], known[rel].get("precision")
+    name = rel.rsplit("/", 1)[-1]
+    guesses = [(".onnx", "onnx"), (".onnx.data", "onnx-external-data"), (".engine", "engine"),
+               (".plan", "engine"), (".safetensors", "weights"), ("genai_config.json", "genai-config"),
+               (RECIPE_COPY, "recipe"), ("report.json", "report"), ("report.md", "report")]
+    for suffix, kind in guesses:
+        if name.endswith(suffix):
+            return kind, None
+    if name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template")):
+        return "tokenizer", None
+    return "other", None
+
+
+def _walk(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.rglob("*") if p.is_file() or p.is_symlink()),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
+def list_files(folder: Path, known: dict[str, dict] | None = None) -> list[dict]:
+    """Every file under `folder` except the manifest itself, with kind, bytes and sha256."""
+    from exporter.report import describe_file
+
+    files = []
+    for path in _walk(folder):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST:
+            continue
+        if path.is_symlink():  # a link would let the content change without the folder changing
+            raise UserError(f"{path}: artifact folders hold plain files, not symbolic links")
+        kind, precision = _kind(rel, known or {})
+        entry = describe_file(path, folder, kind, precision)
+        entry["path"] = rel
+        files.append(entry)
+    return files
+
+
+def model_identity(model_info: dict) -> dict:
+    """The base model's identity: hub id + revision, or hashes of the files it was loaded from."""
+    from exporter.models import file_sha256
+
+    identity = dict(model_info)
+    if identity.get("kind") == "path" and "files" not in identity:
+        folder = Path(identity["path"])
+        patterns = ("config.json", "*.safetensors", "*.bin", "*.gguf")
+        found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+        identity["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in found}
+    return identity
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    from exporter.report import tool_versions as base
+
+    versions = base()
+    for name in EXTRA_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def build_manifest(folder: Path, recipe, report: dict) -> dict:
+    from exporter.onnx_export import onnx_signature
+
+    resolved = resolved_recipe(recipe)
+    known = {a["path"]: a for a in report.get("artifacts", [])}
+    files = list_files(folder, known)
+    onnx = {f["path"]: {"signature": onnx_signature(folder / f["path"])} for f in files if f["kind"] == "onnx"}
+    return {
+        "format": FORMAT,
+        "name": report.get("name", folder.name),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "passed": report.get("passed"),
+        "recipe": {"source": str(recipe.source_path) if recipe.source_path else None, "copy": RECIPE_COPY
+                   if (folder / RECIPE_COPY).is_file() else None, "sha256": canonical_hash(resolved),
+                   "resolved": resolved},
+        "model": model_identity(report.get("model", {})),
+        "architecture": report.get("architecture"),
+        "num_layers": report.get("num_layers"),
+        "mask": report.get("mask"),
+        "kept_attention_layers": report.get("kept_attention_layers"),
+        "onnx": onnx,
+        "files": files,
+        "versions": tool_versions(),
+    }
+
+
+def write_manifest(folder: Path, recipe, report: dict) -> Path:
+    """Write manifest.json; call it last, when every other file in the folder is final."""
+    path = folder / MANIFEST
+    path.write_text(json.dumps(build_manifest(folder, recipe, report), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder (give an artifact folder, e.g. artifacts/smollm2-135m)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder}: no {MANIFEST} here; is it an artifact folder written by export-skip "
+                        f"(a failed run's folder or one from an older version has none)?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not an export-skip manifest (format {FORMAT!r} expected)")
+    return manifest
+
+
+@dataclass
+class Problem:
+    path: str  # the file (or "recipe") the problem is about
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def _check_files(folder: Path, manifest: dict) -> list[Problem]:
+    from exporter.models import file_sha256
+
+    problems = []
+    listed = {f["path"]: f for f in manifest["files"]}
+    for rel, entry in listed.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(Problem(rel, "missing"))
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(Problem(rel, f"size changed: {path.stat().st_size:,} bytes, manifest says {entry['bytes']:,}"))
+        elif file_sha256(path) != entry["sha256"]:
+            problems.append(Problem(rel, f"content changed: sha256 differs from the manifest's {entry['sha256'][:16]}…"))
+    for path in _walk(folder):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST and rel not in listed:
+            problems.append(Problem(rel, "not in the manifest (added after the artifact was written)"))
+    return problems
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like dicts (for a readable recipe mismatch)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix or "(root)"] if a != b else []
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        keys += _diff_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+    return keys
+
+
+def _check_recipe(folder: Path, manifest: dict, recipe_path: Path | None) -> list[Problem]:
+    import yaml
+
+    problems = []
+    rec = manifest["recipe"]
+    if canonical_hash(rec["resolved"]) != rec["sha256"]:
+        problems.append(Problem(MANIFEST, "recipe.resolved no longer hashes to recipe.sha256 (the manifest was edited)"))
+    copy = folder / RECIPE_COPY
+    if rec.get("copy") and copy.is_file():
+        try:
+            data = yaml.safe_load(copy.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            data = None
+        if data is None or canonical_hash(data) != rec["sha256"]:
+            changed = ", ".join(_diff_keys(rec["resolved"], data)) if isinstance(data, dict) else "unreadable"
+            problems.append(Problem(RECIPE_COPY, f"differs from the recipe the artifact was built from ({changed})"))
+    if recipe_path is not None:
+        from exporter.recipe import load_recipe
+
+        given = resolved_recipe(load_recipe(recipe_path))
+        if canonical_hash(given) != rec["sha256"]:
+            changed = ", ".join(_diff_keys(rec["resolved"], given))
+            problems.append(Problem(str(recipe_path), f"is not the recipe this artifact was built from (differs in: {changed})"))
+    return problems
+
+
+def _check_onnx(folder: Path, manifest: dict, with_ort: bool) -> list[Problem]:
+    """Each graph loads (protobuf), matches its recorded signature, and its external data is in place."""
+    import onnx
+
+    from exporter.onnx_export import onnx_signature
+
+    problems = []
+    listed = {f["path"] for f in manifest["files"]}
+    for rel, recorded in manifest.get("onnx", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            continue  # reported as missing by the file check
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf raises several types for a damaged file
+            problems.append(Problem(rel, f"does not load as ONNX: {str(exc).splitlines()[0][:200]}"))
+            continue
+        signature = onnx_signature(path)
+        if signature != recorded["signature"]:
+            changed = ", ".join(_diff_keys(recorded["signature"], signature)) or "order"
+            problems.append(Problem(rel, f"I/O signature differs from the manifest ({changed})"))
+        before = len(problems)
+        base = Path(rel).parent
+        for init in proto.graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            data = (base / info.get("location", "")).as_posix()
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            if data not in listed:
+                problems.append(Problem(rel, f"initializer {init.name} points at {data}, which is not in the manifest"))
+                break
+            if not (folder / data).is_file() or end > (folder / data).stat().st_size:  # what ORT would read
+                problems.append(Problem(rel, f"initializer {init.name} reads past the end of {data}"))
+                break
+        if with_ort and len(problems) == before:
+            import onnxruntime as ort
+
+            try:
+                ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                problems.append(Problem(rel, f"ONNX Runtime cannot open it: {str(exc).splitlines()[0][:200]}"))
+    return problems
+
+
+def verify(folder: Path, recipe_path: Path | None = None, with_ort: bool = False) -> list[Problem]:
+    """Every way the folder differs from its manifest; an empty list means it is intact."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    return _check_files(folder, manifest) + _check_recipe(folder, manifest, recipe_path) + _check_onnx(folder, manifest, with_ort)

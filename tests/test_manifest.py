@@ -1,0 +1,160 @@
+"""manifest.json, `verify`, `inspect` and `generate` on a tiny artifact built once by the real pipeline."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.manifest import MANIFEST, RECIPE_COPY, canonical_hash, read_manifest, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny-llama.yaml"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from exporter.pipeline import run
+    from exporter.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("manifest") / "tiny-llama"
+    report = run(load_recipe(TINY), out)
+    assert report["passed"], report
+    return out
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    """A private copy to damage (new inodes: the stage cache may hard-link the original's files)."""
+    return Path(shutil.copytree(artifact, tmp_path / "copy"))
+
+
+def test_manifest_lists_every_file_with_size_and_hash(artifact):
+    from exporter.models import file_sha256
+    from exporter.recipe import load_recipe
+    from exporter.manifest import resolved_recipe
+
+    m = read_manifest(artifact)
+    on_disk = sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file())
+    assert [f["path"] for f in m["files"]] == [p for p in on_disk if p != MANIFEST]
+    assert {"model.onnx", "model.onnx.data", "report.json", "report.md", RECIPE_COPY} <= set(on_disk)
+    for f in m["files"]:
+        assert f["bytes"] == (artifact / f["path"]).stat().st_size
+        assert f["sha256"] == file_sha256(artifact / f["path"])
+    kinds = {f["path"]: f["kind"] for f in m["files"]}
+    assert kinds["model.onnx"] == "onnx" and kinds["model.onnx.data"] == "onnx-external-data"
+    assert m["recipe"]["sha256"] == canonical_hash(resolved_recipe(load_recipe(TINY)))
+    assert m["mask"] == {"attention": [3, 4], "mlp": [4], "blocks": [4]}
+    assert m["model"]["kind"] == "config" and len(m["model"]["config_sha256"]) == 64
+    sig = m["onnx"]["model.onnx"]["signature"]
+    assert [n for n in sig["inputs"] if n.startswith("past_key_values.") and n.endswith(".key")] == \
+        [f"past_key_values.{i}.key" for i in (0, 1, 2, 5)]
+    assert {"torch", "onnx", "onnxruntime", "python"} <= set(m["versions"])
+    assert m["created"].endswith("+00:00")
+
+
+def test_verify_passes_on_an_intact_folder(artifact):
+    assert verify(artifact, recipe_path=TINY, with_ort=True) == []
+    result = cli("verify", artifact)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stderr
+
+
+def test_verify_catches_a_flipped_byte_in_the_external_data(copy):
+    data = copy / "model.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    data.write_bytes(bytes(blob))
+    problems = verify(copy)
+    assert [p.path for p in problems] == ["model.onnx.data"]
+    assert "content changed" in problems[0].message
+    result = cli("verify", copy)
+    assert result.returncode == 1
+    assert "model.onnx.data" in result.stderr and "FAILED" in result.stderr
+
+
+def test_verify_catches_a_changed_recipe(copy):
+    path = copy / RECIPE_COPY
+    path.write_text(path.read_text().replace("  - 3\n  - 4\n", "  - 3\n", 1))
+    problems = verify(copy)
+    assert {p.path for p in problems} == {RECIPE_COPY}
+    assert any("skip.attention" in p.message for p in problems)
+    assert cli("verify", copy).returncode == 1
+
+
+def test_verify_catches_an_edited_manifest_recipe(copy):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["recipe"]["resolved"]["skip"]["attention"] = [3]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert [p.path for p in verify(copy)] == [MANIFEST]
+
+
+def test_verify_recipe_option_names_the_differing_keys(artifact, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.read_text().replace("decode_steps: 16", "decode_steps: 8"))
+    problems = verify(artifact, recipe_path=other)
+    assert len(problems) == 1 and "validate.decode_steps" in problems[0].message
+    result = cli("verify", artifact, "--recipe", other)
+    assert result.returncode == 1 and "validate.decode_steps" in result.stderr
+
+
+def test_verify_catches_added_missing_and_truncated_files(copy):
+    (copy / "extra.bin").write_bytes(b"x")
+    (copy / "report.md").unlink()
+    data = copy / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    messages = {p.path: p.message for p in verify(copy)}
+    assert "not in the manifest" in messages["extra.bin"]
+    assert messages["report.md"] == "missing"
+    assert "size changed" in messages["model.onnx.data"]
+    assert "reads past the end of model.onnx.data" in messages["model.onnx"]
+
+
+def test_verify_without_a_manifest_is_a_one_line_user_error(tmp_path):
+    result = cli("verify", tmp_path)
+    assert result.returncode == 2
+    assert "no manifest.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_inspect_draws_the_mask_as_a_layer_map(artifact):
+    from rich.console import Console
+
+    from exporter.inspect import layer_map, render
+
+    rows = layer_map(6, [3, 4], [4])
+    plain = [Console().render_str(r).plain for r in rows]
+    assert plain[2] == "attention  ■■■··■" and plain[3] == "MLP        ■■■■·■"
+    buffer = io.StringIO()
+    render(artifact, Console(file=buffer, width=200, color_system=None))
+    text = buffer.getvalue()
+    for expected in ("PASSED", "attention  ■■■··■", "model.onnx.data", "KV cache bytes / token", "onnx:fp32"):
+        assert expected in text
+    assert cli("inspect", artifact).returncode == 0
+
+
+def test_generate_streams_the_masked_models_greedy_tokens(artifact):
+    from exporter.generate import generate
+    from exporter.parity import greedy_tokens
+    from exporter.runners import HFRunner
+    from exporter.surgery import SkipMask, masked
+    from exporter.models import load_model
+    from exporter.recipe import load_recipe
+
+    model, tok = load_model(load_recipe(TINY).model)
+    out = io.StringIO()
+    tokens = generate(artifact, "Hello there", max_new_tokens=12, out=out)
+    ids = torch.tensor([tok.encode("Hello there")])
+    with masked(model, SkipMask(attention=(3, 4), mlp=(4,))):
+        reference = greedy_tokens(HFRunner(model), ids, torch.ones_like(ids), 11)[0]
+    assert tokens == reference
+    assert out.getvalue().split() == [str(t) for t in reference]  # the byte tokenizer prints token ids
