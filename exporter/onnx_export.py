@@ -138,3 +138,36 @@ def onnx_weight_elements(path: Path) -> int:
                 n *= d
             total += n
     return total
+
+
+# Precisions a graph can be exported in. TensorRT 11 / TensorRT-RTX are strongly typed, so an engine's
+# precision is its graph's: half-precision engines start here. What stays fp32 in a half graph is
+# decided in the modules themselves: RMSNorm variance (Hugging Face's norms upcast), rotary cos/sin
+# (computed in fp32), the attention bias, scaling and softmax, and the logits (surgery.py).
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def precision_of(dtype) -> str:
+    """torch dtype -> 'fp32' / 'fp16' / 'bf16'."""
+    name = str(dtype).removeprefix("torch.")
+    return next(p for p, d in PRECISIONS.items() if d == name)
+
+
+def model_in_precision(model, precision: str):
+    """`model` itself if it is already in `precision`, else a cast copy (the original stays as it is)."""
+    import copy
+
+    import torch
+
+    dtype = getattr(torch, PRECISIONS[precision])
+    if next(model.parameters()).dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def ort_unsupported_op(error: Exception) -> str | None:
+    """'Where(16) node node_where' when ONNX Runtime has no kernel for a node on this provider, else None."""
+    import re
+
+    match = re.search(r"Could not find an implementation for (\S+?\(\d+\)) node with name '([^']*)'", str(error))
+    return f"{match[1]} node {match[2]}" if match else None

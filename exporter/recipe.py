@@ -18,6 +18,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from exporter.errors import UserError
 
 DTYPES = ("float32", "float16", "bfloat16")
+Precision = Literal["fp32", "fp16", "bf16"]
+_PRECISION_OF = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _RANGE = re.compile(r"^\s*(-?\d+)\s*-\s*(-?\d+)\s*$")
 
 
@@ -103,6 +105,8 @@ class Export(_Strict):
     opset: int = Field(default=18, ge=18, le=23)
     max_batch: int = Field(default=4, ge=1)
     max_context: int = Field(default=2048, ge=2)
+    # graphs to export; default: the model's dtype. Half graphs keep norms' variance, softmax and logits fp32
+    precisions: list[Precision] | None = Field(default=None, min_length=1)
     genai: bool = True  # genai_config.json beside the ONNX (onnxruntime-genai runs the artifact as is)
     checkpoint: bool = False  # also a Nemotron-NAS / DeciLM-style HF checkpoint in checkpoint/ (vLLM, TRT-LLM)
 
@@ -113,6 +117,25 @@ class Validate(_Strict):
     decode_steps: int = Field(default=16, ge=1)
     atol: Atol = Atol()
     padded_batch: bool = True  # also check a batch of 2 prompts of different lengths, left-padded
+    # fp16 / bf16 graphs against the fp32 reference: rounding of 16-bit weights and activations
+    half_atol: Atol = Atol(prefill=0.5, decode=0.5)
+
+
+class TensorRT(_Strict):
+    """Engines built from the exported ONNX (exporter/tensorrt.py); one per backend and precision."""
+
+    backends: list[Literal["tensorrt-rtx", "tensorrt"]] = Field(default=["tensorrt-rtx"], min_length=1)
+    precisions: list[Precision] | None = None  # default: every precision in export.precisions
+    required: bool = False  # true: a missing backend stops the run; false: the report says why none was built
+    max_batch: int | None = Field(default=None, ge=1)  # default: export.max_batch
+    max_context: int | None = Field(default=None, ge=2)  # default: export.max_context
+    optimization_level: int = Field(default=3, ge=0, le=5)
+    # tensorrt-rtx targets (it builds without a GPU); tensorrt builds for the GPU it runs on
+    compute_capabilities: list[Literal["sm75", "sm80", "sm86", "sm89", "sm120", "sm121"]] = Field(
+        default=["sm86", "sm89", "sm120"], min_length=1)
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    version_compatible: bool = False
+    timing_cache: Path | None = None
 
 
 class Recipe(_Strict):
@@ -123,12 +146,32 @@ class Recipe(_Strict):
     skip: Skip = Skip()
     export: Export = Export()
     validate_: Validate = Field(default=Validate(), alias="validate")
+    tensorrt: TensorRT | None = None
 
     source_path: Path | None = Field(default=None, exclude=True)
 
     @property
     def validation(self) -> Validate:
         return self.validate_
+
+    @property
+    def precisions(self) -> list[str]:
+        """Exported graph precisions, in order; the first is the model's dtype unless the recipe says otherwise."""
+        return list(dict.fromkeys(self.export.precisions or [_PRECISION_OF[self.model.dtype]]))
+
+    @property
+    def engine_precisions(self) -> list[str]:
+        if self.tensorrt is None:
+            return []
+        return list(dict.fromkeys(self.tensorrt.precisions or self.precisions))
+
+    @model_validator(mode="after")
+    def _engines_from_exported_graphs(self):
+        if self.tensorrt is not None:
+            missing = [p for p in self.tensorrt.precisions or [] if p not in self.precisions]
+            if missing:
+                raise ValueError(f"tensorrt.precisions {missing} are not exported (export.precisions: {self.precisions})")
+        return self
 
 
 def expand_layers(item: int | str) -> list[int]:

@@ -117,3 +117,51 @@ class OrtRunner(DecodeRunner):
         self.past = {name.replace("present.", "past_key_values.", 1): value
                      for name, value in outputs.items() if name.startswith("present.")}
         return torch.from_numpy(outputs["logits"]).float()
+
+
+class TrtRunner(DecodeRunner):
+    """A TensorRT / TensorRT-RTX engine through Polygraphy's TrtRunner; the KV cache stays on the GPU.
+
+    Profile 0 (`prefill`, empty past) serves prefill and profile 1 (`decode`, one token) serves steps,
+    as exporter/tensorrt.py builds them. Needs a CUDA GPU the engine was built for; not run in this
+    project's CI (no GPU), so it is checked by `pytest -m gpu` / scripts/gpu_check.sh on users' GPUs.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path, backend: str = "tensorrt"):
+        from exporter.tensorrt import open_runner
+
+        if not torch.cuda.is_available():
+            from exporter.errors import UserError
+
+            raise UserError(f"running {engine_path} needs a CUDA GPU; none is visible to PyTorch")
+        self.runner = open_runner(Path(engine_path), backend)
+        self.device = torch.device("cuda")
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        self.past_meta = {}  # name -> (heads, head_dim, dtype)
+        for name, (dtype, shape) in self.runner.get_input_metadata().items():
+            if name.startswith("past_key_values."):
+                self.past_meta[name] = (shape[1], shape[3], dtypes[str(dtype)])  # Polygraphy DataType: 'float16'
+        self.profile = 0
+
+    def reset(self, batch: int) -> None:
+        self.past = {name: torch.zeros((batch, heads, 0, dim), dtype=dtype, device=self.device)
+                     for name, (heads, dim, dtype) in self.past_meta.items()}
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, position_ids):
+        profile = 0 if input_ids.shape[1] > 1 or attention_mask.shape[1] == input_ids.shape[1] else 1
+        if profile != self.profile:
+            self.runner.set_profile(profile)
+            self.profile = profile
+        feeds = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+                 "position_ids": position_ids.to(self.device), **self.past}
+        outputs = self.runner.infer(feeds, copy_outputs_to_host=False)
+        # Polygraphy reuses its output buffers between calls: copy the presents before feeding them back.
+        self.past = {name.replace("present.", "past_key_values.", 1): value.clone()
+                     for name, value in outputs.items() if name.startswith("present.")}
+        return outputs["logits"].float().cpu()
+
+    def close(self) -> None:
+        self.runner.deactivate()

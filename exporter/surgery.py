@@ -90,9 +90,10 @@ class SkippedLayer(nn.Module):
         if groups > 1:  # GQA: each kv head serves `groups` query heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        # scores: [B, H, T, P+T]; softmax in fp32 so half-precision graphs do not overflow
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        # scores: [B, H, T, P+T]; scaling, the fp32 bias and softmax in fp32: in fp16, finfo.min plus a
+        # negative score rounds to -inf, and a fully masked (padding) row would turn into NaNs
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scaling + bias
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return attn.o_proj(out), present
 
@@ -159,7 +160,7 @@ class SkippedModel(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         h = self.model.embed_tokens(input_ids)  # [B, T, C]
         cos, sin = self.model.rotary_emb(h, position_ids)  # [B, T, D]
-        biases = {w: attention_bias(attention_mask, input_ids.shape[1], w, h.dtype) for w in self.windows}
+        biases = {w: attention_bias(attention_mask, input_ids.shape[1], w, torch.float32) for w in self.windows}
         presents = []
         slot = 0
         for layer in self.model.layers:
