@@ -99,6 +99,13 @@ def _from_hub(loader, source: ModelSource, **kwargs):
         raise UserError(f"cannot load {source.hub!r} from the Hugging Face Hub: {str(exc).splitlines()[0]}") from None
 
 
+def _is_serving_checkpoint(folder: Path) -> bool:
+    """A Nemotron-NAS / DeciLM folder (`export.checkpoint`): read by exporter/checkpoint.py."""
+    from exporter.checkpoint import is_checkpoint
+
+    return is_checkpoint(folder)
+
+
 def load_config(source: ModelSource):
     """The model's config, without loading weights (used to validate the mask before any work)."""
     from transformers import AutoConfig
@@ -112,6 +119,10 @@ def load_config(source: ModelSource):
             raise UserError(f"model.config: {exc}") from None
     elif source.kind == "hub":
         config = _from_hub(AutoConfig.from_pretrained, source)
+    elif source.kind == "path" and _is_serving_checkpoint(source.path):
+        from exporter.checkpoint import load_base_config
+
+        config = load_base_config(source.path)
     elif source.kind == "path":
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
     else:
@@ -191,6 +202,10 @@ def load_model(source: ModelSource):
         model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype,
                           use_safetensors=None if source.allow_pickle else True)
         tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
+    elif source.kind == "path" and _is_serving_checkpoint(source.path):
+        from exporter.checkpoint import load_checkpoint
+
+        model, tokenizer = load_checkpoint(source.path, dtype)
     else:
         folder = _convert_gguf(source) if source.kind == "gguf" else source.path
         _refuse_pickle_only(folder, source)

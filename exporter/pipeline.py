@@ -118,8 +118,12 @@ def package_stage(recipe: Recipe, model, skipped, tokenizer, mask, out_dir: Path
 def load_stage(recipe: Recipe):
     from exporter.models import describe_source, load_config, load_model
 
+    from exporter.checkpoint import check_supported, merge_removed
+
     config = load_config(recipe.model)  # validate the mask against the model before loading weights
-    mask = resolve_mask(recipe, config.num_hidden_layers)
+    mask = merge_removed(resolve_mask(recipe, config.num_hidden_layers), config)  # a serving checkpoint's no_ops
+    if recipe.export.checkpoint:
+        check_supported(config)  # before any work, not after the export
     model, tokenizer = load_model(recipe.model)
     return describe_source(recipe.model), config, mask, model, tokenizer
 

@@ -1,0 +1,88 @@
+"""onnxruntime-genai drives the skipped ONNX unchanged: its greedy tokens equal the masked PyTorch model's.
+
+Needs the optional extra `[genai]` (onnxruntime-genai==0.18.0); skipped with the reason otherwise.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from exporter.genai import CONFIG_FILE, genai_greedy, write_genai_config
+from exporter.onnx_export import export_onnx
+from exporter.parity import greedy_tokens
+from exporter.runners import HFRunner
+from exporter.surgery import SkipMask, apply_skip, masked
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _og():
+    return pytest.importorskip("onnxruntime_genai", reason="optional extra [genai] not installed: "
+                                                          "pip install -e '.[genai]' (onnxruntime-genai==0.18.0)")
+
+
+def torch_greedy(model, mask, ids: list[int], new_tokens: int, eos) -> list[int]:
+    """The masked reference's greedy continuation, cut after the first eos (where genai stops too)."""
+    t = torch.tensor([ids])
+    with masked(model, mask):
+        tokens = greedy_tokens(HFRunner(model), t, torch.ones_like(t), new_tokens - 1)[0]
+    stops = set(eos) if isinstance(eos, list) else {eos}
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+def test_genai_config_keeps_base_layer_numbering(tiny_models, tmp_path):
+    model, _ = tiny_models["qwen3"]
+    path = write_genai_config(model, tmp_path, "model.onnx", 256)
+    config = json.loads(path.read_text())
+    decoder = config["model"]["decoder"]
+    assert decoder["num_hidden_layers"] == 4 and decoder["head_size"] == 32  # qwen3's head_dim != hidden/heads
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["type"] == "qwen3"
+
+
+@pytest.mark.parametrize("arch,mask", [("llama", SkipMask(attention=(1, 2), mlp=(2,))),
+                                       ("qwen2", SkipMask(attention=(0, 3)))])
+def test_genai_greedy_equals_masked_pytorch_on_tiny_models(tiny_models, tmp_path, arch, mask):
+    _og()
+    model, tok = tiny_models[arch]
+    export_onnx(apply_skip(model, mask), tmp_path)
+    write_genai_config(model, tmp_path, "model.onnx", 256)
+    eos = json.loads((tmp_path / CONFIG_FILE).read_text())["model"]["eos_token_id"]
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        assert genai_greedy(tmp_path, ids, 24) == torch_greedy(model, mask, ids, 24, eos)
+
+
+@pytest.mark.slow
+def test_genai_greedy_text_equals_pytorch_on_smollm2(tmp_path):
+    """The bar: SmolLM2-135M, default mask, 3 chat prompts, 32 new tokens, identical tokens and text."""
+    og = _og()
+    pytest.importorskip("gguf")
+    from exporter import prompts as P
+    from exporter.pipeline import run
+    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.models import load_model
+
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
+    out = tmp_path / "smollm2-135m"
+    assert run(recipe, out)["passed"]
+    model, tok = load_model(recipe.model)
+    mask = resolve_mask(recipe, model.config.num_hidden_layers)
+    assert mask.attention == (9, 25, 26, 28)
+    eos = json.loads((out / CONFIG_FILE).read_text())["model"]["eos_token_id"]
+    og_tok = og.Tokenizer(og.Model(str(out)))
+    prompts = ["What is the capital of France?", "Name a primary colour.", "Write a haiku about the sea."]
+    for prompt in prompts:
+        ids = P.encode(tok, prompt, chat=True)
+        expected = torch_greedy(model, mask, ids, 32, eos)
+        got = genai_greedy(out, ids, 32)
+        assert got == expected, (prompt, tok.decode(got), tok.decode(expected))
+        assert og_tok.decode(got) == tok.decode(got)  # genai's tokenizer reads the artifact's tokenizer files
+        print(f"{prompt!r}: {P.decode(tok, got)!r}")
