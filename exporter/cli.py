@@ -22,7 +22,12 @@ USAGE = """export-skip RECIPE [--out DIR]        export, validate and report (th
        export-skip verify DIR [--recipe RECIPE] [--ort]
                                             re-hash every file against manifest.json, check the ONNX graphs
        export-skip generate DIR --prompt TEXT [--max-new-tokens N] [--runtime ort|genai]
-                                            stream greedy text from an artifact"""
+                                            stream greedy text from an artifact
+       export-skip eval RECIPE [--artifact DIR] [--data DIR] [--limit N] [--window N] [--out FILE]
+                                            perplexity, LAMBADA, KL / top-1 vs the full model (eval.json)
+       export-skip search RECIPE [--strategy greedy|oneshot] [--kind attention|mlp|block|any]
+                      [--max-kl X | --max-ppl-increase PCT | --count N] [--out FILE]
+                                            find a mask under a quality budget; writes a recipe"""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -138,8 +143,75 @@ def _generate(argv: list[str], console) -> int:
     return 0
 
 
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, help="evaluation data folder (default $EXPORT_SKIP_DATA or ../shared/data)")
+
+
+def _eval(argv: list[str], console) -> int:
+    from exporter.data import data_dir
+    from exporter.quality import Settings, run_eval
+    from exporter.recipe import load_recipe
+
+    parser = _parser("export-skip eval")
+    parser.add_argument("--artifact", type=Path, help="also evaluate this exported folder's model.onnx in ONNX Runtime")
+    _data_args(parser)
+    parser.add_argument("--limit", type=int, help="quick run: first N WikiText windows and first N LAMBADA passages")
+    parser.add_argument("--windows", type=int, help="first N WikiText windows (overrides --limit)")
+    parser.add_argument("--passages", type=int, help="first N LAMBADA passages (overrides --limit)")
+    parser.add_argument("--window", type=int, default=1024, help="perplexity window in tokens (default 1024)")
+    parser.add_argument("--tasks", default="wikitext,lambada", help="comma-separated: wikitext, lambada")
+    parser.add_argument("--out", type=Path, help="eval.json path (default: DIR/eval.json with --artifact)")
+    args = parser.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if not tasks or set(tasks) - {"wikitext", "lambada"}:
+        raise UserError(f"--tasks {args.tasks!r}: choose from wikitext, lambada")
+    for name in ("limit", "windows", "passages", "window"):
+        if getattr(args, name) is not None and getattr(args, name) < (2 if name == "window" else 1):
+            raise UserError(f"--{name} must be a positive number{' of at least 2 tokens' if name == 'window' else ''}")
+    recipe = load_recipe(args.recipe)
+    settings = Settings(data=data_dir(args.data), window=args.window, tasks=tasks,
+                        windows=args.windows if args.windows is not None else args.limit,
+                        passages=args.passages if args.passages is not None else args.limit)
+    result, path = run_eval(recipe, settings, args.artifact, args.out, console)
+    console.print(f"wrote {path}")
+    check = result.get("onnx_vs_pytorch")
+    return 1 if check and not check["passed"] else 0
+
+
+def _search(argv: list[str], console) -> int:
+    from exporter.data import data_dir
+    from exporter.recipe import load_recipe
+    from exporter.search import Budget, SearchSettings, run_search
+
+    parser = _parser("export-skip search")
+    parser.add_argument("--strategy", choices=("greedy", "oneshot"), default="greedy",
+                        help="greedy: remove the least harmful sub-layer, re-measure, repeat; oneshot: by importance score")
+    parser.add_argument("--kind", choices=("attention", "mlp", "block", "any"), default="attention",
+                        help="candidate sub-layers (default attention; any = attention and MLP separately)")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-kl", type=float, help="largest mean KL vs the full model on the calibration windows")
+    budget.add_argument("--max-ppl-increase", type=float, help="largest calibration perplexity increase, in percent")
+    budget.add_argument("--count", type=int, help="remove exactly this many candidates")
+    _data_args(parser)
+    parser.add_argument("--calibration-windows", type=int, default=4, help="WikiText windows to calibrate on (default 4)")
+    parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn (default 0)")
+    parser.add_argument("--include-final-layer", action="store_true", help="allow removing from the final layer")
+    parser.add_argument("--out", type=Path, help="recipe to write (default: RECIPE's folder, <stem>-searched.yaml)")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    settings = SearchSettings(
+        budget=Budget(max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase, count=args.count),
+        strategy=args.strategy, kind=args.kind, data=data_dir(args.data), windows=args.calibration_windows,
+        length=args.calibration_length, seed=args.seed, keep_final_layer=not args.include_final_layer)
+    out = args.out or args.recipe.with_name(f"{args.recipe.stem}-searched.yaml")
+    run_search(recipe, args.recipe, settings, out, console, argv=["search", *argv])
+    console.print(f"wrote {out}")
+    return 0
+
+
 COMMANDS = {"check": _check, "plan": _plan, "inspect": _inspect, "verify": _verify,
-            "generate": _generate}
+            "generate": _generate, "eval": _eval, "search": _search}
 
 
 def main(argv: list[str] | None = None) -> int:

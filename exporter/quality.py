@@ -1,0 +1,402 @@
+"""Quality cost of a skip mask: WikiText-2 perplexity, LAMBADA last-word accuracy, and, against the
+unskipped model on the same tokens, the mean KL divergence of next-token distributions and top-1
+agreement.
+
+Every metric is computed from a *scorer*: `scorer(ids, attn, select=None) -> {name: logits}` with
+"full" (the unskipped model) and one entry per evaluated model, so the full model's numbers sit next
+to the skipped ones and come from the very same batches. `TorchScorer` runs the physically skipped
+models (`surgery.apply_skip`) and shares the layers before a mask's first removed sub-layer with the
+full model (they compute the same thing), which makes deep masks cheap to evaluate side by side;
+`WithRunners` adds any `runners.DecodeRunner` (e.g. the exported ONNX in ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from exporter.surgery import SkipMask, apply_skip
+
+FULL = "full"
+
+
+# ---------------------------------------------------------------- forward pieces over a SkippedModel
+
+@dataclass
+class Batch:
+    """What every layer of a no-cache forward over one batch needs (rotary tables, masks, empty past)."""
+
+    cos: torch.Tensor  # [B, T, D]
+    sin: torch.Tensor
+    biases: dict  # window -> additive mask [B, 1, T, T]
+    empty_kv: torch.Tensor  # [B, H_kv, 0, D]
+
+
+def embed(skipped, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, Batch]:
+    from exporter.architectures import sliding_window_for
+    from exporter.onnx_export import kv_shape
+    from exporter.surgery import attention_bias
+
+    config = skipped.config
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: first real token is position 0
+    h = skipped.model.embed_tokens(ids)  # [B, T, C]
+    cos, sin = skipped.model.rotary_emb(h, positions)
+    windows = {sliding_window_for(config, i) for i in range(config.num_hidden_layers)}
+    biases = {w: attention_bias(attn, ids.shape[1], w, h.dtype) for w in windows}
+    empty = torch.zeros(kv_shape(config, ids.shape[0], 0), dtype=h.dtype)
+    return h, Batch(cos, sin, biases, empty)
+
+
+def run_layers(skipped, h: torch.Tensor, batch: Batch, start: int = 0, trace: list | None = None) -> torch.Tensor:
+    """Layers start.. of a SkippedModel; `trace` collects each layer's input (the residual stream)."""
+    for layer in skipped.model.layers[start:]:
+        if trace is not None:
+            trace.append(h)
+        past = (batch.empty_kv, batch.empty_kv) if layer.has_attention else None
+        h, _ = layer(h, batch.cos, batch.sin, batch.biases, past)
+    return h
+
+
+def head(skipped, h: torch.Tensor, select=None) -> torch.Tensor:
+    """fp32 logits [B, T, V], or [N, V] at the (batch, position) index pair `select`."""
+    if select is not None:
+        h = h[select]
+    return skipped.lm_head(skipped.model.norm(h)).float()
+
+
+def first_removed(mask: SkipMask, num_layers: int) -> int:
+    return min((*mask.attention, *mask.mlp), default=num_layers)
+
+
+class TorchScorer:
+    """Logits of the full model and of each masked model (physically skipped) on the same batch."""
+
+    backend = "pytorch"
+
+    def __init__(self, model, masks: dict[str, SkipMask]):
+        self.num_layers = model.config.num_hidden_layers
+        self.full = apply_skip(model, SkipMask())
+        self.masks = dict(masks)
+        self.skipped = {name: apply_skip(model, mask) for name, mask in masks.items()}
+
+    @torch.no_grad()
+    def __call__(self, ids, attn, select=None) -> dict[str, torch.Tensor]:
+        h, batch = embed(self.full, ids, attn)
+        trace: list[torch.Tensor] = []
+        h_full = run_layers(self.full, h, batch, trace=trace)
+        out = {FULL: head(self.full, h_full, select)}
+        for name, skipped in self.skipped.items():
+            start = first_removed(self.masks[name], self.num_layers)
+            h_s = run_layers(skipped, trace[start], batch, start) if start < self.num_layers else h_full
+            out[name] = head(skipped, h_s, select)
+        return out
+
+
+class WithRunners:
+    """A scorer plus extra runners (e.g. `runners.OrtRunner` on an exported graph), fed the same batches."""
+
+    def __init__(self, scorer, runners: dict):
+        self.scorer, self.runners = scorer, runners
+
+    def __call__(self, ids, attn, select=None) -> dict[str, torch.Tensor]:
+        out = self.scorer(ids, attn, select)
+        for name, runner in self.runners.items():
+            logits = runner.prefill(ids, attn)
+            out[name] = logits[select] if select is not None else logits
+        return out
+
+
+# ---------------------------------------------------------------- metrics
+
+CHUNK = 256  # positions per log-softmax chunk: bounds memory at CHUNK x vocab floats per tensor
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood of each next token, over pairs where both tokens are real."""
+    total, count = 0.0, 0
+    valid = (attn[:, :-1] * attn[:, 1:]).bool()  # [B, T-1]
+    for s in range(0, ids.shape[1] - 1, CHUNK):
+        e = min(s + CHUNK, ids.shape[1] - 1)
+        logp = torch.log_softmax(logits[:, s:e].float(), dim=-1)  # [B, t, V]
+        nll = -logp.gather(-1, ids[:, s + 1:e + 1, None]).squeeze(-1)  # [B, t]
+        total += float(nll[valid[:, s:e]].double().sum())
+        count += int(valid[:, s:e].sum())
+    return total, count
+
+
+def kl_top1_sum(ref: torch.Tensor, logits: torch.Tensor, attn: torch.Tensor) -> tuple[float, int, int]:
+    """Summed KL(P_ref || P) of next-token distributions and count of equal argmaxes, at real positions."""
+    kl_total, agree, count = 0.0, 0, 0
+    valid = attn.bool()
+    for s in range(0, ref.shape[1], CHUNK):
+        p = torch.log_softmax(ref[:, s:s + CHUNK].float(), dim=-1)  # [B, t, V]
+        q = torch.log_softmax(logits[:, s:s + CHUNK].float(), dim=-1)
+        kl = (p.exp() * (p - q)).sum(-1)  # [B, t]
+        same = p.argmax(-1) == q.argmax(-1)
+        v = valid[:, s:s + CHUNK]
+        kl_total += float(kl[v].double().sum())
+        agree += int(same[v].sum())
+        count += int(v.sum())
+    return kl_total, agree, count
+
+
+@dataclass
+class Tally:
+    nll: float = 0.0
+    tokens: int = 0
+    kl: float = 0.0
+    agree: int = 0
+    compared: int = 0
+    hits: int = 0
+    passages: int = 0
+
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+def windows(ids: list[int], length: int, limit: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of `length` tokens; a trailing partial window of >= 2 tokens is kept."""
+    out = [ids[s:s + length] for s in range(0, len(ids), length)]
+    out = [w for w in out if len(w) >= 2]
+    return out[:limit] if limit is not None else out
+
+
+def score_windows(scorer, chunks: list[list[int]], tallies: dict[str, Tally], advance=None) -> None:
+    for chunk in chunks:
+        ids = torch.tensor(chunk, dtype=torch.long)[None]  # [1, T]
+        attn = torch.ones_like(ids)
+        logits = scorer(ids, attn)
+        ref = logits[FULL]
+        for name, lg in logits.items():
+            t = tallies.setdefault(name, Tally())
+            nll, n = nll_sum(lg, ids, attn)
+            t.nll, t.tokens = t.nll + nll, t.tokens + n
+            if name != FULL:
+                kl, agree, count = kl_top1_sum(ref, lg, attn)
+                t.kl, t.agree, t.compared = t.kl + kl, t.agree + agree, t.compared + count
+        del logits, ref
+        if advance:
+            advance(1)
+
+
+def lambada_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, target ids): the target is " word", tokenised separately so its tokens are exact."""
+    from exporter.data import encode_plain
+
+    return [(encode_plain(tokenizer, context), encode_plain(tokenizer, " " + target)) for context, target in pairs]
+
+
+def lambada_batches(examples, token_budget: int = 4096) -> list[list[int]]:
+    """Indices grouped longest first so that rows x longest row stays within `token_budget`."""
+    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i][0]) + len(examples[i][1])))
+    batches, current, width = [], [], 0
+    for i in order:
+        length = len(examples[i][0]) + len(examples[i][1])
+        width = max(width, length)
+        if current and width * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, width = [], length
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def score_lambada(scorer, examples, tallies: dict[str, Tally], pad_id: int = 0, token_budget: int = 4096,
+                  advance=None) -> None:
+    """A hit is when the argmax reproduces every target token with the true ones fed (= greedy decoding)."""
+    for rows in lambada_batches(examples, token_budget):
+        seqs = [examples[i][0] + examples[i][1] for i in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # left-padded [B, T]
+        attn = torch.zeros_like(ids)
+        b_idx, t_idx, target, owner = [], [], [], []
+        for b, (i, seq) in enumerate(zip(rows, seqs)):
+            offset = width - len(seq)
+            ids[b, offset:] = torch.tensor(seq)
+            attn[b, offset:] = 1
+            ctx, tgt = examples[i]
+            for j, token in enumerate(tgt):  # token j is predicted at the position before it
+                b_idx.append(b)
+                t_idx.append(offset + len(ctx) + j - 1)
+                target.append(token)
+                owner.append(b)
+        select = (torch.tensor(b_idx), torch.tensor(t_idx))
+        target_t, owner_t = torch.tensor(target), torch.tensor(owner)
+        for name, lg in scorer(ids, attn, select).items():  # lg: [N, V]
+            wrong = (lg.argmax(-1) != target_t).float()
+            misses = torch.zeros(len(rows)).index_add_(0, owner_t, wrong)  # [B]
+            t = tallies.setdefault(name, Tally())
+            t.hits += int((misses == 0).sum())
+            t.passages += len(rows)
+        if advance:
+            advance(len(rows))
+
+
+# ---------------------------------------------------------------- the evaluation
+
+@dataclass
+class Settings:
+    data: Path
+    window: int = 1024
+    windows: int | None = None  # None: every window of the test split
+    passages: int | None = None  # None: all 5,153
+    token_budget: int = 4096  # LAMBADA batch size in tokens (rows x longest row)
+    tasks: tuple[str, ...] = ("wikitext", "lambada")
+    extra: dict = field(default_factory=dict)
+
+
+def evaluate(scorer, tokenizer, settings: Settings, console=None) -> dict:
+    """Score every model of `scorer` on the data; returns {task: {...}, model name: metrics} (JSON-ready)."""
+    from exporter import data
+    from exporter.prompts import pad_token_id
+
+    started = time.perf_counter()
+    result: dict = {"data": str(settings.data), "window": settings.window}
+    wiki: dict[str, Tally] = {}
+    lamb: dict[str, Tally] = {}
+    with _progress(console) as progress:
+        if "wikitext" in settings.tasks:
+            ids = data.encode_plain(tokenizer, data.read_wikitext(settings.data))
+            chunks = windows(ids, settings.window, settings.windows)
+            all_chunks = len(windows(ids, settings.window))
+            task = progress.add_task(f"WikiText-2, {len(chunks)} windows of {settings.window}", total=len(chunks))
+            score_windows(scorer, chunks, wiki, lambda n: progress.advance(task, n))
+            result["wikitext"] = {"windows": len(chunks), "of_windows": all_chunks,
+                                  "tokens_scored": wiki[FULL].tokens, "subset": len(chunks) < all_chunks}
+        if "lambada" in settings.tasks:
+            pairs = data.read_lambada(settings.data, settings.passages)
+            examples = lambada_examples(tokenizer, pairs)
+            task = progress.add_task(f"LAMBADA, {len(examples)} passages", total=len(examples))
+            score_lambada(scorer, examples, lamb, pad_token_id(tokenizer), settings.token_budget,
+                          lambda n: progress.advance(task, n))
+            result["lambada"] = {"passages": len(examples), "subset": settings.passages is not None}
+    result["models"] = {}
+    for name in dict.fromkeys([*wiki, *lamb]):
+        m: dict = {}
+        if name in wiki:
+            t = wiki[name]
+            m["perplexity"] = t.perplexity()
+            if name != FULL:
+                m["kl"] = t.kl / t.compared
+                m["top1_agreement"] = t.agree / t.compared
+        if name in lamb:
+            m["lambada_accuracy"] = lamb[name].hits / lamb[name].passages
+        result["models"][name] = m
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+class _progress:
+    """A rich progress bar on the console, or a silent stand-in without one."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=console, disable=console is None)
+
+    def __enter__(self):
+        return self.bar.__enter__()
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- `export-skip eval`
+
+ONNX_REL_TOLERANCE = 0.005  # the exported graph's perplexity must be within 0.5% of PyTorch's
+
+
+def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path | None = None,
+             console=None) -> tuple[dict, Path]:
+    """Evaluate a recipe's mask (and, with `artifact`, its exported ONNX in ONNX Runtime); write eval.json."""
+    from exporter.errors import UserError
+    from exporter.models import describe_source, load_config, load_model
+    from exporter.recipe import resolve_mask
+
+    config = load_config(recipe.model)
+    mask = resolve_mask(recipe, config.num_hidden_layers)
+    onnx_path = None
+    if artifact is not None:
+        onnx_path = _artifact_onnx(artifact, mask)
+    for name in settings.tasks:  # fail on missing data before loading anything heavy
+        from exporter import data
+
+        data.data_file(settings.data, data.WIKITEXT if name == "wikitext" else data.LAMBADA)
+    model, tokenizer = load_model(recipe.model)
+    scorer = TorchScorer(model, {"skipped": mask})
+    if onnx_path is not None:
+        from exporter.runners import OrtRunner
+
+        scorer = WithRunners(scorer, {"onnx": OrtRunner(onnx_path)})
+    result = evaluate(scorer, tokenizer, settings, console)
+    result = {"recipe": str(recipe.source_path), "model": describe_source(recipe.model),
+              "mask": {"attention": list(mask.attention), "mlp": list(mask.mlp), "blocks": list(mask.blocks)},
+              "backends": {"full": "pytorch", "skipped": "pytorch (physically skipped model)",
+                           **({"onnx": f"onnxruntime ({onnx_path})"} if onnx_path else {})},
+              **result}
+    if onnx_path is not None and "wikitext" in result:
+        ort_ppl, pt_ppl = result["models"]["onnx"]["perplexity"], result["models"]["skipped"]["perplexity"]
+        rel = abs(ort_ppl - pt_ppl) / pt_ppl
+        result["onnx_vs_pytorch"] = {"perplexity_rel_diff": rel, "limit": ONNX_REL_TOLERANCE,
+                                     "passed": rel <= ONNX_REL_TOLERANCE}
+    path = out or (artifact / "eval.json" if artifact else Path("artifacts") / f"eval-{recipe.source_path.stem}" / "eval.json")
+    write_json(result, path)
+    if artifact is not None and (artifact / "report.json").is_file():  # the pipeline's report gains the numbers
+        report = json.loads((artifact / "report.json").read_text(encoding="utf-8"))
+        report["quality"] = result
+        write_json(report, artifact / "report.json")
+    if console is not None:
+        print_table(result, console)
+    return result, path
+
+
+def _artifact_onnx(artifact: Path, mask: SkipMask) -> Path:
+    from exporter.errors import UserError
+    from exporter.onnx_export import ONNX_FILE
+
+    path = artifact / ONNX_FILE
+    if not path.is_file():
+        raise UserError(f"--artifact {artifact}: no {ONNX_FILE} there (run export-skip RECIPE --out {artifact} first)")
+    report = artifact / "report.json"
+    if report.is_file():
+        got = json.loads(report.read_text(encoding="utf-8")).get("mask", {})
+        if (tuple(got.get("attention", ())), tuple(got.get("mlp", ()))) != (mask.attention, mask.mlp):
+            raise UserError(f"--artifact {artifact}: it was exported with mask {got}, not the recipe's "
+                            f"attention {list(mask.attention)}, mlp {list(mask.mlp)}")
+    return path
+
+
+def print_table(result: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"quality ({'subset' if _is_subset(result) else 'full data'})")
+    for col in ("model", "perplexity", "KL vs full", "top-1 agree", "LAMBADA acc"):
+        table.add_column(col, justify="right")
+    for name, m in result["models"].items():
+        table.add_row(name, _fmt(m.get("perplexity"), "{:.3f}"), _fmt(m.get("kl"), "{:.4f}"),
+                      _fmt(m.get("top1_agreement"), "{:.2%}"), _fmt(m.get("lambada_accuracy"), "{:.2%}"))
+    console.print(table)
+    check = result.get("onnx_vs_pytorch")
+    if check:
+        word = "[green]ok[/]" if check["passed"] else "[red]FAILED[/]"
+        console.print(f"ONNX vs PyTorch perplexity: {check['perplexity_rel_diff']:.4%} (limit {check['limit']:.1%}) {word}")
+
+
+def _is_subset(result: dict) -> bool:
+    return any(result.get(t, {}).get("subset") for t in ("wikitext", "lambada"))
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else spec.format(value)

@@ -1,0 +1,272 @@
+"""`export-skip search`: find a skip mask under a quality budget and write it as a recipe.
+
+Candidates are attention sub-layers by default (MLPs, whole blocks, or attention and MLP as separate
+candidates when asked), final layer excluded unless allowed. Two strategies:
+- oneshot: rank candidates once by importance (LLM-Drop cosine for sub-layers, ShortGPT Block
+  Influence for blocks) and remove them in that order while the budget holds;
+- greedy (SLEB/FinerCut style): at each step measure every remaining candidate on the calibration
+  windows, remove the one that hurts least, repeat while the budget holds.
+The calibration metric is KL vs the full model (or perplexity, for a perplexity budget) on a few
+WikiText-2 windows drawn with a seed; ties break on the lower layer index, so runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exporter.errors import UserError
+from exporter.quality import FULL, embed, first_removed, head, run_layers
+from exporter.surgery import SkipMask, apply_skip
+
+KINDS = ("attention", "mlp", "block", "any")
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_kl: float | None = None
+    max_ppl_increase: float | None = None  # percent
+    count: int | None = None
+
+    def __post_init__(self):
+        given = [k for k in ("max_kl", "max_ppl_increase", "count") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UserError("give exactly one budget: --max-kl, --max-ppl-increase or --count")
+        value = getattr(self, given[0])
+        if value < 0 or (self.count is not None and self.count < 1):
+            raise UserError(f"--{given[0].replace('_', '-')} must be positive (got {value})")
+
+    @property
+    def metric(self) -> str:
+        """What greedy minimises: perplexity for a perplexity budget, KL otherwise."""
+        return "ppl_increase_pct" if self.max_ppl_increase is not None else "kl"
+
+    def allows(self, metrics: dict) -> bool:
+        if self.max_kl is not None:
+            return metrics["kl"] <= self.max_kl
+        if self.max_ppl_increase is not None:
+            return metrics["ppl_increase_pct"] <= self.max_ppl_increase
+        return True
+
+    def describe(self) -> str:
+        if self.max_kl is not None:
+            return f"mean KL vs full <= {self.max_kl:g}"
+        if self.max_ppl_increase is not None:
+            return f"perplexity increase <= {self.max_ppl_increase:g}%"
+        return f"{self.count} candidates removed"
+
+
+@dataclass
+class SearchSettings:
+    budget: Budget
+    data: Path
+    strategy: str = "greedy"
+    kind: str = "attention"
+    windows: int = 4
+    length: int = 256
+    seed: int = 0
+    keep_final_layer: bool = True
+
+
+Candidate = tuple[str, int]  # ("attention" | "mlp" | "block", layer)
+
+
+def candidates(kind: str, num_layers: int, keep_final_layer: bool) -> list[Candidate]:
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+    layers = range(num_layers - 1 if keep_final_layer else num_layers)
+    kinds = ("attention", "mlp") if kind == "any" else (kind,)
+    return [(k, i) for k in kinds for i in layers]
+
+
+def mask_of(chosen: list[Candidate]) -> SkipMask:
+    attention = {i for k, i in chosen if k in ("attention", "block")}
+    mlp = {i for k, i in chosen if k in ("mlp", "block")}
+    return SkipMask(attention=tuple(sorted(attention)), mlp=tuple(sorted(mlp)))
+
+
+class Calibrator:
+    """The calibration metrics of any mask, against the full model's log-probs computed once.
+
+    `measure(mask, base)` reuses the residual stream of `base` (a subset of `mask` that agrees with
+    it below the first differing layer), so a greedy step only recomputes the layers above each candidate.
+    """
+
+    def __init__(self, model, chunks: list[list[int]]):
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        self.ids = torch.tensor(chunks, dtype=torch.long)  # [W, T]
+        attn = torch.ones_like(self.ids)
+        full = apply_skip(model, SkipMask())
+        with torch.no_grad():
+            self.h0, self.batch = embed(full, self.ids, attn)
+            logits = head(full, run_layers(full, self.h0, self.batch))
+        self.full_logp = torch.log_softmax(logits, dim=-1)  # [W, T, V]
+        self.full_nll = self._nll(self.full_logp)
+        self.full_top1 = self.full_logp.argmax(-1)
+        self.traces: dict[SkipMask, list[torch.Tensor]] = {}
+        self.evaluations = 0
+
+    def _nll(self, logp: torch.Tensor) -> float:
+        return float(-logp[:, :-1].gather(-1, self.ids[:, 1:, None]).double().mean())
+
+    @torch.no_grad()
+    def measure(self, mask: SkipMask, base: SkipMask | None = None, keep_trace: bool = False) -> dict:
+        skipped = apply_skip(self.model, mask)
+        trace = self.traces.get(base) if base is not None else None
+        start = min(_first_difference(mask, base, self.num_layers), len(trace) - 1) if trace else 0
+        h = trace[start] if trace else self.h0
+        new_trace: list[torch.Tensor] | None = [] if keep_trace else None
+        h = run_layers(skipped, h, self.batch, start, new_trace)
+        if keep_trace:
+            self.traces[mask] = (trace[:start] if trace else []) + new_trace
+        logp = torch.log_softmax(head(skipped, h), dim=-1)  # [W, T, V]
+        kl = float((self.full_logp.exp() * (self.full_logp - logp)).sum(-1).double().mean())
+        nll = self._nll(logp)
+        self.evaluations += 1
+        return {"kl": kl, "ppl": math.exp(nll), "ppl_full": math.exp(self.full_nll),
+                "ppl_increase_pct": 100.0 * (math.exp(nll - self.full_nll) - 1.0),
+                "top1_agreement": float((logp.argmax(-1) == self.full_top1).double().mean())}
+
+
+def _first_difference(mask: SkipMask, base: SkipMask | None, num_layers: int) -> int:
+    base = base or SkipMask()
+    changed = (set(mask.attention) ^ set(base.attention)) | (set(mask.mlp) ^ set(base.mlp))
+    return min(changed, default=num_layers)
+
+
+def greedy(cal: Calibrator, pool: list[Candidate], budget: Budget, advance=None) -> tuple[list, list]:
+    chosen: list[Candidate] = []
+    steps: list[dict] = []
+    base = SkipMask()
+    cal.measure(base, keep_trace=True)
+    while pool and (budget.count is None or len(chosen) < budget.count):
+        trials = {}
+        for cand in pool:
+            trials[cand] = cal.measure(mask_of(chosen + [cand]), base)
+            if advance:
+                advance(1)
+        best = min(pool, key=lambda c: (trials[c][budget.metric], c[1], c[0]))
+        if not budget.allows(trials[best]):
+            break
+        chosen.append(best)
+        pool = [c for c in pool if c != best]
+        steps.append({"removed": list(best), **trials[best]})
+        base = mask_of(chosen)
+        cal.measure(base, keep_trace=True)  # the next step starts from this mask's residual stream
+    return chosen, steps
+
+
+def oneshot(cal: Calibrator, pool: list[Candidate], budget: Budget, scores, advance=None) -> tuple[list, list]:
+    order = sorted(pool, key=lambda c: (scores.importance(c[0], c[1]), c[1], c[0]))
+    chosen: list[Candidate] = []
+    steps: list[dict] = []
+    for cand in order:
+        if budget.count is not None and len(chosen) >= budget.count:
+            break
+        metrics = cal.measure(mask_of(chosen + [cand]))
+        if advance:
+            advance(1)
+        if not budget.allows(metrics):
+            break
+        chosen.append(cand)
+        steps.append({"removed": list(cand), "importance": scores.importance(*cand), **metrics})
+    return chosen, steps
+
+
+def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
+    """Run the search; returns the mask, the steps with their calibration metrics, and the settings."""
+    from exporter.importance import calibration_windows, measure_importance
+    from exporter.quality import _progress
+
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    n = model.config.num_hidden_layers
+    pool = candidates(settings.kind, n, settings.keep_final_layer)
+    if settings.budget.count is not None and settings.budget.count > len(pool):
+        raise UserError(f"--count {settings.budget.count}: only {len(pool)} candidates ({settings.kind}, "
+                        f"final layer {'kept' if settings.keep_final_layer else 'allowed'})")
+    chunks = calibration_windows(tokenizer, settings.data, settings.windows, settings.length, settings.seed)
+    cal = Calibrator(model, chunks)
+    scores = measure_importance(apply_skip(model, SkipMask()), chunks)
+    with _progress(console) as progress:
+        if settings.strategy == "greedy":
+            total = sum(len(pool) - s for s in range(settings.budget.count or len(pool)))
+            task = progress.add_task(f"greedy search ({settings.budget.describe()})", total=total)
+            chosen, steps = greedy(cal, list(pool), settings.budget, lambda k: progress.advance(task, k))
+            progress.update(task, total=progress.tasks[task].completed)  # a budget may stop it early
+        elif settings.strategy == "oneshot":
+            task = progress.add_task(f"one-shot search ({settings.budget.describe()})",
+                                     total=settings.budget.count or len(pool))
+            chosen, steps = oneshot(cal, list(pool), settings.budget, scores, lambda k: progress.advance(task, k))
+        else:
+            raise UserError(f"--strategy {settings.strategy!r}: choose greedy or oneshot")
+    mask = mask_of(chosen)
+    final = steps[-1] if steps else cal.measure(mask)
+    return {"mask": mask, "chosen": chosen, "steps": steps, "final": final, "importance": scores.as_dict(),
+            "calibration": {"windows": settings.windows, "length": settings.length, "seed": settings.seed,
+                            "data": "WikiText-2 raw test split"},
+            "evaluations": cal.evaluations, "seconds": round(time.perf_counter() - started, 1)}
+
+
+# ---------------------------------------------------------------- the emitted recipe
+
+def write_recipe(source: Path, out: Path, result: dict, settings: SearchSettings, config, argv: list[str]) -> None:
+    """The source recipe with the found mask, and the search's evidence in comments."""
+    import yaml
+
+    from exporter.cost import predicted_decode_speedup
+
+    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    model = raw.get("model", {})
+    for key in ("path", "gguf"):  # keep relative model paths pointing at the same place
+        value = model.get(key)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            model[key] = os.path.relpath((source.parent / value).resolve(), out.parent.resolve())
+    raw.pop("name", None)
+    mask = result["mask"]
+    raw["skip"] = {"attention": list(mask.attention), "mlp": list(mask.mlp)}
+    raw["description"] = (f"the model of {source.name}, mask found by export-skip search: attention "
+                          f"{list(mask.attention) or 'none'}, MLP {list(mask.mlp) or 'none'}")
+    final, cal = result["final"], result["calibration"]
+    speed = ", ".join(f"{predicted_decode_speedup(config, mask, ctx):.3f}x at {ctx}" for ctx in (128, 512, 2048))
+    lines = [
+        f"# export-skip {out}",
+        f"# Written by: export-skip {' '.join(argv)}",
+        f"# Strategy {settings.strategy}, candidates {settings.kind}, budget: {settings.budget.describe()};",
+        f"# calibration: {cal['windows']} windows x {cal['length']} tokens of the {cal['data']} (seed {cal['seed']}).",
+        "# Removed, in order (calibration KL vs full / perplexity / top-1 agreement after each removal):",
+        *[f"#   {s['removed'][0]} {s['removed'][1]}: KL {s['kl']:.4f}, ppl {s['ppl']:.2f} "
+          f"({s['ppl_increase_pct']:+.1f}%), top-1 {s['top1_agreement']:.1%}" for s in result["steps"]],
+        f"# Measured on calibration: KL {final['kl']:.4f}, perplexity {final['ppl_full']:.2f} -> {final['ppl']:.2f} "
+        f"({final['ppl_increase_pct']:+.1f}%), top-1 agreement {final['top1_agreement']:.1%}.",
+        f"# Predicted decode speedup (cost model, exporter/cost.py; batch 1, fp32): {speed}.",
+        "# Held-out numbers: export-skip eval on this file.",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n" + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110), encoding="utf-8")
+
+
+def run_search(recipe, source: Path, settings: SearchSettings, out: Path, console=None, argv=None) -> dict:
+    from exporter.models import load_config, load_model
+    from exporter.recipe import load_recipe
+
+    config = load_config(recipe.model)
+    from exporter import data
+
+    data.data_file(settings.data, data.WIKITEXT)  # fail before loading the model
+    model, tokenizer = load_model(recipe.model)
+    result = search(model, tokenizer, settings, console)
+    write_recipe(source, out, result, settings, config, argv or ["search", str(source)])
+    load_recipe(out)  # the emitted recipe must load
+    if console is not None:
+        mask = result["mask"]
+        console.print(f"mask: attention {list(mask.attention) or 'none'}, MLP {list(mask.mlp) or 'none'}; "
+                      f"calibration KL {result['final']['kl']:.4f}, perplexity {result['final']['ppl_increase_pct']:+.1f}% "
+                      f"({result['evaluations']} evaluations, {result['seconds']:.0f} s)")
+    return result
