@@ -229,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             traceback.print_exc()
+        from rich.markup import escape  # user text is not markup: '[gpu]' in a message must stay
+
         for line in str(exc).splitlines():
-            console.print(f"[red]error:[/] {line}", soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing was published")

@@ -25,6 +25,7 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
     """Load, remove, export, validate, report. Returns the report; `report['passed']` says if it holds."""
     from exporter.workdir import WorkDir
 
+    _require_backends(recipe)
     stats: list[StageStats] = []
     started = time.perf_counter()
     with WorkDir(out_dir) as work:
@@ -49,12 +50,29 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
         _done(console, rec, f"worst max|Δlogit| {worst['max_abs_diff']:.1e} (atol {worst['atol']:.0e}), "
                             f"{sum(p['passed'] for p in parity)}/{len(parity)} phases pass")
 
+        extra = {"artifacts": [], "parity": [], "checks": [], "not_run": [], "greedy": {}, "engines": None}
+        if set(recipe.precisions) - {_own_precision(model)}:
+            with stage("precisions", stats) as rec:
+                with _status(console, "exporting and checking half-precision graphs"):
+                    extra.update(precisions_stage(recipe, model, mask, tokenizer, work.path))
+            _done(console, rec, ", ".join(a["path"] for a in extra["artifacts"] if a["kind"] == "onnx")
+                  + "".join(f"; not run: {n['reason']}" for n in extra["not_run"]))
+        if recipe.tensorrt is not None:
+            with stage("engines", stats) as rec:
+                with _status(console, "building TensorRT engines"):
+                    engines = engines_stage(recipe, model, work.path)
+            extra["engines"], extra["checks"] = engines, extra["checks"] + engines["checks"]
+            extra["artifacts"] += engines["artifacts"]
+            _done(console, rec, ", ".join(e["path"] for e in engines["artifacts"] if e["kind"] == "engine")
+                  or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
+        artifacts, parity = artifacts + extra["artifacts"], parity + extra["parity"]
+
         with stage("package", stats) as rec:
             packaged = package_stage(recipe, model, skipped, tokenizer, mask, work.path, artifacts[0]["path"])
         artifacts = artifacts + packaged
         _done(console, rec, ", ".join(a["path"] for a in packaged) or "nothing to add")
 
-        checks = size["checks"] + onnx_checks
+        checks = size["checks"] + onnx_checks + extra["checks"]
         passed = all(p["passed"] for p in parity) and all(c["passed"] for c in checks)
         report = {
             "name": out_dir.name,
@@ -73,6 +91,9 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
             "parity": parity,
             "samples": samples,
             "checks": checks,
+            "not_run": extra["not_run"],  # checks that could not run here, with the reason; never passed
+            "half_precision_greedy": extra["greedy"],
+            "engines": extra["engines"],
             "stages": [vars(s) for s in stats],
             "wall_seconds": None,
             "versions": reports.tool_versions(),
@@ -170,8 +191,9 @@ def export_stage(skipped, out_dir: Path, opset: int, size: dict):
 
     path = export_onnx(skipped, out_dir, opset=opset)
     data = path.with_name(path.name + ".data")
-    artifacts = [reports.describe_file(path, out_dir, "onnx", "fp32"),
-                 reports.describe_file(data, out_dir, "onnx-external-data", "fp32")]
+    precision = _own_precision(skipped)
+    artifacts = [reports.describe_file(path, out_dir, "onnx", precision),
+                 reports.describe_file(data, out_dir, "onnx-external-data", precision)]
     elements = onnx_weight_elements(path)
     params = size["parameters"]
     # The graph may hold a few small constants beyond the kept weights, and the optimizer merges
@@ -196,20 +218,12 @@ def validate_stage(recipe: Recipe, model, skipped, tokenizer, mask, onnx_path: P
     from exporter.surgery import masked
 
     v = recipe.validation
-    batches = [[v.prompts[0]]]
-    if v.padded_batch:
-        second = v.prompts[1] if len(v.prompts) > 1 else " ".join(v.prompts[0].split()[: max(1, len(v.prompts[0].split()) // 2)])
-        batches.append([v.prompts[0], second])
     ort = OrtRunner(onnx_path)
     reference = HFRunner(model)
     parity, samples = [], []
-    for texts in batches:
-        ids, attn = P.left_padded(tokenizer, texts, v.chat)
-        if attn.all() and len(texts) > 1:  # equal lengths: drop a token from row 1 so padding is exercised
-            ids, attn = ids.clone(), attn.clone()
-            ids[1, 1:], attn[1, 0] = ids[1, :-1].clone(), 0
+    for texts, (ids, attn) in validation_batches(recipe, tokenizer):
         with masked(model, mask):
-            for runner, name in ((ort, "onnx:fp32"), (TorchRunner(skipped), "pytorch:skipped")):
+            for runner, name in ((ort, f"onnx:{_own_precision(model)}"), (TorchRunner(skipped), "pytorch:skipped")):
                 phases, trace = check_parity(reference, runner, ids, attn, v.decode_steps,
                                              v.atol.prefill, v.atol.decode, name)
                 parity += [p.as_dict() for p in phases]
@@ -218,3 +232,87 @@ def validate_stage(recipe: Recipe, model, skipped, tokenizer, mask, onnx_path: P
             samples.append({"prompt": texts[0], "full": P.decode(tokenizer, full[0]),
                             "skipped": P.decode(tokenizer, trace.tokens[0])})
     return parity, samples
+
+
+def validation_batches(recipe: Recipe, tokenizer) -> list[tuple[list[str], tuple]]:
+    """(texts, (input_ids, attention_mask)): the first prompt alone, then a left-padded batch of 2."""
+    from exporter import prompts as P
+
+    v = recipe.validation
+    batches = [[v.prompts[0]]]
+    if v.padded_batch:
+        second = v.prompts[1] if len(v.prompts) > 1 else " ".join(v.prompts[0].split()[: max(1, len(v.prompts[0].split()) // 2)])
+        batches.append([v.prompts[0], second])
+    out = []
+    for texts in batches:
+        ids, attn = P.left_padded(tokenizer, texts, v.chat)
+        if attn.all() and len(texts) > 1:  # equal lengths: drop a token from row 1 so padding is exercised
+            ids, attn = ids.clone(), attn.clone()
+            ids[1, 1:], attn[1, 0] = ids[1, :-1].clone(), 0
+        out.append((texts, (ids, attn)))
+    return out
+
+
+def _own_precision(model) -> str:
+    from exporter.onnx_export import precision_of
+
+    return precision_of(next(model.parameters()).dtype)
+
+
+def precisions_stage(recipe: Recipe, model, mask, tokenizer, out_dir: Path) -> dict:
+    """Graphs in the recipe's other precisions, and their parity against the reference in ORT (CPU)."""
+    from exporter.precision import check_half_parity, export_precisions
+
+    graphs = export_precisions(model, mask, out_dir, recipe.precisions, recipe.export.opset)
+    batches = [pair for _, pair in validation_batches(recipe, tokenizer)]
+    v = recipe.validation
+    parity, not_run, greedy = check_half_parity(model, mask, graphs, batches, v.decode_steps, v.half_atol)
+    artifacts = [a for g in graphs.values() for a in g["artifacts"]]
+    return {"artifacts": artifacts, "parity": parity, "not_run": not_run, "greedy": greedy}
+
+
+def _require_backends(recipe: Recipe) -> None:
+    """With `tensorrt.required`, a missing backend stops the run before any work (one line, exit 2)."""
+    from exporter.errors import UserError
+    from exporter.tensorrt import missing_reason
+
+    if recipe.tensorrt is not None and recipe.tensorrt.required:
+        reasons = [r for b in recipe.tensorrt.backends if (r := missing_reason(b))]
+        if reasons:
+            raise UserError(f"{recipe.source_path or 'recipe'}: tensorrt.required: " + "; ".join(reasons))
+
+
+def engines_stage(recipe: Recipe, model, out_dir: Path) -> dict:
+    """One engine per backend and precision from the exported graphs; missing backends are reported, not fatal."""
+    from exporter.tensorrt import BuildOptions, build_engine, check_sidecar, missing_reason
+
+    t = recipe.tensorrt
+    opts = BuildOptions(max_batch=t.max_batch or recipe.export.max_batch,
+                        max_context=t.max_context or recipe.export.max_context,
+                        optimization_level=t.optimization_level, compute_capabilities=tuple(t.compute_capabilities),
+                        hardware_compatibility=t.hardware_compatibility, version_compatible=t.version_compatible,
+                        timing_cache=t.timing_cache)
+    own = _own_precision(model)
+    built, not_built, artifacts, checks = [], [], [], []
+    for backend in t.backends:
+        reason = missing_reason(backend)
+        for precision in recipe.engine_precisions:
+            if reason:
+                not_built.append({"backend": backend, "precision": precision, "reason": reason})
+                continue
+            onnx_path = out_dir / "model.onnx" if precision == own else out_dir / precision / "model.onnx"
+            engine_path = out_dir / "engines" / f"{backend}.{precision}.engine"
+            name = f"engine {backend} {precision}"
+            try:
+                sidecar = build_engine(onnx_path, engine_path, backend, precision, opts)
+            except Exception as exc:  # noqa: BLE001 - a failed build fails the run, with its reason in the report
+                checks.append({"name": f"{name} built", "value": f"{exc}"[:500], "limit": "builds", "passed": False})
+                continue
+            problems = check_sidecar(engine_path, onnx_path)
+            checks.append({"name": f"{name}: sidecar matches engine and ONNX (bytes, sha256)",
+                           "value": "; ".join(problems) or "ok", "limit": "ok", "passed": not problems})
+            built.append(vars(sidecar) | {"path": str(engine_path.relative_to(out_dir))})
+            artifacts += [reports.describe_file(engine_path, out_dir, "engine", precision),
+                          reports.describe_file(engine_path.with_name(engine_path.name + ".json"), out_dir,
+                                                "engine-sidecar", precision)]
+    return {"built": built, "not_built": not_built, "artifacts": artifacts, "checks": checks}

@@ -88,11 +88,34 @@ def render_markdown(r: dict) -> str:
     lines += ["## Artifacts", "", "| kind | precision | path | size | sha256 |", "|---|---|---|---:|---|"]
     for a in r["artifacts"]:
         lines.append(f"| {a['kind']} | {a['precision'] or ''} | `{a['path']}` | {_mb(a['bytes'])} | `{a['sha256'][:16]}…` |")
+    lines += engines_markdown(r)
     lines += ["", "## Stages", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s['peak_rss_mb']:,.0f} |")
     lines += ["", "Tool versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def engines_markdown(r: dict) -> list[str]:
+    """TensorRT engines built / not built, half-precision greedy agreement, and checks that could not run."""
+    lines = []
+    engines = r.get("engines")
+    if engines:
+        lines += ["", "## TensorRT engines", "",
+                  "Built ahead of time; running them (parity, speed) is checked on a GPU: scripts/gpu_check.sh.", ""]
+        for e in engines["built"]:
+            lines.append(f"- `{e['path']}`: {e['backend']} {e['backend_version']}, {e['precision']}, "
+                         f"{_mb(e['engine_bytes'])}, targets {', '.join(e['compute_capabilities'])}, "
+                         f"built in {e['build_seconds']:.1f} s")
+        for n in engines["not_built"]:
+            lines.append(f"- {n['backend']} {n['precision']}: not built: {n['reason']}")
+    for precision, g in (r.get("half_precision_greedy") or {}).items():
+        said = "identical" if g["identical"] else f"first differs at token {g['first_difference']}"
+        lines.append(f"\nonnx:{precision} free-running greedy tokens vs the reference ({g['tokens']} tokens): {said}")
+    if r.get("not_run"):
+        lines += ["", "## Checks not run (not passed)", ""]
+        lines += [f"- {n['check']}: {n['reason']}" for n in r["not_run"]]
+    return lines
 
 
 def write_markdown(report: dict, out_dir: Path) -> Path:
