@@ -18,6 +18,8 @@ USAGE = """export-skip RECIPE [--out DIR]        export, validate and report (th
        export-skip check RECIPE             validate a recipe (and its mask against the model config)
        export-skip plan RECIPE [--config JSON] [--json]
                                             the cost model's predicted speedup, from the config alone
+       export-skip bench RECIPE [--quick] [--threads N] [--peer NAME=ONNX]
+                                            ONNX Runtime latency, full vs skipped, interleaved (bench.json)
        export-skip inspect DIR              what an artifact folder holds: mask as a layer map, sizes, checks
        export-skip verify DIR [--recipe RECIPE] [--ort]
                                             re-hash every file against manifest.json, check the ONNX graphs
@@ -91,6 +93,29 @@ def _plan(argv: list[str], console) -> int:
                   f"attention skipped {result['mask']['attention'] or 'none'}, MLP skipped {result['mask']['mlp'] or 'none'}")
     print("\n".join(render_prediction(result["prediction"])))
     return 0
+
+
+def _bench(argv: list[str], console) -> int:
+    from exporter.bench import run_bench
+    from exporter.recipe import load_recipe
+
+    parser = _parser("export-skip bench")
+    parser.add_argument("--out", type=Path, help="artifact folder holding the skipped model.onnx "
+                                                 "(default: artifacts/<recipe file stem>)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and cases (a smoke run)")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: cores)")
+    parser.add_argument("--peer", action="append", default=[], metavar="NAME=ONNX",
+                        help="another tool's graph of the full model, timed in the same run (repeatable)")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    out = args.out or Path("artifacts") / (recipe.name or args.recipe.stem)
+    peers = {}
+    for item in args.peer:
+        name, _, path = item.partition("=")
+        if not name or not path or not Path(path).is_file():
+            raise UserError(f"--peer {item!r}: expected NAME=PATH to an existing .onnx file")
+        peers[name] = Path(path)
+    return run_bench(recipe, out, console, quick=args.quick, threads=args.threads, extra=peers)
 
 
 def _folder_parser(prog: str) -> argparse.ArgumentParser:
@@ -210,7 +235,7 @@ def _search(argv: list[str], console) -> int:
     return 0
 
 
-COMMANDS = {"check": _check, "plan": _plan, "inspect": _inspect, "verify": _verify,
+COMMANDS = {"check": _check, "plan": _plan, "bench": _bench, "inspect": _inspect, "verify": _verify,
             "generate": _generate, "eval": _eval, "search": _search}
 
 

@@ -1,0 +1,159 @@
+"""Importance scores and mask search on tiny random models: budgets hold, runs repeat, the recipe exports."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter import search as S
+from exporter.errors import UserError
+from exporter.importance import calibration_windows, measure_importance
+from exporter.surgery import SkipMask, apply_skip
+from tests.conftest import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building .\n"
+        " = Valkyria Chronicles III = \n Senjo no Valkyria 3 is a tactical role @-@ playing video game .\n")
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "wikitext-2-raw").mkdir()
+    (folder / "wikitext-2-raw" / "wiki.test.raw").write_bytes((TEXT * 8).replace("\n", "\r\n").encode())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return tiny_models["llama"]
+
+
+def settings(folder, **kw):
+    base = dict(budget=S.Budget(count=2), data=folder, windows=3, length=48, seed=0)
+    return S.SearchSettings(**{**base, **kw})
+
+
+def test_candidates_masks_and_budgets():
+    assert S.candidates("attention", 4, keep_final_layer=True) == [("attention", 0), ("attention", 1), ("attention", 2)]
+    assert len(S.candidates("any", 4, keep_final_layer=False)) == 8
+    assert S.mask_of([("attention", 2), ("block", 1), ("mlp", 3)]) == SkipMask(attention=(1, 2), mlp=(1, 3))
+    with pytest.raises(UserError):
+        S.Budget()
+    with pytest.raises(UserError):
+        S.Budget(max_kl=0.1, count=2)
+    with pytest.raises(UserError):
+        S.Budget(count=0)
+    assert S.Budget(max_ppl_increase=5).allows({"ppl_increase_pct": 4.9}) and not S.Budget(max_kl=0.1).allows({"kl": 0.2})
+
+
+def test_calibration_windows_are_seeded(llama, data_folder):
+    _, tok = llama
+    a = calibration_windows(tok, data_folder, 3, 48, seed=0)
+    assert a == calibration_windows(tok, data_folder, 3, 48, seed=0)
+    assert a != calibration_windows(tok, data_folder, 3, 48, seed=1)
+    assert all(len(w) == 48 for w in a)
+    with pytest.raises(UserError):
+        calibration_windows(tok, data_folder, 10_000, 48, seed=0)
+
+
+def test_importance_finds_a_sub_layer_that_does_nothing(data_folder):
+    """Zero a sub-layer's output projection: its LLM-Drop cosine is 1 and it ranks first; a dead block has BI 0."""
+    model, tok = build_model("llama", seed=3)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].self_attn.o_proj.bias.zero_() if model.model.layers[1].self_attn.o_proj.bias is not None else None
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.bias.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.bias.zero_()
+    chunks = calibration_windows(tok, data_folder, 2, 40, seed=0)
+    imp = measure_importance(apply_skip(model, SkipMask()), chunks)
+    assert imp.attention_cosine[1] == pytest.approx(1.0, abs=1e-9)
+    assert max(imp.attention_cosine[i] for i in (0, 2, 3)) < 1 - 1e-4
+    assert imp.mlp_cosine[1] == pytest.approx(1.0, abs=1e-9) and imp.mlp_cosine[2] == pytest.approx(1.0, abs=1e-9)
+    assert imp.block_influence[1] == pytest.approx(0.0, abs=1e-9) and min(imp.block_influence[i] for i in (0, 2, 3)) > 1e-4
+    assert imp.best_run(1) == 1 and imp.angular_distance[1][1] == pytest.approx(0.0, abs=1e-6)
+    pool = S.candidates("attention", 4, True)
+    assert sorted(pool, key=lambda c: imp.importance(*c))[0] == ("attention", 1)
+
+
+def test_calibrator_reuses_the_residual_stream_exactly(llama, data_folder):
+    model, tok = llama
+    cal = S.Calibrator(model, calibration_windows(tok, data_folder, 2, 48, seed=0))
+    base = SkipMask(attention=(1,))
+    cal.measure(base, keep_trace=True)
+    fresh = cal.measure(SkipMask(attention=(1, 2)))
+    reused = cal.measure(SkipMask(attention=(1, 2)), base)
+    assert reused == pytest.approx(fresh, rel=1e-6, abs=1e-9)
+    assert cal.measure(SkipMask())["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "oneshot"])
+def test_search_respects_a_kl_budget_and_repeats(llama, data_folder, strategy):
+    model, tok = llama
+    first = S.search(model, tok, settings(data_folder, strategy=strategy, budget=S.Budget(max_kl=0.004)))
+    again = S.search(model, tok, settings(data_folder, strategy=strategy, budget=S.Budget(max_kl=0.004)))
+    assert first["mask"] == again["mask"] and first["steps"] == again["steps"]
+    assert first["final"]["kl"] <= 0.004
+    assert all(step["kl"] <= 0.004 for step in first["steps"])
+    # it stopped because the budget binds: the next removal would break it
+    cal = S.Calibrator(model, calibration_windows(tok, data_folder, 3, 48, seed=0))
+    rest = [c for c in S.candidates("attention", 4, True) if c not in first["chosen"]]
+    if strategy == "greedy":
+        assert rest and all(cal.measure(S.mask_of(first["chosen"] + [c]))["kl"] > 0.004 for c in rest)
+    else:
+        imp = measure_importance(apply_skip(model, SkipMask()), calibration_windows(tok, data_folder, 3, 48, seed=0))
+        order = sorted(S.candidates("attention", 4, True), key=lambda c: (imp.importance(*c), c[1]))
+        assert first["chosen"] == order[: len(first["chosen"])]
+        nxt = order[len(first["chosen"])]
+        assert cal.measure(S.mask_of(first["chosen"] + [nxt]))["kl"] > 0.004
+
+
+def test_greedy_picks_the_least_harmful_candidate_first(llama, data_folder):
+    model, tok = llama
+    result = S.search(model, tok, settings(data_folder, budget=S.Budget(count=1), kind="any"))
+    cal = S.Calibrator(model, calibration_windows(tok, data_folder, 3, 48, seed=0))
+    kls = {c: cal.measure(S.mask_of([c]))["kl"] for c in S.candidates("any", 4, True)}
+    assert result["chosen"] == [min(kls, key=kls.get)]
+    assert len(result["mask"].attention) + len(result["mask"].mlp) == 1
+
+
+def test_emitted_recipe_loads_and_exports(tmp_path, data_folder):
+    from exporter.models import load_model
+    from exporter.onnx_export import export_onnx, onnx_signature
+    from exporter.recipe import load_recipe, resolve_mask
+
+    source = ROOT / "recipes" / "tiny-llama.yaml"
+    out = tmp_path / "sub" / "found.yaml"
+    recipe = load_recipe(source)
+    result = S.run_search(recipe, source, settings(data_folder, budget=S.Budget(count=2), kind="block"), out)
+    text = out.read_text()
+    assert text.startswith(f"# export-skip {out}") and "Predicted decode speedup" in text
+    found = load_recipe(out)
+    model, _ = load_model(found.model)
+    mask = resolve_mask(found, model.config.num_hidden_layers)
+    assert mask == result["mask"] and len(mask.blocks) == 2
+    path = export_onnx(apply_skip(model, mask), tmp_path / "onnx", opset=found.export.opset)
+    pasts = {n.split(".")[1] for n in onnx_signature(path)["inputs"] if n.startswith("past_key_values.")}
+    assert pasts == {str(i) for i in range(6) if i not in mask.attention}
+
+
+def test_relative_model_paths_follow_the_emitted_recipe(tmp_path, data_folder, llama):
+    """A recipe with a relative model path still points at the same folder from wherever the result goes."""
+    import yaml
+
+    model, _ = llama
+    folder = tmp_path / "models" / "tiny"
+    model.save_pretrained(folder)
+    src = tmp_path / "recipes" / "r.yaml"
+    src.parent.mkdir()
+    src.write_text(yaml.safe_dump({"version": 1, "model": {"path": "../models/tiny"}}))
+    out = tmp_path / "elsewhere" / "deep" / "r-searched.yaml"
+    from exporter.recipe import load_recipe
+
+    result = {"mask": SkipMask(attention=(1,)), "steps": [], "calibration": {"windows": 1, "length": 2, "seed": 0, "data": "x"},
+              "final": {"kl": 0.0, "ppl": 1.0, "ppl_full": 1.0, "ppl_increase_pct": 0.0, "top1_agreement": 1.0}}
+    S.write_recipe(src, out, result, settings(data_folder), model.config, ["search", str(src)])
+    assert load_recipe(out).model.path == folder.resolve()
