@@ -273,6 +273,30 @@ def _check_onnx(folder: Path, manifest: dict, with_ort: bool) -> list[Problem]:
     return problems
 
 
+def record_files(folder: Path, paths: list[str]) -> Path:
+    """After publishing, a later command (eval, bench) that adds or rewrites `paths` records them.
+
+    Every other file must still match the manifest first: this records a known change, it never
+    launders an unknown one.
+    """
+    from exporter.errors import CheckFailed
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    changed = {Path(p).as_posix() for p in paths}
+    problems = [p for p in _check_files(folder, manifest) if p.path not in changed]
+    if problems:
+        raise CheckFailed(f"{folder}: not recording {', '.join(sorted(changed))}: the folder already differs "
+                          f"from its manifest ({problems[0]})")
+    known = {f["path"]: f for f in manifest["files"]}
+    fresh = {f["path"]: f for f in list_files(folder, known) if f["path"] in changed or f["path"] in known}
+    manifest["files"] = sorted(fresh.values(), key=lambda f: f["path"])
+    manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def verify(folder: Path, recipe_path: Path | None = None, with_ort: bool = False) -> list[Problem]:
     """Every way the folder differs from its manifest; an empty list means it is intact."""
     folder = Path(folder)

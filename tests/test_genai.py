@@ -84,5 +84,6 @@ def test_genai_greedy_text_equals_pytorch_on_smollm2(tmp_path):
         expected = torch_greedy(model, mask, ids, 32, eos)
         got = genai_greedy(out, ids, 32)
         assert got == expected, (prompt, tok.decode(got), tok.decode(expected))
-        assert og_tok.decode(got) == tok.decode(got)  # genai's tokenizer reads the artifact's tokenizer files
+        # genai's own tokenizer, read from the artifact's tokenizer files, gives the same text
+        assert og_tok.decode(got) == tok.decode(got, skip_special_tokens=True)
         print(f"{prompt!r}: {P.decode(tok, got)!r}")

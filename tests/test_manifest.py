@@ -158,3 +158,17 @@ def test_generate_streams_the_masked_models_greedy_tokens(artifact):
         reference = greedy_tokens(HFRunner(model), ids, torch.ones_like(ids), 11)[0]
     assert tokens == reference
     assert out.getvalue().split() == [str(t) for t in reference]  # the byte tokenizer prints token ids
+
+
+def test_record_files_accepts_a_known_change_and_refuses_an_unknown_one(copy):
+    from exporter.errors import CheckFailed
+    from exporter.manifest import record_files
+
+    (copy / "eval.json").write_text('{"ppl": 1.0}')
+    record_files(copy, ["eval.json"])
+    assert verify(copy) == []
+    assert "eval.json" in {f["path"] for f in read_manifest(copy)["files"]}
+    (copy / "report.md").write_text("changed")
+    (copy / "bench.json").write_text("{}")
+    with pytest.raises(CheckFailed, match="report.md"):
+        record_files(copy, ["bench.json"])
