@@ -91,7 +91,7 @@ class SkippedLayer(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         # scores: [B, H, T, P+T]; scaling, the fp32 bias and softmax in fp32: in fp16, finfo.min plus a
-        # negative score rounds to -inf, and a fully masked (padding) row would turn into NaNs
+        # score below -16 rounds to -inf, and a fully masked (padding) row of -inf softmaxes to NaN
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scaling + bias
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
