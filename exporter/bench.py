@@ -1,0 +1,347 @@
+"""ONNX Runtime latency of the full and the skipped graph, measured interleaved, next to the cost model.
+
+Every speed figure is a ratio of two medians taken in the same run: the graphs are timed in turn
+(A B, then B A, ...) after a warm-up, so load from other processes hits both alike. Removal
+efficiency = measured saving / predicted saving (cost.py), both as fractions of the full model's time.
+
+`full_graph` exports the unskipped model once per base model (and optimizes it) into the export-skip
+cache, so comparing masks of the same model pays the full export only once.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from exporter.errors import UserError
+
+DECODE = [(1, 128), (1, 512), (1, 2048), (4, 128), (4, 512), (4, 2048)]  # (batch, context)
+PREFILL = [(1, 128), (1, 512)]  # (batch, prompt tokens)
+PEAK_CONTEXT = 4096
+
+
+# --- inputs and timing -----------------------------------------------------------------------------
+
+
+def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0) -> dict:
+    """Inputs for one call: `seq` new tokens after `past` cached ones (zeros: speed does not depend on values)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32}
+    feeds = {}
+    for inp in session.get_inputs():
+        name, dtype = inp.name, dtypes.get(inp.type)
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, 100, (batch, seq), dtype=np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, past + seq), dtype=dtype or np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
+        elif name.startswith("past_key_values.") or name.startswith("past_key."):
+            _, heads, _, dim = inp.shape
+            feeds[name] = np.zeros((batch, heads, past, dim), dtype=dtype or np.float32)
+        else:
+            raise UserError(f"cannot feed graph input {name!r}: the bench drives graphs that follow the ONNX "
+                            "contract (input_ids, attention_mask, position_ids, past_key_values.*)")
+    return feeds
+
+
+def session_for(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(calls: dict, warmup: int, rounds: int, budget_s: float | None = None) -> dict[str, list[float]]:
+    """{name: callable} -> {name: [seconds per call]}, alternating the order every round (A B, B A, ...)."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times = {name: [] for name in names}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+        if budget_s is not None and r >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def summarize(seconds: list[float]) -> dict:
+    ordered = sorted(seconds)
+    q = lambda f: ordered[min(len(ordered) - 1, int(f * len(ordered)))]  # noqa: E731
+    return {"median_ms": round(statistics.median(seconds) * 1e3, 3), "p10_ms": round(q(0.1) * 1e3, 3),
+            "p90_ms": round(q(0.9) * 1e3, 3), "n": len(seconds)}
+
+
+def compare(times: dict, full: str, skipped: str, predicted_speedup: float | None) -> dict:
+    """Measured ratio full / skipped, saving, and removal efficiency against the cost model."""
+    f, s = statistics.median(times[full]), statistics.median(times[skipped])
+    out = {"full": summarize(times[full]), "skipped": summarize(times[skipped]),
+           "measured_speedup": round(f / s, 4), "measured_saving": round(1 - s / f, 4)}
+    if predicted_speedup is not None:
+        predicted_saving = 1 - 1 / predicted_speedup
+        out["predicted_speedup"] = round(predicted_speedup, 4)
+        out["predicted_saving"] = round(predicted_saving, 4)
+        out["removal_efficiency"] = round(out["measured_saving"] / predicted_saving, 3) if predicted_saving > 0 else None
+    return out
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+def measured_kv_bytes_per_token(session, past: int = 15) -> int:
+    """Bytes of the present.* outputs of one decode step, per cached token (batch 1): measured, not computed."""
+    outputs = [o.name for o in session.get_outputs()]
+    values = session.run(None, make_feeds(session, 1, 1, past))
+    total = sum(v.nbytes for name, v in zip(outputs, values) if name.startswith("present"))
+    return total // (past + 1)
+
+
+def peak_memory(path: Path, context: int, threads: int | None = None) -> dict:
+    """Peak RSS of a fresh process that loads `path` and runs one decode step at `context` (batch 1)."""
+    cmd = [sys.executable, "-m", "exporter.bench", "--peak", str(path), str(context), str(threads or 0)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(path: str, context: int, threads: int) -> None:
+    import resource
+
+    session = session_for(Path(path), threads or None)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    feeds = make_feeds(session, 1, 1, context - 1)
+    session.run(None, feeds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    print(json.dumps({"context": context, "peak_rss_mb": round(peak, 1), "after_load_rss_mb": round(loaded, 1)}))
+
+
+# --- the full model's graph --------------------------------------------------------------------
+
+
+def full_graph(recipe, model=None, console=None) -> Path:
+    """The unskipped model's plain graph (and model.opt.onnx beside it), exported once into the cache."""
+    import shutil
+
+    from exporter import report as reports
+    from exporter.cache import code_fingerprint, stage_key
+    from exporter.models import cache_dir, describe_source, load_config, load_model
+    from exporter.onnx_export import export_onnx
+    from exporter.surgery import SkipMask, apply_skip
+
+    key = stage_key({"model": describe_source(recipe.model), "dtype": recipe.model.dtype, "opset": recipe.export.opset,
+                     "code": code_fingerprint("models", "architectures", "surgery", "onnx_export"),
+                     "versions": reports.tool_versions()})
+    folder = cache_dir() / "full-onnx" / key
+    if not (folder / "model.onnx").is_file():
+        if console is not None:
+            console.print("exporting the unskipped model once for speed comparisons (cached for later runs)")
+        if model is None:
+            model, _ = load_model(recipe.model)
+        tmp = folder.with_name(f".{key}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_onnx(apply_skip(model, SkipMask()), tmp, opset=recipe.export.opset)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    _refresh_optimized(folder / "model.onnx", load_config(recipe.model))
+    return folder / "model.onnx"
+
+
+def _refresh_optimized(plain: Path, config) -> None:
+    """(Re)write model.opt.onnx beside a cached full graph when optimize.py changed since it was written."""
+    from exporter.cache import code_fingerprint
+    from exporter.optimize import OPT_FILE, NotOptimizable, optimize_onnx
+
+    stamp = plain.with_name("optimize.stamp")
+    fingerprint = code_fingerprint("optimize")
+    if plain.with_name(OPT_FILE).is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+        return
+    try:
+        optimize_onnx(plain, config)
+    except NotOptimizable:
+        plain.with_name(OPT_FILE).unlink(missing_ok=True)  # the bench then compares plain graphs only
+    stamp.write_text(fingerprint)
+
+
+def graph_pairs(full_plain: Path, skipped_plain: Path) -> dict[str, tuple[Path, Path]]:
+    """{'plain': (full, skipped), 'optimized': (full, skipped)} for the variants present on disk."""
+    from exporter.optimize import OPT_FILE
+
+    pairs = {"plain": (full_plain, skipped_plain)}
+    full_opt, skipped_opt = full_plain.with_name(OPT_FILE), skipped_plain.with_name(OPT_FILE)
+    if full_opt.is_file() and skipped_opt.is_file():
+        pairs["optimized"] = (full_opt, skipped_opt)
+    return pairs
+
+
+# --- the short measurement in the pipeline, and the full bench ------------------------------------------
+
+
+def quick_ratio(config, mask, full_plain: Path, skipped_plain: Path, context: int = 512, budget_s: float = 4.0,
+                precision: str = "float32") -> dict:
+    """Decode at `context`, batch 1, full vs skipped, interleaved for about `budget_s` seconds per variant."""
+    from exporter.cost import predicted_decode_speedup
+
+    context = min(context, config.max_position_embeddings - 2)
+    predicted = predicted_decode_speedup(config, mask, context, 1, precision)
+    out = {"context": context, "batch": 1, "threads": "onnxruntime default"}
+    for variant, (full, skipped) in graph_pairs(full_plain, skipped_plain).items():
+        sessions = {"full": session_for(full), "skipped": session_for(skipped)}
+        feeds = {n: make_feeds(s, 1, 1, context) for n, s in sessions.items()}
+        calls = {n: (lambda s=s, f=feeds[n]: s.run(None, f)) for n, s in sessions.items()}
+        times = time_interleaved(calls, warmup=2, rounds=200, budget_s=budget_s)
+        out[variant] = compare(times, "full", "skipped", predicted)
+    return out
+
+
+def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | None = None,
+              extra: dict[str, Path] | None = None) -> int:
+    """`export-skip bench`: writes bench.json and bench.md into the artifact folder `out`."""
+    import onnxruntime as ort
+
+    from exporter.cost import kv_bytes_per_token, predicted_decode_speedup, predicted_prefill_speedup
+    from exporter.models import load_config
+    from exporter.recipe import resolve_mask
+
+    skipped_plain = out / "model.onnx"
+    if not skipped_plain.is_file():
+        raise UserError(f"{skipped_plain} not found: run `export-skip {recipe.source_path}` first (or give --out)")
+    config = load_config(recipe.model)
+    mask = resolve_mask(recipe, config.num_hidden_layers)
+    precision = recipe.model.dtype
+    max_ctx = config.max_position_embeddings - 2
+    full_plain = full_graph(recipe, console=console)
+    pairs = graph_pairs(full_plain, skipped_plain)
+    graphs = {f"{side}:{variant}": path for variant, paths in pairs.items() for side, path in zip(("full", "skipped"), paths)}
+    for name, path in (extra or {}).items():
+        graphs[f"peer:{name}"] = Path(path)
+    sessions = {name: session_for(path, threads) for name, path in graphs.items()}
+    used_threads = threads or f"onnxruntime default ({_physical_cores()} physical cores)"
+    decode_cases = [(1, 512)] if quick else [(b, c) for b, c in DECODE if c <= max_ctx]
+    prefill_cases = [] if quick else [(b, t) for b, t in PREFILL if t <= max_ctx]
+    result = {"recipe": str(recipe.source_path), "graphs": {k: str(v) for k, v in graphs.items()},
+              "threads": used_threads, "onnxruntime": ort.__version__, "precision": precision,
+              "method": "medians of interleaved calls (order alternates each round) after warm-up",
+              "decode": [], "prefill": []}
+    for batch, ctx in decode_cases:
+        if console is not None:
+            console.print(f"decode: batch {batch}, context {ctx} ({len(sessions)} graphs interleaved)")
+        calls = _calls(sessions, batch, 1, ctx)
+        times = time_interleaved(calls, warmup=3, rounds=10 if quick else 20)
+        result["decode"].append(_case(times, pairs, batch, ctx, predicted_decode_speedup(config, mask, ctx, batch, precision)))
+    for batch, tokens in prefill_cases:
+        if console is not None:
+            console.print(f"prefill: batch {batch}, {tokens} tokens ({len(sessions)} graphs interleaved)")
+        calls = _calls(sessions, batch, tokens, 0)
+        times = time_interleaved(calls, warmup=1, rounds=5)
+        result["prefill"].append(_case(times, pairs, batch, tokens, predicted_prefill_speedup(config, mask, tokens)))
+    if console is not None:
+        console.print(f"memory: KV bytes per token, and peak RSS at context {min(PEAK_CONTEXT, max_ctx)} in fresh processes")
+    result["memory"] = _memory(sessions, graphs, config, mask, precision, min(PEAK_CONTEXT, max_ctx), threads, quick)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "bench.md").write_text("\n".join(render(result)) + "\n", encoding="utf-8")
+    print("\n".join(render(result)))
+    if console is not None:
+        console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or psutil.cpu_count()
+
+
+def _calls(sessions: dict, batch: int, seq: int, past: int) -> dict:
+    calls = {}
+    for name, session in sessions.items():
+        feeds = make_feeds(session, batch, seq, past)
+        calls[name] = lambda s=session, f=feeds: s.run(None, f)
+    return calls
+
+
+def _case(times: dict, pairs: dict, batch: int, size: int, predicted: float) -> dict:
+    case = {"batch": batch, "size": size, "median_ms": {n: summarize(t) for n, t in times.items()}}
+    for variant in pairs:
+        case[variant] = compare(times, f"full:{variant}", f"skipped:{variant}", predicted)
+    if "optimized" in pairs:  # how much faster the optimized graph is than the plain one, same model
+        for side in ("full", "skipped"):
+            case[f"{side}_optimized_vs_plain"] = round(
+                statistics.median(times[f"{side}:optimized"]) / statistics.median(times[f"{side}:plain"]), 4)
+    for name in times:
+        if name.startswith("peer:"):
+            for variant in pairs:  # ours / peer: <= 1.00 means ours is at least as fast
+                ours = statistics.median(times[f"full:{variant}"])
+                case[f"full_{variant}_vs_{name}"] = round(ours / statistics.median(times[name]), 4)
+    return case
+
+
+def _memory(sessions, graphs, config, mask, precision, context, threads, quick) -> dict:
+    from exporter.cost import kv_bytes_per_token
+
+    kv = {name: measured_kv_bytes_per_token(sessions[name]) for name in graphs if not name.startswith("peer:")}
+    full, skipped = kv["full:plain"], kv["skipped:plain"]
+    n = config.num_hidden_layers
+    removed_fraction = len(mask.attention) / n
+    mem = {"kv_bytes_per_token_measured": kv,
+           "kv_bytes_per_token_predicted": {"full": kv_bytes_per_token(config, None, precision),
+                                            "skipped": kv_bytes_per_token(config, mask, precision)},
+           "kv_reduction_measured": round(1 - skipped / full, 4),
+           "attention_layers_removed_fraction": round(removed_fraction, 4),
+           "kv_reduction_matches_removed_fraction": abs((1 - skipped / full) - removed_fraction) < 1e-6}
+    if not quick:
+        mem["peak_rss"] = {name: peak_memory(graphs[name], context, threads)
+                           for name in graphs if name.endswith(":plain") or name.endswith(":optimized")}
+    return mem
+
+
+def render(r: dict) -> list[str]:
+    lines = [f"ONNX Runtime {r['onnxruntime']}, threads: {r['threads']}, {r['precision']}; {r['method']}.", "",
+             "| phase | batch | context / tokens | graphs | full ms (p10-p90) | skipped ms (p10-p90) | measured speedup | "
+             "predicted | removal efficiency |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for phase in ("decode", "prefill"):
+        for case in r[phase]:
+            for variant in ("plain", "optimized"):
+                if variant not in case:
+                    continue
+                c = case[variant]
+                f, s = c["full"], c["skipped"]
+                lines.append(f"| {phase} | {case['batch']} | {case['size']} | {variant} | {f['median_ms']:.2f} "
+                             f"({f['p10_ms']:.2f}-{f['p90_ms']:.2f}) | {s['median_ms']:.2f} ({s['p10_ms']:.2f}-{s['p90_ms']:.2f}) | "
+                             f"{c['measured_speedup']:.3f}x | {c['predicted_speedup']:.3f}x | {c.get('removal_efficiency')} |")
+    extras = [(phase, case, k, v) for phase in ("decode", "prefill") for case in r[phase] for k, v in case.items()
+              if k.endswith("_vs_plain") or "_vs_peer:" in k]
+    if extras:
+        lines += ["", "| phase | batch | context / tokens | ratio (time / time; < 1 is faster) | value |", "|---|---:|---:|---|---:|"]
+        lines += [f"| {phase} | {case['batch']} | {case['size']} | {k} | {v:.3f} |" for phase, case, k, v in extras]
+    m = r["memory"]
+    lines += ["", f"KV cache bytes per token, measured from the graphs' present outputs: "
+                  + ", ".join(f"{k} {v:,}" for k, v in m["kv_bytes_per_token_measured"].items())
+              + f"; reduction {m['kv_reduction_measured']:.1%} vs attention layers removed "
+                f"{m['attention_layers_removed_fraction']:.1%}."]
+    for name, peak in m.get("peak_rss", {}).items():
+        if "error" in peak:
+            lines.append(f"- peak RSS {name}: failed ({peak['error']})")
+        else:
+            lines.append(f"- peak RSS {name} at context {peak['context']}: {peak['peak_rss_mb']:,.0f} MiB "
+                         f"(after load {peak['after_load_rss_mb']:,.0f} MiB)")
+    return lines
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--peak":
+    _peak_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -1,0 +1,361 @@
+"""optimize_onnx(plain.onnx, config) -> model.opt.onnx: the same model, rewritten so ONNX Runtime decodes faster.
+
+The plain graph (export_onnx) spells attention out op by op (rotary, repeat_interleave for GQA, scores,
+additive mask, softmax) and RMSNorm as Pow/ReduceMean/Sqrt/Reciprocal/Mul. ONNX Runtime's own graph
+optimizer fuses none of that, so this module rewrites it, keeping the I/O contract byte for byte:
+
+- each kept attention layer becomes two `com.microsoft.RotaryEmbedding` nodes (q and k, positions from
+  `position_ids`, cos/sin caches computed from the config) and one `com.microsoft.GroupQueryAttention`
+  node (grouped KV heads read without copies; our additive
+  bias passed as `attention_bias`, so left padding and sliding windows mean what they mean in the
+  plain graph; `present.{i}.*` produced by the node itself, past and present in separate buffers);
+- each RMSNorm becomes `SimplifiedLayerNormalization`, and a residual add feeding a norm becomes
+  `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
+
+Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
+The optimized graph is saved beside the plain one and points at the same external data file
+(no weights are copied; the cos/sin caches are stored inline). Parity is checked on it exactly as on
+the plain graph. Graphs whose pattern is not recognised are refused with a reason, never half-rewritten.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+OPT_FILE = "model.opt.onnx"
+MS = "com.microsoft"
+
+
+class NotOptimizable(Exception):
+    """The graph (or its precision, or its RoPE type) is outside what this rewrite handles; the reason says why."""
+
+
+class _Graph:
+    """Producer/consumer indexes over an onnx GraphProto, and constant lookup."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.reindex()
+
+    def reindex(self):
+        self.producer = {}
+        self.consumers = defaultdict(list)
+        for node in self.graph.node:
+            for o in node.output:
+                self.producer[o] = node
+            for i in node.input:
+                self.consumers[i].append(node)
+        self.inits = {t.name: t for t in self.graph.initializer}
+
+    def const(self, name):
+        """numpy value of an initializer or Constant output, else None."""
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            t = self.inits[name]
+            if t.data_location == 1:  # external: a weight, never a small constant
+                return None
+            return numpy_helper.to_array(t)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def only_consumer(self, name, op_type=None):
+        users = self.consumers.get(name, [])
+        if len(users) != 1 or (op_type and users[0].op_type != op_type):
+            return None
+        return users[0]
+
+
+def _upstream(g: _Graph, name: str, op_type: str, depth: int = 6):
+    """Nearest producer of `op_type` above tensor `name` (breadth first, at most `depth` hops)."""
+    frontier, seen = [name], set()
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            node = g.producer.get(t)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == op_type:
+                return node
+            nxt += list(node.input)
+        frontier = nxt
+    return None
+
+
+def _downstream(g: _Graph, name: str, op_type: str, depth: int = 8):
+    frontier, seen = [name], set()
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            for node in g.consumers.get(t, []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type == op_type:
+                    return node
+                nxt += list(node.output)
+        frontier = nxt
+    return None
+
+
+def rotary_caches(config, max_positions: int):
+    """cos/sin caches [max_positions, head_dim / 2] exactly as the model's rotary embedding computes them."""
+    import importlib
+
+    import torch
+
+    rope = (getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in ("default", "llama3", "linear"):  # dynamic / longrope change with the length
+        raise NotOptimizable(f"RoPE type {rope_type!r} depends on the sequence length; the plain graph is kept")
+    model_type = config.model_type
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    cls = next(getattr(module, n) for n in dir(module) if n.lower() == f"{model_type}rotaryembedding")
+    rotary = cls(config)
+    positions = torch.arange(max_positions)[None]
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)  # [1, P, D], halves repeated
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+def _find_attention(g: _Graph, layer: int):
+    """The tensors around layer `layer`'s attention in the plain graph (see surgery.SkippedLayer.attend)."""
+    cat_k = g.producer.get(f"present.{layer}.key")
+    cat_v = g.producer.get(f"present.{layer}.value")
+    if cat_k is None or cat_v is None or cat_k.op_type != "Concat" or cat_v.op_type != "Concat":
+        raise NotOptimizable(f"layer {layer}: present key/value are not produced by Concat")
+    past_k, k_rot = cat_k.input
+    past_v, v_t = cat_v.input
+    v_transpose = g.producer.get(v_t)
+    k_transpose = _upstream(g, k_rot, "Transpose")
+    scores = _downstream(g, f"present.{layer}.key", "MatMul", depth=8)
+    if v_transpose is None or v_transpose.op_type != "Transpose" or k_transpose is None or scores is None:
+        raise NotOptimizable(f"layer {layer}: attention pattern not recognised (k/v transpose or scores)")
+    q_transpose = _upstream(g, scores.input[0], "Transpose")
+    scale_mul = g.only_consumer(scores.output[0], "Mul")
+    if q_transpose is None or scale_mul is None:
+        raise NotOptimizable(f"layer {layer}: attention pattern not recognised (q or scale)")
+    scale = g.const(scale_mul.input[1])
+    bias_add = g.only_consumer(scale_mul.output[0], "Add")
+    if scale is None or scale.size != 1 or bias_add is None:
+        raise NotOptimizable(f"layer {layer}: attention scale/bias not recognised")
+    softmax = _downstream(g, bias_add.output[0], "Softmax", depth=2)
+    probs_matmul = _downstream(g, softmax.output[0], "MatMul", depth=3) if softmax else None
+    out_transpose = g.only_consumer(probs_matmul.output[0], "Transpose") if probs_matmul else None
+    out_reshape = g.only_consumer(out_transpose.output[0], "Reshape") if out_transpose else None
+    if out_reshape is None:
+        raise NotOptimizable(f"layer {layer}: attention output pattern not recognised")
+    return {
+        "q": q_transpose.input[0], "k": k_transpose.input[0], "v": v_transpose.input[0],  # [B, T, H, D]
+        "past_k": past_k, "past_v": past_v, "scale": float(scale.reshape(())),
+        "bias": bias_add.input[1], "out": out_reshape.output[0], "remove": [cat_k, cat_v, out_reshape],
+    }
+
+
+def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict):
+    from onnx import helper
+
+    nodes = []
+    packed = {}
+    for key in ("q", "k", "v"):  # [B, T, H, D] -> [B, T, H*D], what GroupQueryAttention takes
+        packed[key] = f"gqa{layer}_{key}"
+        nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [packed[key]],
+                                      name=f"gqa{layer}_pack_{key}"))
+    # Rotary outside the attention op: GroupQueryAttention's own rotary (do_rotary=1) takes decode
+    # positions from seqlens_k, which is wrong for left-padded rows; RotaryEmbedding honours position_ids.
+    for key, n_heads in (("q", heads), ("k", kv_heads)):
+        rotated = f"gqa{layer}_{key}_rot"
+        nodes.append(helper.make_node("RotaryEmbedding", [packed[key], "position_ids", shared["cos"], shared["sin"]],
+                                      [rotated], name=f"gqa{layer}_rotary_{key}", domain=MS, interleaved=0,
+                                      num_heads=n_heads))
+        packed[key] = rotated
+    nodes.append(helper.make_node(
+        "GroupQueryAttention",
+        [packed["q"], packed["k"], packed["v"], found["past_k"], found["past_v"], shared["seqlens_k"],
+         shared["total_len"], "", "", "", found["bias"]],
+        [found["out"], f"present.{layer}.key", f"present.{layer}.value"],
+        name=f"GroupQueryAttention_{layer}", domain=MS, num_heads=heads, kv_num_heads=kv_heads,
+        do_rotary=0, scale=found["scale"], local_window_size=-1))
+    return nodes
+
+
+def _shared_inputs(proto, cos, sin, np_dtype):
+    """seqlens_k (= total - 1 for every row: the bias does the padding), total length, rotary caches."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    consts = {
+        "opt_pack_shape": np.array([0, 0, -1], dtype=np.int64),
+        "opt_one_i32": np.array(1, dtype=np.int32),
+        "opt_idx1": np.array([1], dtype=np.int64),
+        "opt_idx0": np.array([0], dtype=np.int64),
+        "opt_cos_cache": cos.astype(np_dtype),
+        "opt_sin_cache": sin.astype(np_dtype),
+    }
+    proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    nodes = [
+        helper.make_node("Shape", ["attention_mask"], ["opt_mask_shape"], name="opt_mask_shape"),
+        helper.make_node("Gather", ["opt_mask_shape", "opt_idx1"], ["opt_total_1d"], name="opt_total_1d", axis=0),
+        helper.make_node("Gather", ["opt_mask_shape", "opt_idx0"], ["opt_batch_1d"], name="opt_batch_1d", axis=0),
+        helper.make_node("Cast", ["opt_total_1d"], ["opt_total_1d_i32"], name="opt_total_cast", to=TensorProto.INT32),
+        helper.make_node("Squeeze", ["opt_total_1d_i32"], ["opt_total_len"], name="opt_total_len"),
+        helper.make_node("Sub", ["opt_total_1d_i32", "opt_one_i32"], ["opt_last"], name="opt_last"),
+        helper.make_node("Expand", ["opt_last", "opt_batch_1d"], ["opt_seqlens_k"], name="opt_seqlens_k"),
+    ]
+    shared = {"pack_shape": "opt_pack_shape", "seqlens_k": "opt_seqlens_k", "total_len": "opt_total_len",
+              "cos": "opt_cos_cache", "sin": "opt_sin_cache"}
+    return nodes, shared
+
+
+def _match_rmsnorm(g: _Graph, mul_weight):
+    """`weight * (x * 1/sqrt(mean(x^2) + eps))` ending at `mul_weight`: (x, weight, eps, nodes) or None."""
+    inputs = list(mul_weight.input)
+    for w_idx in (0, 1):
+        scaled = g.producer.get(inputs[1 - w_idx])
+        if scaled is None or scaled.op_type != "Mul" or inputs[w_idx] not in g.inits:
+            continue
+        for x_idx in (0, 1):
+            x, r = scaled.input[x_idx], scaled.input[1 - x_idx]
+            recip = g.producer.get(r)
+            sqrt = g.producer.get(recip.input[0]) if recip is not None and recip.op_type == "Reciprocal" else None
+            add = g.producer.get(sqrt.input[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
+            if add is None or add.op_type != "Add":
+                continue
+            mean = g.producer.get(add.input[0])
+            eps = g.const(add.input[1])
+            pow_ = g.producer.get(mean.input[0]) if mean is not None and mean.op_type == "ReduceMean" else None
+            if pow_ is None or pow_.op_type != "Pow" or pow_.input[0] != x or eps is None:
+                continue
+            exponent = g.const(pow_.input[1])
+            axes = g.const(mean.input[1]) if len(mean.input) > 1 else None
+            if exponent is None or float(exponent.reshape(())) != 2.0 or axes is None or list(axes.reshape(-1)) != [-1]:
+                continue
+            return x, inputs[w_idx], float(eps.reshape(())), [pow_, mean, add, sqrt, recip, scaled, mul_weight]
+    return None
+
+
+def _fuse_norms(g: _Graph) -> tuple[int, int]:
+    """RMSNorm -> SimplifiedLayerNormalization; residual Add feeding it -> SkipSimplifiedLayerNormalization."""
+    from onnx import helper
+
+    norms = skips = 0
+    for node in list(g.graph.node):
+        if node.op_type != "Mul":
+            continue
+        match = _match_rmsnorm(g, node)
+        if match is None:
+            continue
+        x, weight, eps, old = match
+        # intermediate results used elsewhere would lose their producer: leave such a norm alone
+        internal = {o for n in old[:-1] for o in n.output}
+        if any(c not in old for t in internal for c in g.consumers.get(t, [])):
+            continue
+        for n in old:
+            g.graph.node.remove(n)
+        add = g.producer.get(x)
+        residual = (add is not None and add.op_type == "Add" and x not in {o.name for o in g.graph.output}
+                    and all(g.producer.get(i) is not None or i in {v.name for v in g.graph.input} for i in add.input)
+                    and g.const(add.input[0]) is None and g.const(add.input[1]) is None)
+        if residual:
+            # the Add's output (the residual stream) is still needed downstream: output 3 of the fused op
+            g.graph.node.remove(add)
+            new = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], weight],
+                                   [node.output[0], "", "", x], name=f"SkipSimplifiedLayerNorm_{skips}",
+                                   domain=MS, epsilon=eps)
+            skips += 1
+        else:
+            new = helper.make_node("SimplifiedLayerNormalization", [x, weight], [node.output[0]],
+                                   name=f"SimplifiedLayerNorm_{norms}", axis=-1, epsilon=eps, stash_type=1)
+            norms += 1
+        g.graph.node.append(new)
+        g.reindex()
+    return norms, skips
+
+
+def _drop_dead_nodes(graph) -> int:
+    """Remove nodes none of whose outputs are used (to a fixpoint)."""
+    outputs = {o.name for o in graph.output}
+    removed = 0
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            return removed
+        for n in dead:
+            graph.node.remove(n)
+        removed += len(dead)
+
+
+def _topological_sort(graph) -> None:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise NotOptimizable("rewritten graph has a cycle or a dangling input")
+        done = {id(n) for n in ready}
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if id(n) not in done]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_positions: int | None = None) -> dict:
+    """Write the optimized graph beside `plain_path` (sharing its external data); returns what was fused.
+
+    Raises NotOptimizable with the reason when the graph cannot be rewritten safely.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    plain_path = Path(plain_path)
+    out_path = Path(out_path) if out_path else plain_path.with_name(OPT_FILE)
+    if out_path.parent.resolve() != plain_path.parent.resolve():
+        raise ValueError("the optimized graph must sit beside the plain one (it shares its external data)")
+    proto = onnx.load(str(plain_path), load_external_data=False)
+    g = _Graph(proto.graph)
+    inputs = {i.name: i for i in proto.graph.input}
+    elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type if "past_key_values.0.key" in inputs else None
+    kept = sorted(int(n.split(".")[1]) for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    if kept:
+        elem = inputs[f"past_key_values.{kept[0]}.key"].type.tensor_type.elem_type
+    np_dtypes = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+    if kept and elem not in np_dtypes:
+        raise NotOptimizable(f"{onnx.TensorProto.DataType.Name(elem)} graphs: ONNX Runtime's CPU "
+                             "GroupQueryAttention runs fp32 and fp16 only")
+
+    found = {i: _find_attention(g, i) for i in kept}  # all or nothing: raises before any change
+    new_nodes = []
+    if kept:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cos, sin = rotary_caches(config, max_positions or config.max_position_embeddings)
+        if cos.shape[-1] * 2 != head_dim:
+            raise NotOptimizable("partial rotary embeddings are not handled")
+        shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem])
+        new_nodes += shared_nodes
+        for i in kept:
+            for n in found[i]["remove"]:
+                proto.graph.node.remove(n)
+            new_nodes += _add_gqa(g, proto, i, found[i], config.num_attention_heads, config.num_key_value_heads, shared)
+    proto.graph.node.extend(new_nodes)
+    _drop_dead_nodes(proto.graph)
+    g.reindex()
+    norms, skips = _fuse_norms(g)
+    _drop_dead_nodes(proto.graph)
+    _topological_sort(proto.graph)
+    if not any(o.domain == MS for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS, 1))
+    onnx.save(proto, str(out_path))
+    # No onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain,
+    # which the checker rejects. ONNX Runtime loading the graph, and parity, are the checks.
+    return {"path": out_path.name, "group_query_attention": len(kept), "simplified_layer_norm": norms,
+            "skip_simplified_layer_norm": skips, "nodes": len(proto.graph.node)}
