@@ -135,7 +135,7 @@ class TensorRT(_Strict):
         default=["sm86", "sm89", "sm120"], min_length=1)
     hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
     version_compatible: bool = False
-    timing_cache: Path | None = None
+    timing_cache: Path | None = None  # tensorrt only (tensorrt-rtx makes timing caches no-ops)
 
 
 class Recipe(_Strict):

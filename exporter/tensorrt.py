@@ -51,7 +51,7 @@ class BuildOptions:
     compute_capabilities: tuple[str, ...] = ("sm89",)  # tensorrt-rtx only; ignored by tensorrt
     hardware_compatibility: str = "none"
     version_compatible: bool = False
-    timing_cache: Path | None = None
+    timing_cache: Path | None = None  # tensorrt only; tensorrt-rtx ignores timing caches
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Sidecar:
     hardware_compatibility: str = "none"
     version_compatible: bool = False
     optimization_level: int = 3
+    timing_cache: str | None = None
     build_seconds: float = 0.0
 
 
@@ -169,7 +170,9 @@ def build_engine(onnx_path: Path, engine_path: Path, backend: str, precision: st
                                                       HARDWARE_COMPATIBILITY[opts.hardware_compatibility])
     if opts.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    cache = _load_timing_cache(config, opts.timing_cache)
+    # TensorRT-RTX makes timing-cache calls no-ops (deprecated since 1.2): only tensorrt uses the cache
+    cache_path = opts.timing_cache if backend == "tensorrt" else None
+    cache = _load_timing_cache(config, cache_path)
 
     shapes = profile_shapes(_graph_inputs(network), opts)
     for per_input in shapes.values():
@@ -184,7 +187,7 @@ def build_engine(onnx_path: Path, engine_path: Path, backend: str, precision: st
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(memoryview(serialized))
     if cache is not None:
-        opts.timing_cache.write_bytes(memoryview(cache.serialize()))
+        cache_path.write_bytes(memoryview(cache.serialize()))
 
     sidecar = Sidecar(
         backend=backend, backend_version=trt.__version__, precision=precision,
@@ -192,7 +195,8 @@ def build_engine(onnx_path: Path, engine_path: Path, backend: str, precision: st
         engine_bytes=engine_path.stat().st_size, engine_sha256=sha256(engine_path),
         profiles=shapes, compute_capabilities=list(opts.compute_capabilities) if backend == "tensorrt-rtx" else ["current"],
         hardware_compatibility=opts.hardware_compatibility, version_compatible=opts.version_compatible,
-        optimization_level=opts.optimization_level, build_seconds=round(time.perf_counter() - started, 2),
+        optimization_level=opts.optimization_level, timing_cache=str(cache_path) if cache_path else None,
+        build_seconds=round(time.perf_counter() - started, 2),
     )
     sidecar_path(engine_path).write_text(json.dumps(asdict(sidecar), indent=2) + "\n", encoding="utf-8")
     return sidecar

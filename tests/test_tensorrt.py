@@ -19,8 +19,8 @@ from conftest import PROMPTS, make_mask
 from exporter.errors import UserError
 from exporter.onnx_export import export_onnx, model_in_precision
 from exporter.surgery import apply_skip
-from exporter.tensorrt import (BackendMissing, BuildOptions, ParseError, build_engine, check_sidecar, import_backend,
-                               missing_reason, profile_shapes, sha256, sidecar_path)
+from exporter.tensorrt import (BackendMissing, BuildOptions, ParseError, build_engine, check_sidecar, engine_profiles,
+                               import_backend, missing_reason, profile_shapes, sha256, sidecar_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -106,6 +106,18 @@ def test_rtx_engine_build_and_sidecar(tiny_graphs, tmp_path, precision):
     assert any("bytes" in p for p in check_sidecar(engine, onnx_path))
     other = tiny_graphs["fp32" if precision == "fp16" else "fp16"]
     assert any("sha256" in p for p in check_sidecar(engine, other))
+
+
+@needs_rtx
+def test_build_options_reach_the_sidecar(tiny_graphs, tmp_path):
+    cache = tmp_path / "timing.cache"
+    opts = BuildOptions(max_batch=1, max_context=32, compute_capabilities=("sm86", "sm120"), optimization_level=1,
+                        hardware_compatibility="ampere_plus", timing_cache=cache)
+    sidecar = build_engine(tiny_graphs["fp16"], tmp_path / "e.engine", "tensorrt-rtx", "fp16", opts)
+    assert not cache.exists() and sidecar.timing_cache is None  # tensorrt-rtx has no timing cache
+    assert sidecar.compute_capabilities == ["sm86", "sm120"] and sidecar.optimization_level == 1
+    assert sidecar.hardware_compatibility == "ampere_plus"
+    assert sidecar.profiles["prefill"]["input_ids"][2] == [1, 32]
 
 
 @needs_rtx
@@ -203,6 +215,10 @@ def test_trt_runner_parity_against_masked_reference(tiny_models, tiny_graphs, tm
     opts = BuildOptions(max_batch=2, max_context=64, compute_capabilities=(cc,))
     engine = tmp_path / f"{precision}.engine"
     build_engine(tiny_graphs[precision], engine, backend, precision, opts)
+    # the sidecar's profiles are the ones the engine reports (deserialising needs the GPU)
+    meta = json.loads(sidecar_path(engine).read_text())
+    for name, per_profile in engine_profiles(engine, backend).items():
+        assert per_profile == [meta["profiles"][p][name] for p in ("prefill", "decode")], name
     model, tok = tiny_models["mistral"]
     ids, attn = left_padded(tok, PROMPTS)
     runner = TrtRunner(engine, backend)
