@@ -186,7 +186,8 @@ def load_checkpoint(folder: Path, dtype):
     if config.tie_word_embeddings:
         model.tie_weights()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        # config= keeps transformers from reading config.json, whose auto_map would ask to run remote code
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=config)
     except (OSError, ValueError, TypeError):
         tokenizer = ByteTokenizer(config.vocab_size)
     return model.eval(), tokenizer

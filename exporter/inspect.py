@@ -74,7 +74,7 @@ def _kv_table(title: str, data, limit: int = 40):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_header=False)
-    table.add_column("key", style="cyan")
+    table.add_column("key", style="cyan", no_wrap=True)
     table.add_column("value")
     rows = _flatten(data)
     for key, value in rows[:limit]:
@@ -131,9 +131,10 @@ def render(folder: Path, console) -> None:
     files = manifest["files"] if manifest else (report or {}).get("artifacts", [])
     table = Table(title="Artifacts" + ("" if manifest else " (from report.json: no manifest)"), title_justify="left")
     for col in ("path", "kind", "size", "sha256"):
-        table.add_column(col, justify="right" if col == "size" else "left")
+        table.add_column(col, justify="right" if col == "size" else "left", no_wrap=col != "path",
+                         overflow="fold" if col == "path" else "ellipsis")
     for f in files:
-        table.add_row(f["path"], f["kind"], _mib(f["bytes"]), f["sha256"][:16] + "…")
+        table.add_row(f["path"], f["kind"], _mib(f["bytes"]), f["sha256"][:12] + "…")
     console.print(table)
 
     if report and report.get("parity"):
@@ -150,7 +151,7 @@ def render(folder: Path, console) -> None:
 
     # Speed, quality, engines, ...: sections and files other stages add.
     for key, value in (report or {}).items():
-        if key not in _KNOWN:
+        if key not in _KNOWN and value not in (None, [], {}, ""):  # an empty section says nothing
             console.print(_kv_table(f"{key} (report.json)", value))
     for path in sorted(folder.glob("*.json")):
         if path.name not in _KNOWN_FILES:
