@@ -27,8 +27,11 @@ PEAK_CONTEXT = 4096
 # --- inputs and timing -----------------------------------------------------------------------------
 
 
-def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0) -> dict:
-    """Inputs for one call: `seq` new tokens after `past` cached ones (zeros: speed does not depend on values)."""
+def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim: int | None = None) -> dict:
+    """Inputs for one call: `seq` new tokens after `past` cached ones (zeros: speed does not depend on values).
+
+    `head_dim` is needed only for graphs whose past inputs leave it symbolic (onnxruntime-genai's builder).
+    """
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -45,6 +48,9 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0) -> dict:
             feeds[name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
         elif name.startswith("past_key_values.") or name.startswith("past_key."):
             _, heads, _, dim = inp.shape
+            dim = dim if isinstance(dim, int) else head_dim
+            if not isinstance(heads, int) or dim is None:
+                raise UserError(f"graph input {name!r} has symbolic heads/head_dim {inp.shape}: cannot size the cache")
             feeds[name] = np.zeros((batch, heads, past, dim), dtype=dtype or np.float32)
         else:
             raise UserError(f"cannot feed graph input {name!r}: the bench drives graphs that follow the ONNX "
@@ -225,6 +231,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     mask = resolve_mask(recipe, config.num_hidden_layers)
     precision = recipe.model.dtype
     max_ctx = config.max_position_embeddings - 2
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     full_plain = full_graph(recipe, console=console)
     pairs = graph_pairs(full_plain, skipped_plain)
     graphs = {f"{side}:{variant}": path for variant, paths in pairs.items() for side, path in zip(("full", "skipped"), paths)}
@@ -241,13 +248,13 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     for batch, ctx in decode_cases:
         if console is not None:
             console.print(f"decode: batch {batch}, context {ctx} ({len(sessions)} graphs interleaved)")
-        calls = _calls(sessions, batch, 1, ctx)
+        calls = _calls(sessions, batch, 1, ctx, head_dim)
         times = time_interleaved(calls, warmup=3, rounds=10 if quick else 20)
         result["decode"].append(_case(times, pairs, batch, ctx, predicted_decode_speedup(config, mask, ctx, batch, precision)))
     for batch, tokens in prefill_cases:
         if console is not None:
             console.print(f"prefill: batch {batch}, {tokens} tokens ({len(sessions)} graphs interleaved)")
-        calls = _calls(sessions, batch, tokens, 0)
+        calls = _calls(sessions, batch, tokens, 0, head_dim)
         times = time_interleaved(calls, warmup=1, rounds=5)
         result["prefill"].append(_case(times, pairs, batch, tokens, predicted_prefill_speedup(config, mask, tokens)))
     if console is not None:
@@ -267,10 +274,10 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count()
 
 
-def _calls(sessions: dict, batch: int, seq: int, past: int) -> dict:
+def _calls(sessions: dict, batch: int, seq: int, past: int, head_dim: int) -> dict:
     calls = {}
     for name, session in sessions.items():
-        feeds = make_feeds(session, batch, seq, past)
+        feeds = make_feeds(session, batch, seq, past, head_dim=head_dim)
         calls[name] = lambda s=session, f=feeds: s.run(None, f)
     return calls
 
@@ -345,3 +352,37 @@ def render(r: dict) -> list[str]:
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--peak":
     _peak_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+
+
+def speed_stage(recipe, model, mask, skipped_plain: Path, console=None, budget_s: float = 3.0) -> dict:
+    """For the pipeline's report: the cost model's prediction and a short measured ORT ratio, full vs skipped."""
+    from exporter.cost import predict
+
+    config = model.config
+    precision = recipe.model.dtype
+    contexts = [c for c in (128, 512, 2048) if c <= config.max_position_embeddings - 2] or [config.max_position_embeddings // 2]
+    prediction = predict(config, mask, contexts=contexts, precision=precision)
+    full_plain = full_graph(recipe, model=model, console=console)
+    measured = quick_ratio(config, mask, full_plain, skipped_plain, context=512, budget_s=budget_s, precision=precision)
+    return {"prediction": prediction, "measured": measured, "full_graph": str(full_plain)}
+
+
+def speed_markdown(report: dict) -> list[str]:
+    """report.md's speed section: the cost model's table and the short measured ratio."""
+    from exporter.cost import render_prediction
+
+    speed = report.get("speed")
+    if not speed:
+        return []
+    m = speed["measured"]
+    lines = ["", "## Speed", "", *render_prediction(speed["prediction"]), "",
+             f"Measured in ONNX Runtime (CPU, {m['threads']} threads), decode at context {m['context']}, batch 1, "
+             "full and skipped graphs interleaved for a few seconds (`export-skip bench` measures more):", "",
+             "| graph | full ms | skipped ms | measured speedup | predicted | removal efficiency |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for variant in ("plain", "optimized"):
+        if variant in m:
+            c = m[variant]
+            lines.append(f"| {variant} | {c['full']['median_ms']:.2f} | {c['skipped']['median_ms']:.2f} | "
+                         f"{c['measured_speedup']:.3f}x | {c['predicted_speedup']:.3f}x | {c.get('removal_efficiency')} |")
+    return lines

@@ -200,9 +200,16 @@ def predict(config, mask, contexts=DECODE_CONTEXTS, prefill_tokens=PREFILL_TOKEN
     }
 
 
+def _flops(n: float) -> str:
+    return f"{n / 1e9:.3f} GFLOP" if n >= 1e8 else f"{n / 1e6:.3f} MFLOP"
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.3f} MiB"
+
+
 def render_prediction(pred: dict) -> list[str]:
     """Markdown lines for report.md and the `plan` command."""
-    gib = 2**30
     lines = [
         f"Cost model ({pred['model']}; {pred['precision']}): parameters {pred['parameters_full']:,} -> "
         f"{pred['parameters_skipped']:,}; attention layers kept {pred['attention_layers_kept']} of {pred['num_layers']}; "
@@ -213,11 +220,11 @@ def render_prediction(pred: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for d in pred["decode"]:
-        lines.append(f"| decode | {d['batch']} | {d['context']} | {d['bytes_full'] / gib:.3f} GiB/step | "
-                     f"{d['bytes_skipped'] / gib:.3f} GiB/step | {d['speedup']:.3f}x | {d['saving']:.1%} |")
+        lines.append(f"| decode | {d['batch']} | {d['context']} | {_bytes(d['bytes_full'])}/step | "
+                     f"{_bytes(d['bytes_skipped'])}/step | {d['speedup']:.3f}x | {d['saving']:.1%} |")
     for p in pred["prefill"]:
-        lines.append(f"| prefill | 1 | {p['tokens']} | {p['flops_per_token_full'] / 1e9:.3f} GFLOP/token | "
-                     f"{p['flops_per_token_skipped'] / 1e9:.3f} GFLOP/token | {p['speedup']:.3f}x | {p['saving']:.1%} |")
+        lines.append(f"| prefill | 1 | {p['tokens']} | {_flops(p['flops_per_token_full'])}/token | "
+                     f"{_flops(p['flops_per_token_skipped'])}/token | {p['speedup']:.3f}x | {p['saving']:.1%} |")
     return lines
 
 

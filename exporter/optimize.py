@@ -359,3 +359,35 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     # which the checker rejects. ONNX Runtime loading the graph, and parity, are the checks.
     return {"path": out_path.name, "group_query_attention": len(kept), "simplified_layer_norm": norms,
             "skip_simplified_layer_norm": skips, "nodes": len(proto.graph.node)}
+
+
+def optimize_stage(model, mask, plain_path: Path, batches: list, steps: int, atol_prefill: float,
+                   atol_decode: float) -> dict:
+    """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
+
+    `batches` are (input_ids, attention_mask) pairs (the validation's). A graph this rewrite does not
+    handle is reported under not_run with the reason; the plain graph is then the only ONNX artifact.
+    """
+    from exporter import report as reports
+    from exporter.parity import check_parity
+    from exporter.runners import HFRunner, OrtRunner
+    from exporter.surgery import masked
+
+    out_dir = plain_path.parent
+    try:
+        fused = optimize_onnx(plain_path, model.config)
+    except NotOptimizable as exc:
+        return {"artifacts": [], "parity": [], "fused": None,
+                "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
+    opt = out_dir / fused["path"]
+    precision = {"torch.float32": "fp32", "torch.float16": "fp16"}.get(str(next(model.parameters()).dtype), "fp32")
+    parity = []
+    runner = OrtRunner(opt)
+    for ids, attn in batches:
+        with masked(model, mask):
+            phases, _ = check_parity(HFRunner(model), runner, ids, attn, steps, atol_prefill, atol_decode,
+                                     f"onnx:{precision}:optimized")
+        parity += [p.as_dict() for p in phases]
+    artifact = reports.describe_file(opt, out_dir, "onnx-optimized", precision)
+    artifact["shares_external_data_with"] = plain_path.name
+    return {"artifacts": [artifact], "parity": parity, "not_run": [], "fused": fused}

@@ -67,6 +67,23 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
                   or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
         artifacts, parity = artifacts + extra["artifacts"], parity + extra["parity"]
 
+        with stage("optimize", stats) as rec:  # the faster ORT graph, checked like the plain one
+            with _status(console, "writing and checking the optimized ONNX Runtime graph"):
+                optimized = optimize_stage(recipe, model, mask, tokenizer, work.path / artifacts[0]["path"])
+        artifacts, parity = artifacts + optimized["artifacts"], parity + optimized["parity"]
+        extra["not_run"] += optimized["not_run"]
+        _done(console, rec, ", ".join(a["path"] for a in optimized["artifacts"])
+              or "not written: " + "; ".join(n["reason"] for n in optimized["not_run"]))
+
+        with stage("speed", stats) as rec:  # cost model + a few seconds of interleaved ORT timing
+            with _status(console, "measuring decode speed, full vs skipped (ONNX Runtime)"):
+                from exporter.bench import speed_stage
+
+                speed = speed_stage(recipe, model, mask, work.path / artifacts[0]["path"], console)
+        m = speed["measured"]
+        _done(console, rec, f"decode ctx {m['context']}: predicted {m['plain']['predicted_speedup']:.3f}x, measured "
+              + ", ".join(f"{v} {m[v]['measured_speedup']:.3f}x" for v in ("plain", "optimized") if v in m))
+
         with stage("package", stats) as rec:
             packaged = package_stage(recipe, model, skipped, tokenizer, mask, work.path, artifacts[0]["path"])
         artifacts = artifacts + packaged
@@ -94,6 +111,8 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
             "not_run": extra["not_run"],  # checks that could not run here, with the reason; never passed
             "half_precision_greedy": extra["greedy"],
             "engines": extra["engines"],
+            "optimized_graph": optimized["fused"],
+            "speed": speed,
             "stages": [vars(s) for s in stats],
             "wall_seconds": None,
             "versions": reports.tool_versions(),
@@ -257,6 +276,15 @@ def _own_precision(model) -> str:
     from exporter.onnx_export import precision_of
 
     return precision_of(next(model.parameters()).dtype)
+
+
+def optimize_stage(recipe: Recipe, model, mask, tokenizer, plain_path: Path) -> dict:
+    """model.opt.onnx (fused ORT contrib ops) beside the plain graph, with the same parity checks."""
+    from exporter.optimize import optimize_stage as write_and_check
+
+    batches = [pair for _, pair in validation_batches(recipe, tokenizer)]
+    v = recipe.validation
+    return write_and_check(model, mask, plain_path, batches, v.decode_steps, v.atol.prefill, v.atol.decode)
 
 
 def precisions_stage(recipe: Recipe, model, mask, tokenizer, out_dir: Path) -> dict:

@@ -26,8 +26,8 @@ def tiny_run(tmp_path_factory):
 def test_tiny_recipe_passes_and_writes_the_artifact(tiny_run):
     out, result = tiny_run
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "report.json", "report.md",
-                                               "manifest.json", "recipe.yaml", "genai_config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "model.opt.onnx", "report.json",
+                                               "report.md", "manifest.json", "recipe.yaml", "genai_config.json"}
 
 
 def test_report_json_contents(tiny_run):
@@ -39,15 +39,23 @@ def test_report_json_contents(tiny_run):
     params = r["parameters"]
     assert params["full"] - params["skipped"] == params["removed"] == params["removed_modules"] > 0
     kinds = {a["kind"]: a for a in r["artifacts"]}
-    assert set(kinds) == {"onnx", "onnx-external-data", "recipe", "genai-config"}
+    assert set(kinds) == {"onnx", "onnx-external-data", "onnx-optimized", "recipe", "genai-config"}
     for a in r["artifacts"]:
         assert (out / a["path"]).stat().st_size == a["bytes"] and len(a["sha256"]) == 64
     # parity: ONNX and the skipped torch model, batch 1 and a left-padded batch 2, prefill and decode
     combos = {(p["artifact"], p["phase"], p["batch"]) for p in r["parity"]}
     assert {("onnx:fp32", ph, b) for ph in ("prefill", "decode") for b in (1, 2)} <= combos
+    assert {("onnx:fp32:optimized", ph, b) for ph in ("prefill", "decode") for b in (1, 2)} <= combos
     for p in r["parity"]:
         assert p["passed"] and p["greedy_match"] and p["max_abs_diff"] <= p["atol"]
-    assert [s["name"] for s in r["stages"]] == ["load", "remove", "export", "validate", "package"]
+    assert [s["name"] for s in r["stages"]] == ["load", "remove", "export", "validate", "optimize", "speed", "package"]
+    # the cost model's prediction and a short measured ratio, full vs skipped, for both ONNX graphs
+    speed = r["speed"]
+    assert speed["prediction"]["attention_layers_kept"] == 4 and speed["prediction"]["decode"]
+    for variant in ("plain", "optimized"):
+        m = speed["measured"][variant]
+        assert m["full"]["n"] >= 5 and m["skipped"]["n"] == m["full"]["n"]
+        assert m["measured_speedup"] > 0 and m["predicted_speedup"] > 1
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in r["stages"])
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(r["versions"])
     assert r["kv_cache"]["bytes_per_token_skipped"] * 6 == r["kv_cache"]["bytes_per_token_full"] * 4
