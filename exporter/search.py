@@ -247,9 +247,26 @@ def write_recipe(source: Path, out: Path, result: dict, settings: SearchSettings
         f"({final['ppl_increase_pct']:+.1f}%), top-1 agreement {final['top1_agreement']:.1%}.",
         f"# Predicted decode speedup (cost model, exporter/cost.py; batch 1, fp32): {speed}.",
         "# Held-out numbers: export-skip eval on this file.",
+        *_importance_lines(result.get("importance")),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n" + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110), encoding="utf-8")
+
+
+def _importance_lines(imp: dict | None) -> list[str]:
+    """The one-shot scores, for comparison: LLM-Drop's attention ranking and Gromov et al.'s best runs."""
+    if not imp:
+        return []
+    cos = imp["attention_cosine"]
+    top = sorted(range(len(cos)), key=lambda i: (-cos[i], i))[:8]
+    lines = ["# LLM-Drop attention cosine, most redundant first: " + ", ".join(f"{i} ({cos[i]:.3f})" for i in top)]
+    runs = []
+    for n in (1, 2, 4, 8):
+        dist = imp["angular_distance"].get(str(n))
+        if dist:
+            start = min(range(len(dist)), key=lambda l: (dist[l], l))
+            runs.append(f"{n} blocks from layer {start} (d={dist[start]:.3f})")
+    return lines + ["# Gromov angular distance, best run of: " + "; ".join(runs)]
 
 
 def run_search(recipe, source: Path, settings: SearchSettings, out: Path, console=None, argv=None) -> dict:
