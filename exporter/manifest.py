@@ -119,7 +119,7 @@ def build_manifest(folder: Path, recipe, report: dict) -> dict:
     resolved = resolved_recipe(recipe)
     known = {a["path"]: a for a in report.get("artifacts", [])}
     files = list_files(folder, known)
-    onnx = {f["path"]: {"signature": onnx_signature(folder / f["path"])} for f in files if f["kind"] == "onnx"}
+    onnx = {f["path"]: {"signature": onnx_signature(folder / f["path"])} for f in files if f["path"].endswith(".onnx")}
     return {
         "format": FORMAT,
         "name": report.get("name", folder.name),
