@@ -127,14 +127,21 @@ def peak_memory(path: Path, context: int, threads: int | None = None) -> dict:
 
 
 def _peak_child(path: str, context: int, threads: int) -> None:
-    import resource
+    # Sampled RSS, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent, so a child of a
+    # large bench process would report the parent's peak.
+    import psutil
+
+    from exporter.measure import _PeakSampler
 
     session = session_for(Path(path), threads or None)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = psutil.Process().memory_info().rss
     feeds = make_feeds(session, 1, 1, context - 1)
+    sampler = _PeakSampler(interval=0.005)
+    sampler.start()
     session.run(None, feeds)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    print(json.dumps({"context": context, "peak_rss_mb": round(peak, 1), "after_load_rss_mb": round(loaded, 1)}))
+    peak = sampler.stop()
+    print(json.dumps({"context": context, "peak_rss_mb": round(peak / 2**20, 1),
+                      "after_load_rss_mb": round(loaded / 2**20, 1)}))
 
 
 # --- the full model's graph --------------------------------------------------------------------
@@ -239,7 +246,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
         graphs[f"peer:{name}"] = Path(path)
     sessions = {name: session_for(path, threads) for name, path in graphs.items()}
     used_threads = threads or f"onnxruntime default ({_physical_cores()} physical cores)"
-    decode_cases = [(1, 512)] if quick else [(b, c) for b, c in DECODE if c <= max_ctx]
+    decode_cases = [(1, min(512, max_ctx))] if quick else [(b, c) for b, c in DECODE if c <= max_ctx]
     prefill_cases = [] if quick else [(b, t) for b, t in PREFILL if t <= max_ctx]
     result = {"recipe": str(recipe.source_path), "graphs": {k: str(v) for k, v in graphs.items()},
               "threads": used_threads, "onnxruntime": ort.__version__, "precision": precision,
@@ -262,6 +269,10 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     result["memory"] = _memory(sessions, graphs, config, mask, precision, min(PEAK_CONTEXT, max_ctx), threads, quick)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "bench.md").write_text("\n".join(render(result)) + "\n", encoding="utf-8")
+    if (out / "manifest.json").is_file():  # a published folder: record the two files we added
+        from exporter.manifest import record_files
+
+        record_files(out, ["bench.json", "bench.md"])
     print("\n".join(render(result)))
     if console is not None:
         console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")

@@ -1,0 +1,95 @@
+"""bench: interleaved timing, the comparison arithmetic, measured KV bytes and peak memory, `export-skip bench`.
+
+Speed itself is never asserted (the machine is shared); what is checked is that every number is measured,
+paired and reported, and that the measured KV cache shrinks exactly by the removed attention layers.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter import bench
+from exporter.cost import kv_bytes_per_token
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    """The tiny-llama recipe's skipped graph (plain + optimized) in an artifact-like folder, and the recipe."""
+    from exporter.models import load_model
+    from exporter.onnx_export import export_onnx
+    from exporter.optimize import optimize_onnx
+    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.surgery import apply_skip
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
+    model, _ = load_model(recipe.model)
+    mask = resolve_mask(recipe, model.config.num_hidden_layers)
+    out = tmp_path_factory.mktemp("bench") / "tiny-llama"
+    plain = export_onnx(apply_skip(model, mask), out)
+    optimize_onnx(plain, model.config)
+    return recipe, model, mask, out
+
+
+def test_time_interleaved_alternates_and_pairs():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = bench.time_interleaved(calls, warmup=1, rounds=4)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then A B, B A, ...
+    assert len(times["a"]) == len(times["b"]) == 4 and all(t >= 0 for t in times["a"])
+
+
+def test_compare_arithmetic():
+    times = {"full": [2.0, 2.0, 2.0], "skipped": [1.5, 1.5, 1.5]}
+    c = bench.compare(times, "full", "skipped", predicted_speedup=1.25)
+    assert c["measured_speedup"] == pytest.approx(4 / 3, abs=1e-4)
+    assert c["measured_saving"] == pytest.approx(0.25)
+    assert c["predicted_saving"] == pytest.approx(0.2)
+    assert c["removal_efficiency"] == pytest.approx(1.25)  # 25% saved where 20% was predicted
+    assert c["full"]["median_ms"] == 2000.0 and c["skipped"]["n"] == 3
+
+
+def test_measured_kv_bytes_match_the_cost_model(tiny_artifact):
+    recipe, model, mask, out = tiny_artifact
+    for name in ("model.onnx", "model.opt.onnx"):
+        session = bench.session_for(out / name)
+        assert bench.measured_kv_bytes_per_token(session) == kv_bytes_per_token(model.config, mask)
+
+
+def test_peak_memory_runs_in_a_fresh_process(tiny_artifact):
+    _, _, _, out = tiny_artifact
+    peak = bench.peak_memory(out / "model.opt.onnx", context=256)
+    assert "error" not in peak, peak
+    assert peak["context"] == 256 and peak["peak_rss_mb"] >= peak["after_load_rss_mb"] > 0
+
+
+def test_bench_quick_writes_json_and_table(tiny_artifact, monkeypatch, tmp_path):
+    monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))  # the full graph is exported into it
+    recipe, model, mask, out = tiny_artifact
+    assert bench.run_bench(recipe, out, console=None, quick=True) == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert set(r["graphs"]) == {"full:plain", "skipped:plain", "full:optimized", "skipped:optimized"}
+    (case,) = r["decode"]
+    assert (case["batch"], case["size"]) == (1, 510)  # context 512 capped below max_position_embeddings (512)
+    for variant in ("plain", "optimized"):
+        c = case[variant]
+        assert c["full"]["n"] == c["skipped"]["n"] >= 10
+        assert c["measured_speedup"] > 0 and c["predicted_speedup"] > 1 and "removal_efficiency" in c
+    m = r["memory"]
+    assert m["kv_reduction_measured"] == pytest.approx(2 / 6, abs=1e-4)  # 2 of 6 attention layers removed
+    assert m["kv_reduction_matches_removed_fraction"] is True
+    assert "measured speedup" in (out / "bench.md").read_text()
+    # the full graph is cached: a second call does not export again
+    cached = list((tmp_path / "cache" / "full-onnx").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.opt.onnx").is_file()
+
+
+def test_bench_without_an_artifact_is_a_user_error(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", str(ROOT / "recipes" / "tiny-llama.yaml"),
+                             "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "run `export-skip" in result.stderr and "Traceback" not in result.stderr
