@@ -256,7 +256,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
         if console is not None:
             console.print(f"decode: batch {batch}, context {ctx} ({len(sessions)} graphs interleaved)")
         calls = _calls(sessions, batch, 1, ctx, head_dim)
-        times = time_interleaved(calls, warmup=3, rounds=10 if quick else 20)
+        times = time_interleaved(calls, warmup=3, rounds=20)
         result["decode"].append(_case(times, pairs, batch, ctx, predicted_decode_speedup(config, mask, ctx, batch, precision)))
     for batch, tokens in prefill_cases:
         if console is not None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from exporter.errors import UserError
 
-USAGE = """export-skip RECIPE [--out DIR]        export, validate and report (the main job)
+USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
+                                            export, validate and report (the main job)
        export-skip check RECIPE             validate a recipe (and its mask against the model config)
        export-skip plan RECIPE [--config JSON] [--json]
                                             the cost model's predicted speedup, from the config alone
@@ -45,11 +46,14 @@ def _run(argv: list[str], console) -> int:
 
     parser = _parser("export-skip")
     parser.add_argument("--out", type=Path, help="artifact folder (default: artifacts/<recipe file stem>)")
+    parser.add_argument("--force", action="store_true", help="redo every stage (ignore the stage cache)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="fail at once if another run is writing the same artifact folder")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
     out = args.out or Path("artifacts") / (recipe.name or args.recipe.stem)
     console.print(f"[bold]export-skip[/] {args.recipe} -> {out}")
-    report = run(recipe, out, console)
+    report = run(recipe, out, console, force=args.force, wait=not args.no_wait)
     if report["passed"]:
         console.print(f"[green bold]PASSED[/] {report['published_to']}/ (report.md, report.json) "
                       f"in {report['wall_seconds']:.1f} s")
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: " + USAGE)
         return 0 if argv else 2
     command = COMMANDS.get(argv[0])
+    from exporter.workdir import raise_on_sigterm
+
+    raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C: nothing half-written is left looking complete
     try:
         return command(argv[1:], console) if command else _run(argv, console)
     except UserError as exc:

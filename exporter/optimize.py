@@ -13,8 +13,12 @@ optimizer fuses none of that, so this module rewrites it, keeping the I/O contra
   `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
 
 Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
-The optimized graph is saved beside the plain one and points at the same external data file
-(no weights are copied; the cos/sin caches are stored inline). Parity is checked on it exactly as on
+- where q, k and v are three bias-free MatMuls of the same input (Llama, Mistral), they become one
+  MatMul on the concatenated weight and a Split (fewer, larger kernels per decode step).
+
+The optimized graph is saved beside the plain one and reads its weights from the plain graph's external
+data file; only the concatenated q/k/v weights are new, in `model.opt.onnx.data` (the cos/sin caches
+are stored inline). Parity is checked on it exactly as on
 the plain graph. Graphs whose pattern is not recognised are refused with a reason, never half-rewritten.
 """
 
@@ -163,7 +167,16 @@ def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: in
 
     nodes = []
     packed = {}
+    if "qkv" in found:  # one MatMul for q, k and v: split its output ([B, T, (H + 2 H_kv) D])
+        qkv = found["qkv"]
+        packed = {k: f"gqa{layer}_{k}" for k in ("q", "k", "v")}
+        nodes.append(helper.make_node("MatMul", [qkv["input"], qkv["weight"]], [f"gqa{layer}_qkv"],
+                                      name=f"gqa{layer}_qkv_proj"))
+        nodes.append(helper.make_node("Split", [f"gqa{layer}_qkv", qkv["sizes"]], list(packed.values()),
+                                      name=f"gqa{layer}_split", axis=-1))
     for key in ("q", "k", "v"):  # [B, T, H, D] -> [B, T, H*D], what GroupQueryAttention takes
+        if key in packed:
+            continue
         packed[key] = f"gqa{layer}_{key}"
         nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [packed[key]],
                                       name=f"gqa{layer}_pack_{key}"))
@@ -183,6 +196,61 @@ def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: in
         name=f"GroupQueryAttention_{layer}", domain=MS, num_heads=heads, kv_num_heads=kv_heads,
         do_rotary=0, scale=found["scale"], local_window_size=-1))
     return nodes
+
+
+def _plan_qkv_packing(g: _Graph, found: dict) -> dict | None:
+    """q/k/v as three bias-free MatMuls of one input, each reshaped straight to [B, T, H, D]: fusable."""
+    matmuls = []
+    for key in ("q", "k", "v"):
+        reshape = g.producer.get(found[key])
+        mm = g.producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+        if mm is None or mm.op_type != "MatMul" or mm.input[1] not in g.inits:
+            return None  # biases (qwen2), q/k norms (qwen3): left as three MatMuls
+        matmuls.append(mm)
+    if len({mm.input[0] for mm in matmuls}) != 1:
+        return None
+    return {"input": matmuls[0].input[0], "weights": [mm.input[1] for mm in matmuls]}
+
+
+def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) -> None:
+    """Concatenate each layer's q/k/v weights ([C, out] each) into one initializer in `data_path`."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    offset = 0
+    with open(data_path, "wb") as fh:
+        for layer, plan in plans.items():
+            arrays = []
+            for name in plan["weights"]:
+                tensor = TensorProto()
+                tensor.CopyFrom(inits[name])
+                if tensor.data_location == TensorProto.EXTERNAL:
+                    load_external_data_for_tensor(tensor, str(plain_dir))
+                arrays.append(numpy_helper.to_array(tensor))
+            packed = np.ascontiguousarray(np.concatenate(arrays, axis=1))
+            blob = packed.tobytes()
+            fh.write(blob)
+            t = numpy_helper.from_array(packed[:0].reshape(0), f"opt.layers.{layer}.qkv_proj.weight")
+            t.ClearField("raw_data")
+            t.dims[:] = packed.shape
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            proto.graph.initializer.append(t)
+            offset += len(blob)
+            sizes = np.array([a.shape[1] for a in arrays], dtype=np.int64)
+            proto.graph.initializer.append(numpy_helper.from_array(sizes, f"opt.layers.{layer}.qkv_sizes"))
+            plan["weight"], plan["sizes"] = t.name, f"opt.layers.{layer}.qkv_sizes"
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def _shared_inputs(proto, cos, sin, np_dtype):
@@ -334,6 +402,13 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
                              "GroupQueryAttention runs fp32 and fp16 only")
 
     found = {i: _find_attention(g, i) for i in kept}  # all or nothing: raises before any change
+    plans = {i: plan for i in kept if (plan := _plan_qkv_packing(g, found[i])) is not None}
+    data_path = out_path.with_name(out_path.name + ".data")
+    data_path.unlink(missing_ok=True)
+    if plans:  # the fused q/k/v weights are new tensors: they go to model.opt.onnx.data
+        _write_packed_weights(proto, plans, plain_path.parent, data_path)
+        for i, plan in plans.items():
+            found[i]["qkv"] = plan
     new_nodes = []
     if kept:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -351,14 +426,16 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     g.reindex()
     norms, skips = _fuse_norms(g)
     _drop_dead_nodes(proto.graph)
+    _drop_unused_initializers(proto.graph)
     _topological_sort(proto.graph)
     if not any(o.domain == MS for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS, 1))
     onnx.save(proto, str(out_path))
     # No onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain,
     # which the checker rejects. ONNX Runtime loading the graph, and parity, are the checks.
-    return {"path": out_path.name, "group_query_attention": len(kept), "simplified_layer_norm": norms,
-            "skip_simplified_layer_norm": skips, "nodes": len(proto.graph.node)}
+    return {"path": out_path.name, "data": data_path.name if plans else None, "group_query_attention": len(kept),
+            "packed_qkv": len(plans), "simplified_layer_norm": norms, "skip_simplified_layer_norm": skips,
+            "nodes": len(proto.graph.node)}
 
 
 def optimize_stage(model, mask, plain_path: Path, batches: list, steps: int, atol_prefill: float,
@@ -390,4 +467,7 @@ def optimize_stage(model, mask, plain_path: Path, batches: list, steps: int, ato
         parity += [p.as_dict() for p in phases]
     artifact = reports.describe_file(opt, out_dir, "onnx-optimized", precision)
     artifact["shares_external_data_with"] = plain_path.name
-    return {"artifacts": [artifact], "parity": parity, "not_run": [], "fused": fused}
+    artifacts = [artifact]
+    if fused["data"]:  # the fused q/k/v weights (the other weights are read from the plain graph's file)
+        artifacts.append(reports.describe_file(out_dir / fused["data"], out_dir, "onnx-external-data", precision))
+    return {"artifacts": artifacts, "parity": parity, "not_run": [], "fused": fused}

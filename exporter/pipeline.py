@@ -18,17 +18,24 @@ def _say(console, message: str) -> None:
 
 
 def _done(console, record: StageStats, detail: str = "") -> None:
-    _say(console, f"[green]✓[/] {record.name:<9} {record.seconds:6.1f} s  {record.peak_rss_mb:7,.0f} MiB  {detail}")
+    cached = " (cached)" if record.cached else ""
+    _say(console, f"[green]✓[/] {record.name + cached:<18} {record.seconds:6.1f} s  {record.peak_rss_mb:7,.0f} MiB  {detail}")
 
 
-def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
-    """Load, remove, export, validate, report. Returns the report; `report['passed']` says if it holds."""
-    from exporter.workdir import WorkDir
+def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: bool = True) -> dict:
+    """Load, remove, export, validate, report. Returns the report; `report['passed']` says if it holds.
+
+    Finished stages are cached beside the artifacts (exporter/cache.py): a rerun after a kill resumes,
+    a changed input redoes the stages that read it, `force` redoes everything.
+    """
+    from exporter.cache import StageCache, code_fingerprint, stage_key
+    from exporter.workdir import WorkDir, check_free_space
 
     _require_backends(recipe)
     stats: list[StageStats] = []
     started = time.perf_counter()
-    with WorkDir(out_dir) as work:
+    cache = StageCache(out_dir.parent / ".stages" / out_dir.name, enabled=not force)
+    with WorkDir(out_dir, wait=wait, on_wait=lambda m: _say(console, m)) as work:
         with stage("load", stats) as rec:
             with _status(console, "loading the base model"):
                 model_info, config, mask, model, tokenizer = load_stage(recipe)
@@ -38,14 +45,37 @@ def run(recipe: Recipe, out_dir: Path, console=None) -> dict:
             skipped, size = remove_stage(model, mask)
         _done(console, rec, f"{size['parameters']['full']:,} -> {size['parameters']['skipped']:,} parameters")
 
+        # What the exported files depend on; the validation also depends on its own recipe section.
+        export_key = stage_key({"model": model_info, "dtype": recipe.model.dtype, "mask": [mask.attention, mask.mlp],
+                                "export": recipe.export.model_dump(mode="json"),
+                                "code": code_fingerprint("models", "architectures", "surgery", "onnx_export"),
+                                "versions": reports.tool_versions()})
+        validate_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json"),
+                                  "code": code_fingerprint("parity", "runners", "prompts")})
+
         with stage("export", stats) as rec:
-            with _status(console, "exporting ONNX (torch.export, this takes a while)"):
-                artifacts, onnx_info, onnx_checks = export_stage(skipped, work.path, recipe.export.opset, size)
+            results = cache.restore("export", export_key, work.path)
+            if results is None:
+                check_free_space(work.path, estimate_export_bytes(skipped), "the ONNX export")
+                with _status(console, "exporting ONNX (torch.export, this takes a while)"):
+                    artifacts, onnx_info, onnx_checks = export_stage(skipped, work.path, recipe.export.opset, size)
+                cache.store("export", export_key, work.path, [a["path"] for a in artifacts],
+                            {"artifacts": artifacts, "onnx": onnx_info, "checks": onnx_checks})
+            else:
+                rec.cached = True
+                artifacts, onnx_info, onnx_checks = results["artifacts"], results["onnx"], results["checks"]
         _done(console, rec, f"{artifacts[0]['path']} + external data, {artifacts[1]['bytes'] / 2**20:,.0f} MiB")
 
         with stage("validate", stats) as rec:
-            with _status(console, "checking parity in ONNX Runtime"):
-                parity, samples = validate_stage(recipe, model, skipped, tokenizer, mask, work.path / artifacts[0]["path"])
+            results = cache.restore("validate", validate_key, work.path)
+            if results is None:
+                with _status(console, "checking parity in ONNX Runtime"):
+                    parity, samples = validate_stage(recipe, model, skipped, tokenizer, mask,
+                                                     work.path / artifacts[0]["path"])
+                cache.store("validate", validate_key, work.path, [], {"parity": parity, "samples": samples})
+            else:
+                rec.cached = True
+                parity, samples = results["parity"], results["samples"]
         worst = max(parity, key=lambda p: p["max_abs_diff"] / p["atol"])
         _done(console, rec, f"worst max|Δlogit| {worst['max_abs_diff']:.1e} (atol {worst['atol']:.0e}), "
                             f"{sum(p['passed'] for p in parity)}/{len(parity)} phases pass")
@@ -153,6 +183,12 @@ def package_stage(recipe: Recipe, model, skipped, tokenizer, mask, out_dir: Path
 
         files += [(p, "checkpoint") for p in write_checkpoint(model, skipped, mask, out_dir / "checkpoint", tokenizer)]
     return [reports.describe_file(p, out_dir, kind) for p, kind in files]
+
+
+def estimate_export_bytes(skipped) -> int:
+    """Disk an export needs: the kept weights in the model's dtype, plus 10% and 64 MiB for the graph."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in skipped.parameters()}.values())
+    return int(weights * 1.1) + (64 << 20)
 
 
 def load_stage(recipe: Recipe):

@@ -41,12 +41,24 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def describe_model(model: dict) -> str:
+    """One phrase for the base model's identity (report.json keeps the full record)."""
+    if model["kind"] == "hub":
+        return f"`{model['id']}` (revision {model['revision']})"
+    if model["kind"] == "gguf":
+        return f"GGUF `{Path(model['path']).name}` (sha256 {model['sha256'][:12]}…)"
+    if model["kind"] == "path":
+        return f"folder `{model['path']}`"
+    return f"random weights from a config (seed {model.get('seed')})"
+
+
 def render_markdown(r: dict) -> str:
     mask, params = r["mask"], r["parameters"]
     lines = [
         f"# {r['name']}: {'PASSED' if r['passed'] else 'FAILED'}",
         "",
-        f"Recipe `{r['recipe']['path']}`, base model {r['model']} ({r['architecture']}, {r['num_layers']} layers).",
+        f"Recipe `{r['recipe']['path']}`, base model {describe_model(r['model'])} ({r['architecture']}, "
+        f"{r['num_layers']} layers).",
         "",
         "## Mask",
         "",
