@@ -2,8 +2,11 @@
 
 A rerun (after a kill, or with an unchanged recipe) restores finished stages instead of redoing them;
 a changed input changes the key of exactly the stages that read it. Entries live beside the
-artifacts in `.stages/<name>/<stage>-<key>/`, hold hard links to the artifact files (no second copy on
-disk where the file system allows), and only the newest entry per stage is kept.
+artifacts in `.stages/<name>/<stage>-<key>/`, hold copies of the artifact files, and only the newest entry
+per stage is kept. Copies, not hard links: onnx refuses external data with more than one link ("potential
+hardlink attack"), so a linked model.onnx.data would not load with `onnx.load` for users. `cp --reflink=auto`
+makes the copy free on file systems that share blocks (btrfs, XFS); elsewhere the cache costs one more copy
+of the weights, which the disk guard counts.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 _DONE = "stage.json"
@@ -32,11 +36,12 @@ def stage_key(inputs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.which("cp") and subprocess.run(["cp", "--reflink=auto", "--", str(src), str(dst)],
+                                             capture_output=True).returncode == 0:
+        return
+    shutil.copy2(src, dst)
 
 
 class StageCache:
@@ -45,13 +50,13 @@ class StageCache:
         self.enabled = enabled
 
     def restore(self, stage: str, key: str, dest: Path) -> dict | None:
-        """Link a finished entry's files into `dest` and return its results, or None on a miss."""
+        """Copy a finished entry's files into `dest` and return its results, or None on a miss."""
         entry = self.root / f"{stage}-{key}"
         if not self.enabled or not (entry / _DONE).is_file():
             return None
         record = json.loads((entry / _DONE).read_text())
         for name in record["files"]:
-            _link_or_copy(entry / name, dest / name)
+            _copy(entry / name, dest / name)
         return record["results"]
 
     def store(self, stage: str, key: str, src: Path, files: list[str], results: dict) -> None:
@@ -61,7 +66,7 @@ class StageCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for name in files:
-            _link_or_copy(src / name, tmp / name)
+            _copy(src / name, tmp / name)
         (tmp / _DONE).write_text(json.dumps({"files": files, "results": results}, indent=1))
         for old in self.root.glob(f"{stage}-*"):
             shutil.rmtree(old, ignore_errors=True)

@@ -45,61 +45,85 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
             skipped, size = remove_stage(model, mask)
         _done(console, rec, f"{size['parameters']['full']:,} -> {size['parameters']['skipped']:,} parameters")
 
-        # What the exported files depend on; the validation also depends on its own recipe section.
+        # Each cached stage's key: everything it reads (recipe sections, the model's identity, the code
+        # that runs, tool versions, and the key of the stage whose files it reads).
         export_key = stage_key({"model": model_info, "dtype": recipe.model.dtype, "mask": [mask.attention, mask.mlp],
                                 "export": recipe.export.model_dump(mode="json"),
                                 "code": code_fingerprint("models", "architectures", "surgery", "onnx_export"),
                                 "versions": reports.tool_versions()})
+        checks_code = code_fingerprint("parity", "runners", "prompts")
         validate_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json"),
-                                  "code": code_fingerprint("parity", "runners", "prompts")})
+                                  "code": checks_code})
+
+        def cached(name: str, key: str, rec: StageStats, compute) -> dict:
+            """A finished stage's results (and files) from the cache, or computed now and stored."""
+            results = cache.restore(name, key, work.path)
+            if results is not None:
+                rec.cached = True
+                return results
+            results = compute()
+            cache.store(name, key, work.path, [a["path"] for a in results.get("artifacts", [])], results)
+            return results
+
+        def export() -> dict:
+            # The cache keeps a second copy of the files: count it before writing anything.
+            check_free_space(work.path, estimate_run_bytes(recipe, skipped) * (2 if cache.enabled else 1),
+                             "the export (and its cached copy)")
+            with _status(console, "exporting ONNX (torch.export, this takes a while)"):
+                artifacts, onnx_info, onnx_checks = export_stage(skipped, work.path, recipe.export.opset, size)
+            return {"artifacts": artifacts, "onnx": onnx_info, "checks": onnx_checks}
 
         with stage("export", stats) as rec:
-            results = cache.restore("export", export_key, work.path)
-            if results is None:
-                check_free_space(work.path, estimate_export_bytes(skipped), "the ONNX export")
-                with _status(console, "exporting ONNX (torch.export, this takes a while)"):
-                    artifacts, onnx_info, onnx_checks = export_stage(skipped, work.path, recipe.export.opset, size)
-                cache.store("export", export_key, work.path, [a["path"] for a in artifacts],
-                            {"artifacts": artifacts, "onnx": onnx_info, "checks": onnx_checks})
-            else:
-                rec.cached = True
-                artifacts, onnx_info, onnx_checks = results["artifacts"], results["onnx"], results["checks"]
+            exported = cached("export", export_key, rec, export)
+        artifacts, onnx_info, onnx_checks = exported["artifacts"], exported["onnx"], exported["checks"]
         _done(console, rec, f"{artifacts[0]['path']} + external data, {artifacts[1]['bytes'] / 2**20:,.0f} MiB")
 
+        def validate() -> dict:
+            with _status(console, "checking parity in ONNX Runtime"):
+                parity, samples = validate_stage(recipe, model, skipped, tokenizer, mask,
+                                                 work.path / artifacts[0]["path"])
+            return {"parity": parity, "samples": samples}
+
         with stage("validate", stats) as rec:
-            results = cache.restore("validate", validate_key, work.path)
-            if results is None:
-                with _status(console, "checking parity in ONNX Runtime"):
-                    parity, samples = validate_stage(recipe, model, skipped, tokenizer, mask,
-                                                     work.path / artifacts[0]["path"])
-                cache.store("validate", validate_key, work.path, [], {"parity": parity, "samples": samples})
-            else:
-                rec.cached = True
-                parity, samples = results["parity"], results["samples"]
+            validated = cached("validate", validate_key, rec, validate)
+        parity, samples = validated["parity"], validated["samples"]
         worst = max(parity, key=lambda p: p["max_abs_diff"] / p["atol"])
         _done(console, rec, f"worst max|Δlogit| {worst['max_abs_diff']:.1e} (atol {worst['atol']:.0e}), "
                             f"{sum(p['passed'] for p in parity)}/{len(parity)} phases pass")
 
         extra = {"artifacts": [], "parity": [], "checks": [], "not_run": [], "greedy": {}, "engines": None}
+        precisions_key = stage_key({"export": export_key, "precisions": recipe.precisions,
+                                    "validate": recipe.validation.model_dump(mode="json"),
+                                    "code": [checks_code, code_fingerprint("precision")]})
         if set(recipe.precisions) - {_own_precision(model)}:
             with stage("precisions", stats) as rec:
                 with _status(console, "exporting and checking half-precision graphs"):
-                    extra.update(precisions_stage(recipe, model, mask, tokenizer, work.path))
+                    extra.update(cached("precisions", precisions_key, rec,
+                                        lambda: precisions_stage(recipe, model, mask, tokenizer, work.path)))
             _done(console, rec, ", ".join(a["path"] for a in extra["artifacts"] if a["kind"] == "onnx")
                   + "".join(f"; not run: {n['reason']}" for n in extra["not_run"]))
         if recipe.tensorrt is not None:
+            # engines read the graph files, not the checks: keyed by those files' hashes, so changed prompts
+            # do not rebuild them, while a re-exported graph that differs by one byte does
+            graphs = {a["path"]: a["sha256"] for a in artifacts + extra["artifacts"] if a["kind"].startswith("onnx")}
+            engines_key = stage_key({"graphs": graphs, "tensorrt": recipe.tensorrt.model_dump(mode="json"),
+                                     "timing_cache": _file_hash(recipe.tensorrt.timing_cache),
+                                     "code": code_fingerprint("tensorrt")})
             with stage("engines", stats) as rec:
                 with _status(console, "building TensorRT engines"):
-                    engines = engines_stage(recipe, model, work.path)
+                    engines = cached("engines", engines_key, rec, lambda: engines_stage(recipe, model, work.path))
             extra["engines"], extra["checks"] = engines, extra["checks"] + engines["checks"]
             extra["artifacts"] += engines["artifacts"]
             _done(console, rec, ", ".join(e["path"] for e in engines["artifacts"] if e["kind"] == "engine")
                   or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
         artifacts, parity = artifacts + extra["artifacts"], parity + extra["parity"]
 
+        optimize_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json"),
+                                  "code": [checks_code, code_fingerprint("optimize")]})
         with stage("optimize", stats) as rec:  # the faster ORT graph, checked like the plain one
             with _status(console, "writing and checking the optimized ONNX Runtime graph"):
-                optimized = optimize_stage(recipe, model, mask, tokenizer, work.path / artifacts[0]["path"])
+                optimized = cached("optimize", optimize_key, rec,
+                                   lambda: optimize_stage(recipe, model, mask, tokenizer, work.path / artifacts[0]["path"]))
         artifacts, parity = artifacts + optimized["artifacts"], parity + optimized["parity"]
         extra["not_run"] += optimized["not_run"]
         _done(console, rec, ", ".join(a["path"] for a in optimized["artifacts"])
@@ -185,10 +209,25 @@ def package_stage(recipe: Recipe, model, skipped, tokenizer, mask, out_dir: Path
     return [reports.describe_file(p, out_dir, kind) for p, kind in files]
 
 
-def estimate_export_bytes(skipped) -> int:
-    """Disk an export needs: the kept weights in the model's dtype, plus 10% and 64 MiB for the graph."""
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in skipped.parameters()}.values())
-    return int(weights * 1.1) + (64 << 20)
+def estimate_run_bytes(recipe: Recipe, skipped) -> int:
+    """Disk a run needs: the kept weights once per graph (the model's dtype, then each other precision) and
+    once per engine, plus 10% and 64 MiB per file set for graphs, caches and sidecars."""
+    params = sum(p.numel() for p in {id(p): p for p in skipped.parameters()}.values())
+    own = next(skipped.parameters()).element_size()
+    width = {"fp32": 4, "fp16": 2, "bf16": 2}
+    sets = [own] + [width[p] for p in recipe.precisions if p != _own_precision(skipped)]
+    if recipe.tensorrt is not None:
+        sets += [width[p] for p in recipe.engine_precisions] * len(recipe.tensorrt.backends)
+    return sum(int(params * w * 1.1) + (64 << 20) for w in sets)
+
+
+def _file_hash(path: Path | None) -> str | None:
+    """sha256 of an input file a stage reads (a TensorRT timing cache), None when absent."""
+    import hashlib
+
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_stage(recipe: Recipe):
@@ -348,7 +387,7 @@ def _require_backends(recipe: Recipe) -> None:
 
 def engines_stage(recipe: Recipe, model, out_dir: Path) -> dict:
     """One engine per backend and precision from the exported graphs; missing backends are reported, not fatal."""
-    from exporter.tensorrt import BuildOptions, build_engine, check_sidecar, missing_reason
+    from exporter.tensorrt import BuildOptions, build_engine, check_sidecar, missing_reason, timing_cache_out
 
     t = recipe.tensorrt
     opts = BuildOptions(max_batch=t.max_batch or recipe.export.max_batch,
@@ -379,4 +418,6 @@ def engines_stage(recipe: Recipe, model, out_dir: Path) -> dict:
             artifacts += [reports.describe_file(engine_path, out_dir, "engine", precision),
                           reports.describe_file(engine_path.with_name(engine_path.name + ".json"), out_dir,
                                                 "engine-sidecar", precision)]
+            if timing_cache_out(engine_path).is_file():
+                artifacts.append(reports.describe_file(timing_cache_out(engine_path), out_dir, "timing-cache"))
     return {"built": built, "not_built": not_built, "artifacts": artifacts, "checks": checks}

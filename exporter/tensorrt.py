@@ -186,8 +186,8 @@ def build_engine(onnx_path: Path, engine_path: Path, backend: str, precision: st
         raise RuntimeError(f"{backend} failed to build an engine from {onnx_path} (see the log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(memoryview(serialized))
-    if cache is not None:
-        cache_path.write_bytes(memoryview(cache.serialize()))
+    if cache is not None:  # the recipe's cache is only read: the updated one stays inside the artifact folder
+        timing_cache_out(engine_path).write_bytes(memoryview(cache.serialize()))
 
     sidecar = Sidecar(
         backend=backend, backend_version=trt.__version__, precision=precision,
@@ -209,6 +209,11 @@ def _load_timing_cache(config, path: Path | None):
     cache = config.create_timing_cache(data)
     config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
+
+
+def timing_cache_out(engine_path: Path) -> Path:
+    """Where a build writes its updated timing cache: beside the engine (recipes never name a write target)."""
+    return engine_path.with_name(engine_path.name + ".timing-cache")
 
 
 def sidecar_path(engine_path: Path) -> Path:

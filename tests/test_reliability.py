@@ -231,6 +231,34 @@ def test_changed_input_invalidates_exactly_its_stages(good_artifact):
            f"cached: unchanged {same}, prompts changed {new_prompts}, forced {forced}", ok)
 
 
+def test_engines_are_cached_by_their_graphs_and_tensorrt_section(tmp_path):
+    """Changed prompts redo the checks, not the engine build; a changed tensorrt section rebuilds only engines."""
+    pytest.importorskip("tensorrt_rtx", reason="extra [rtx] (tensorrt-rtx) not installed: no engine to cache")
+    recipe = _recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "tensorrt: {backends: [tensorrt-rtx], max_context: 64}\n")
+    out = tmp_path / "art" / "tiny"
+
+    def cached_stages(path: Path) -> dict:
+        code, err = _run(path, "--out", out)
+        assert code == 0, err
+        return {s["name"]: s["cached"] for s in json.loads((out / "report.json").read_text())["stages"]}
+
+    first = cached_stages(recipe)
+    prompts = recipe.with_name("prompts.yaml")
+    prompts.write_text(recipe.read_text().replace('"Hi"', '"Hello there"'))
+    new_prompts = cached_stages(prompts)
+    level = recipe.with_name("level.yaml")
+    level.write_text(prompts.read_text().replace("max_context: 64}", "max_context: 64, optimization_level: 2}"))
+    new_level = cached_stages(level)
+    sidecar = json.loads((out / "engines" / "tensorrt-rtx.fp32.engine.json").read_text())
+    ok = (not any(first.values()) and new_prompts["export"] and new_prompts["engines"]
+          and not new_prompts["validate"] and not new_prompts["optimize"]
+          and new_level["export"] and new_level["validate"] and not new_level["engines"]
+          and sidecar["optimization_level"] == 2)
+    record("resume", "tensorrt-rtx engine: changed validate.prompts, then changed tensorrt.optimization_level",
+           f"cached: prompts changed {new_prompts}; optimization level changed {new_level}", ok)
+
+
 # ---------------------------------------------------------------- concurrency
 
 
@@ -305,7 +333,7 @@ def test_not_enough_disk_is_refused_before_writing(tmp_path, monkeypatch):
     real = sh.disk_usage
     monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1024))
     out = tmp_path / "art" / "tiny"
-    with pytest.raises(UserError, match="not enough disk space for the ONNX export"):
+    with pytest.raises(UserError, match="not enough disk space for the export"):
         pipeline.run(recipe, out)
     ok = not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
     record("disk guard", "1 KiB free on the artifacts' file system", "refused with one line, nothing left behind", ok)
