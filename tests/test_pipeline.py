@@ -80,13 +80,39 @@ def test_failed_parity_exits_1_and_keeps_the_previous_artifact(tiny_run, tmp_pat
 
 
 def test_smollm2_default_recipe_end_to_end(tmp_path):
-    """The default recipe on real SmolLM2-135M weights (CI runs this): fp32 parity <= 1e-3, greedy match."""
+    """The default recipe on real SmolLM2-135M weights (CI runs this): fp32 parity <= 1e-3, greedy match.
+
+    The same run also asks for an fp16 graph and a tensorrt-rtx fp16 engine of the skipped model (where the
+    [rtx] extra is installed, as in CI), so CI builds a real SmolLM2 engine from the skipped ONNX."""
     pytest.importorskip("gguf")
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-135m.yaml").read_text())
+    rtx = _has("tensorrt_rtx")
+    recipe["export"]["precisions"] = ["fp32", "fp16"]
+    if rtx:
+        recipe["tensorrt"] = {"backends": ["tensorrt-rtx"], "precisions": ["fp16"], "max_context": 512}
+    path = tmp_path / "smollm2-135m.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = tmp_path / "smollm2-135m"
-    result = run_cli(ROOT / "recipes" / "smollm2-135m.yaml", "--out", out)
+    result = run_cli(path, "--out", out, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())
     assert r["mask"]["attention"] == [9, 25, 26, 28] and len(r["kept_attention_layers"]) == 26
-    for p in r["parity"]:
+    fp32 = [p for p in r["parity"] if p["artifact"] in ("onnx:fp32", "pytorch:skipped")]
+    assert len(fp32) == 8
+    for p in fp32:
         assert p["max_abs_diff"] <= 1e-3 and p["greedy_match"], p
+    fp16 = [p for p in r["parity"] if "fp16" in p["artifact"]]
+    assert fp16 and all(p["passed"] for p in fp16), fp16
     assert "Paris" in r["samples"][0]["skipped"]
+    if rtx:
+        (engine,) = r["engines"]["built"]
+        assert engine["precision"] == "fp16" and engine["build_seconds"] < 600, engine
+        assert (out / engine["path"]).stat().st_size == engine["engine_bytes"]
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
