@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exporter.errors import UserError
+from exporter.report import tool_versions
 
 MANIFEST = "manifest.json"
 RECIPE_COPY = "recipe.yaml"
 FORMAT = "export-skip-manifest/1"
-EXTRA_PACKAGES = ("onnxruntime-genai", "safetensors", "tokenizers")
 
 
 def canonical_hash(data) -> str:
@@ -86,33 +86,6 @@ def list_files(folder: Path, known: dict[str, dict] | None = None) -> list[dict]
     return files
 
 
-def model_identity(model_info: dict) -> dict:
-    """The base model's identity: hub id + revision, or hashes of the files it was loaded from."""
-    from exporter.models import file_sha256
-
-    identity = dict(model_info)
-    if identity.get("kind") == "path" and "files" not in identity:
-        folder = Path(identity["path"])
-        patterns = ("config.json", "*.safetensors", "*.bin", "*.gguf")
-        found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
-        identity["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in found}
-    return identity
-
-
-def tool_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    from exporter.report import tool_versions as base
-
-    versions = base()
-    for name in EXTRA_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def build_manifest(folder: Path, recipe, report: dict) -> dict:
     from exporter.onnx_export import onnx_signature
 
@@ -128,14 +101,14 @@ def build_manifest(folder: Path, recipe, report: dict) -> dict:
         "recipe": {"source": str(recipe.source_path) if recipe.source_path else None, "copy": RECIPE_COPY
                    if (folder / RECIPE_COPY).is_file() else None, "sha256": canonical_hash(resolved),
                    "resolved": resolved},
-        "model": model_identity(report.get("model", {})),
+        "model": report.get("model", {}),  # hub id + revision + commit, or file hashes
         "architecture": report.get("architecture"),
         "num_layers": report.get("num_layers"),
         "mask": report.get("mask"),
         "kept_attention_layers": report.get("kept_attention_layers"),
         "onnx": onnx,
         "files": files,
-        "versions": tool_versions(),
+        "versions": tool_versions(),  # every package that reads or writes the files
     }
 
 

@@ -55,8 +55,12 @@ def describe_source(source: ModelSource) -> dict:
     """The base model's identity, for the report."""
     if source.kind == "hub":
         return {"kind": "hub", "id": source.hub, "revision": source.revision or "main"}
-    if source.kind == "path":
-        return {"kind": "path", "path": str(source.path)}
+    if source.kind == "path":  # the files' hashes: replaced weights must not restore a cached export
+        folder = Path(source.path)
+        patterns = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.gguf")
+        found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+        return {"kind": "path", "path": str(source.path),
+                "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in found}}
     if source.kind == "gguf":
         path = gguf_path(source)
         return {"kind": "gguf", "path": str(path), "sha256": file_sha256(path)}

@@ -240,7 +240,10 @@ def load_stage(recipe: Recipe):
     if recipe.export.checkpoint:
         check_supported(config)  # before any work, not after the export
     model, tokenizer = load_model(recipe.model)
-    return describe_source(recipe.model), config, mask, model, tokenizer
+    info = describe_source(recipe.model)
+    if info["kind"] == "hub":  # the commit the revision resolved to: a moved branch invalidates the cache
+        info["commit"] = getattr(model.config, "_commit_hash", None)
+    return info, config, mask, model, tokenizer
 
 
 def removed_parameters(model, mask) -> int:

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("export-skip", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt-rtx",
-            "tensorrt", "polygraphy")
+            "tensorrt", "polygraphy", "onnxruntime-genai", "safetensors", "tokenizers")
 
 
 def tool_versions() -> dict[str, str]:
