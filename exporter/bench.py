@@ -22,6 +22,29 @@ from exporter.errors import UserError
 DECODE = [(1, 128), (1, 512), (1, 2048), (4, 128), (4, 512), (4, 2048)]  # (batch, context)
 PREFILL = [(1, 128), (1, 512)]  # (batch, prompt tokens)
 PEAK_CONTEXT = 4096
+DECODE_ROUNDS = 20  # interleaved rounds per decode case; EXPORT_SKIP_BENCH_ROUNDS overrides (a 3% saving
+PREFILL_ROUNDS = 5  # on a busy machine needs a few hundred rounds to stand out of the noise)
+
+
+def decode_rounds() -> int:
+    import os
+
+    value = os.environ.get("EXPORT_SKIP_BENCH_ROUNDS", "")
+    if not value:
+        return DECODE_ROUNDS
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"EXPORT_SKIP_BENCH_ROUNDS={value!r}: expected a positive whole number of rounds")
+    return int(value)
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (the machine's business while we measured), [] where unknown."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 # --- inputs and timing -----------------------------------------------------------------------------
@@ -109,24 +132,25 @@ def compare(times: dict, full: str, skipped: str, predicted_speedup: float | Non
 # --- memory --------------------------------------------------------------------------------------
 
 
-def measured_kv_bytes_per_token(session, past: int = 15) -> int:
+def measured_kv_bytes_per_token(session, past: int = 15, head_dim: int | None = None) -> int:
     """Bytes of the present.* outputs of one decode step, per cached token (batch 1): measured, not computed."""
     outputs = [o.name for o in session.get_outputs()]
-    values = session.run(None, make_feeds(session, 1, 1, past))
+    values = session.run(None, make_feeds(session, 1, 1, past, head_dim=head_dim))
     total = sum(v.nbytes for name, v in zip(outputs, values) if name.startswith("present"))
     return total // (past + 1)
 
 
-def peak_memory(path: Path, context: int, threads: int | None = None) -> dict:
+def peak_memory(path: Path, context: int, threads: int | None = None, head_dim: int | None = None) -> dict:
     """Peak RSS of a fresh process that loads `path` and runs one decode step at `context` (batch 1)."""
-    cmd = [sys.executable, "-m", "exporter.bench", "--peak", str(path), str(context), str(threads or 0)]
+    cmd = [sys.executable, "-m", "exporter.bench", "--peak", str(path), str(context), str(threads or 0),
+           str(head_dim or 0)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _peak_child(path: str, context: int, threads: int) -> None:
+def _peak_child(path: str, context: int, threads: int, head_dim: int = 0) -> None:
     # Sampled RSS, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent, so a child of a
     # large bench process would report the parent's peak.
     import psutil
@@ -135,7 +159,7 @@ def _peak_child(path: str, context: int, threads: int) -> None:
 
     session = session_for(Path(path), threads or None)
     loaded = psutil.Process().memory_info().rss
-    feeds = make_feeds(session, 1, 1, context - 1)
+    feeds = make_feeds(session, 1, 1, context - 1, head_dim=head_dim or None)
     sampler = _PeakSampler(interval=0.005)
     sampler.start()
     session.run(None, feeds)
@@ -248,25 +272,34 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     used_threads = threads or f"onnxruntime default ({_physical_cores()} physical cores)"
     decode_cases = [(1, min(512, max_ctx))] if quick else [(b, c) for b, c in DECODE if c <= max_ctx]
     prefill_cases = [] if quick else [(b, t) for b, t in PREFILL if t <= max_ctx]
+    rounds = decode_rounds()
     result = {"recipe": str(recipe.source_path), "graphs": {k: str(v) for k, v in graphs.items()},
               "threads": used_threads, "onnxruntime": ort.__version__, "precision": precision,
-              "method": "medians of interleaved calls (order alternates each round) after warm-up",
+              "method": f"medians of interleaved calls (order alternates each round) after warm-up; decode "
+                        f"{rounds} rounds, prefill {PREFILL_ROUNDS}",
+              "load_average_start": load_average(), "graph_ops": {k: op_counts(v) for k, v in graphs.items()},
               "decode": [], "prefill": []}
+    result["warnings"] = _variant_warnings(result["graph_ops"])
+    for warning in result["warnings"]:
+        if console is not None:
+            console.print(f"warning: {warning}")
     for batch, ctx in decode_cases:
         if console is not None:
             console.print(f"decode: batch {batch}, context {ctx} ({len(sessions)} graphs interleaved)")
         calls = _calls(sessions, batch, 1, ctx, head_dim)
-        times = time_interleaved(calls, warmup=3, rounds=20)
+        times = time_interleaved(calls, warmup=3, rounds=rounds)
         result["decode"].append(_case(times, pairs, batch, ctx, predicted_decode_speedup(config, mask, ctx, batch, precision)))
     for batch, tokens in prefill_cases:
         if console is not None:
             console.print(f"prefill: batch {batch}, {tokens} tokens ({len(sessions)} graphs interleaved)")
         calls = _calls(sessions, batch, tokens, 0, head_dim)
-        times = time_interleaved(calls, warmup=1, rounds=5)
+        times = time_interleaved(calls, warmup=1, rounds=PREFILL_ROUNDS)
         result["prefill"].append(_case(times, pairs, batch, tokens, predicted_prefill_speedup(config, mask, tokens)))
     if console is not None:
         console.print(f"memory: KV bytes per token, and peak RSS at context {min(PEAK_CONTEXT, max_ctx)} in fresh processes")
-    result["memory"] = _memory(sessions, graphs, config, mask, precision, min(PEAK_CONTEXT, max_ctx), threads, quick)
+    result["load_average_end"] = load_average()
+    result["memory"] = _memory(sessions, graphs, config, mask, precision, min(PEAK_CONTEXT, max_ctx), threads, quick,
+                               head_dim)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "bench.md").write_text("\n".join(render(result)) + "\n", encoding="utf-8")
     if (out / "manifest.json").is_file():  # a published folder: record the two files we added
@@ -277,6 +310,31 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     if console is not None:
         console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """{op type: nodes} of a graph (domain-qualified for contrib ops): what a peer's graph has that ours lacks."""
+    import collections
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    counts = collections.Counter(f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                                 for n in proto.graph.node)
+    return dict(counts.most_common())
+
+
+def _variant_warnings(ops: dict) -> list[str]:
+    """The full and skipped graphs of one variant must be built alike (say, by the same optimize.py): the
+    kinds of op they use must match, else the ratio measures the rewrite, not the mask."""
+    warnings = []
+    for variant in ("plain", "optimized"):
+        full, skipped = ops.get(f"full:{variant}"), ops.get(f"skipped:{variant}")
+        if full is not None and skipped is not None and set(full) != set(skipped):
+            warnings.append(f"{variant} graphs use different ops (full only: {sorted(set(full) - set(skipped))}, "
+                            f"skipped only: {sorted(set(skipped) - set(full))}): re-export the artifact with "
+                            "this version of export-skip before comparing them")
+    return warnings
 
 
 def _physical_cores() -> int:
@@ -309,10 +367,10 @@ def _case(times: dict, pairs: dict, batch: int, size: int, predicted: float) -> 
     return case
 
 
-def _memory(sessions, graphs, config, mask, precision, context, threads, quick) -> dict:
+def _memory(sessions, graphs, config, mask, precision, context, threads, quick, head_dim=None) -> dict:
     from exporter.cost import kv_bytes_per_token
 
-    kv = {name: measured_kv_bytes_per_token(sessions[name]) for name in graphs if not name.startswith("peer:")}
+    kv = {name: measured_kv_bytes_per_token(sessions[name], head_dim=head_dim) for name in graphs}
     full, skipped = kv["full:plain"], kv["skipped:plain"]
     n = config.num_hidden_layers
     removed_fraction = len(mask.attention) / n
@@ -323,8 +381,7 @@ def _memory(sessions, graphs, config, mask, precision, context, threads, quick) 
            "attention_layers_removed_fraction": round(removed_fraction, 4),
            "kv_reduction_matches_removed_fraction": abs((1 - skipped / full) - removed_fraction) < 1e-6}
     if not quick:
-        mem["peak_rss"] = {name: peak_memory(graphs[name], context, threads)
-                           for name in graphs if name.endswith(":plain") or name.endswith(":optimized")}
+        mem["peak_rss"] = {name: peak_memory(graphs[name], context, threads, head_dim) for name in graphs}
     return mem
 
 
@@ -342,6 +399,19 @@ def render(r: dict) -> list[str]:
                 lines.append(f"| {phase} | {case['batch']} | {case['size']} | {variant} | {f['median_ms']:.2f} "
                              f"({f['p10_ms']:.2f}-{f['p90_ms']:.2f}) | {s['median_ms']:.2f} ({s['p10_ms']:.2f}-{s['p90_ms']:.2f}) | "
                              f"{c['measured_speedup']:.3f}x | {c['predicted_speedup']:.3f}x | {c.get('removal_efficiency')} |")
+    graphs = list(r["graphs"])
+    lines += ["", "Every graph's median ms (p10-p90), same run:", "",
+              "| phase | batch | context / tokens | " + " | ".join(graphs) + " |",
+              "|---|---:|---:|" + "---:|" * len(graphs)]
+    for phase in ("decode", "prefill"):
+        for case in r[phase]:
+            cells = [f"{m['median_ms']:.2f} ({m['p10_ms']:.2f}-{m['p90_ms']:.2f})"
+                     for m in (case["median_ms"][g] for g in graphs)]
+            lines.append(f"| {phase} | {case['batch']} | {case['size']} | " + " | ".join(cells) + " |")
+    lines += [f"- WARNING: {w}" for w in r.get("warnings", [])]
+    if r.get("load_average_start"):
+        lines += ["", f"Load average (1, 5, 15 min) at start {r['load_average_start']}, "
+                      f"before the memory checks {r.get('load_average_end')}."]
     extras = [(phase, case, k, v) for phase in ("decode", "prefill") for case in r[phase] for k, v in case.items()
               if k.endswith("_vs_plain") or "_vs_peer:" in k]
     if extras:
@@ -361,8 +431,8 @@ def render(r: dict) -> list[str]:
     return lines
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--peak":
-    _peak_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak":
+    _peak_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 
 
 def speed_stage(recipe, model, mask, skipped_plain: Path, console=None, budget_s: float = 3.0) -> dict:

@@ -2,24 +2,28 @@
 
 The plain graph (export_onnx) spells attention out op by op (rotary, repeat_interleave for GQA, scores,
 additive mask, softmax) and RMSNorm as Pow/ReduceMean/Sqrt/Reciprocal/Mul. ONNX Runtime's own graph
-optimizer fuses none of that, so this module rewrites it, keeping the I/O contract byte for byte:
+optimizer fuses none of that, so this module rewrites it, keeping the I/O contract (names, dtypes, dims):
 
-- each kept attention layer becomes two `com.microsoft.RotaryEmbedding` nodes (q and k, positions from
-  `position_ids`, cos/sin caches computed from the config) and one `com.microsoft.GroupQueryAttention`
-  node (grouped KV heads read without copies; our additive
-  bias passed as `attention_bias`, so left padding and sliding windows mean what they mean in the
-  plain graph; `present.{i}.*` produced by the node itself, past and present in separate buffers);
+- each kept attention layer becomes one `com.microsoft.GroupQueryAttention` node that applies rotary
+  itself (cos/sin caches computed from the config), reads grouped KV heads without copies, takes our
+  additive bias as `attention_bias` (so left padding and sliding windows mean what they mean in the plain
+  graph) and produces `present.{i}.*` (past and present in separate buffers, as the contract has them);
+- where q, k and v are three MatMuls of the same input (+ constant biases: Qwen2), they become one MatMul
+  (+ one Add) on the concatenated weight, read packed by the attention node (no Split);
 - each RMSNorm becomes `SimplifiedLayerNormalization`, and a residual add feeding a norm becomes
   `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
 
-Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
-- where q, k and v are three bias-free MatMuls of the same input (Llama, Mistral), they become one
-  MatMul on the concatenated weight and a Split (fewer, larger kernels per decode step).
+That is the structure of onnxruntime-genai's builder graph, with our bias for padding. Rotary positions
+are cache slots, not `position_ids` (see `_add_gqa`): logits are the plain graph's, padded or not, and
+`position_ids` stays an input (the contract) that the optimized graph does not read. Measured and not
+done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
+added the Split's time (docs/results/speed.md).
 
+Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
 The optimized graph is saved beside the plain one and reads its weights from the plain graph's external
 data file; only the concatenated q/k/v weights are new, in `model.opt.onnx.data` (the cos/sin caches
-are stored inline). Parity is checked on it exactly as on
-the plain graph. Graphs whose pattern is not recognised are refused with a reason, never half-rewritten.
+are stored inline). Parity is checked on it exactly as on the plain graph. Graphs whose pattern is not
+recognised are refused with a reason, never half-rewritten.
 """
 
 from __future__ import annotations
@@ -163,87 +167,101 @@ def _find_attention(g: _Graph, layer: int):
 
 
 def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict):
+    """One GroupQueryAttention node doing rotary, cache append and attention for layer `layer`.
+
+    Rotary runs inside the node (do_rotary=1) at the cache slot index (past length + i), not at
+    `position_ids`: RoPE scores depend only on the distance between two positions, and with left padding
+    a row's real tokens sit in consecutive slots, so every real query-key distance, hence every logit, is
+    the plain graph's. (Keys of a left-padded row are stored rotated by a constant offset from the plain
+    graph's: the two graphs' caches are not interchangeable for such rows.) Padding is masked by our
+    additive bias (`attention_bias`), which also carries sliding windows.
+    """
     from onnx import helper
 
     nodes = []
-    packed = {}
-    if "qkv" in found:  # one MatMul for q, k and v: split its output ([B, T, (H + 2 H_kv) D])
+    if "qkv" in found:  # one MatMul (+ bias) for q, k and v: GroupQueryAttention reads it packed
         qkv = found["qkv"]
-        packed = {k: f"gqa{layer}_{k}" for k in ("q", "k", "v")}
-        nodes.append(helper.make_node("MatMul", [qkv["input"], qkv["weight"]], [f"gqa{layer}_qkv"],
-                                      name=f"gqa{layer}_qkv_proj"))
-        nodes.append(helper.make_node("Split", [f"gqa{layer}_qkv", qkv["sizes"]], list(packed.values()),
-                                      name=f"gqa{layer}_split", axis=-1))
-    for key in ("q", "k", "v"):  # [B, T, H, D] -> [B, T, H*D], what GroupQueryAttention takes
-        if key in packed:
-            continue
-        packed[key] = f"gqa{layer}_{key}"
-        nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [packed[key]],
-                                      name=f"gqa{layer}_pack_{key}"))
-    # Rotary outside the attention op: GroupQueryAttention's own rotary (do_rotary=1) takes decode
-    # positions from seqlens_k, which is wrong for left-padded rows; RotaryEmbedding honours position_ids.
-    for key, n_heads in (("q", heads), ("k", kv_heads)):
-        rotated = f"gqa{layer}_{key}_rot"
-        nodes.append(helper.make_node("RotaryEmbedding", [packed[key], "position_ids", shared["cos"], shared["sin"]],
-                                      [rotated], name=f"gqa{layer}_rotary_{key}", domain=MS, interleaved=0,
-                                      num_heads=n_heads))
-        packed[key] = rotated
+        packed = f"gqa{layer}_qkv"
+        out = packed if qkv.get("bias") is None else f"gqa{layer}_qkv_nobias"
+        nodes.append(helper.make_node("MatMul", [qkv["input"], qkv["weight"]], [out], name=f"gqa{layer}_qkv_proj"))
+        if qkv.get("bias") is not None:
+            nodes.append(helper.make_node("Add", [out, qkv["bias"]], [packed], name=f"gqa{layer}_qkv_bias"))
+        q, k, v = packed, "", ""
+    else:  # q/k norms (qwen3) sit between the projections and attention: three inputs, [B, T, H*D] each
+        q, k, v = (f"gqa{layer}_{key}" for key in ("q", "k", "v"))
+        for key, name in (("q", q), ("k", k), ("v", v)):  # [B, T, H, D] -> [B, T, H*D]
+            nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [name],
+                                          name=f"gqa{layer}_pack_{key}"))
     nodes.append(helper.make_node(
         "GroupQueryAttention",
-        [packed["q"], packed["k"], packed["v"], found["past_k"], found["past_v"], shared["seqlens_k"],
-         shared["total_len"], "", "", "", found["bias"]],
+        [q, k, v, found["past_k"], found["past_v"], shared["seqlens_k"], shared["total_len"],
+         shared["cos"], shared["sin"], "", found["bias"]],
         [found["out"], f"present.{layer}.key", f"present.{layer}.value"],
         name=f"GroupQueryAttention_{layer}", domain=MS, num_heads=heads, kv_num_heads=kv_heads,
-        do_rotary=0, scale=found["scale"], local_window_size=-1))
+        do_rotary=1, rotary_interleaved=0, scale=found["scale"], local_window_size=-1))
     return nodes
 
 
 def _plan_qkv_packing(g: _Graph, found: dict) -> dict | None:
-    """q/k/v as three bias-free MatMuls of one input, each reshaped straight to [B, T, H, D]: fusable."""
-    matmuls = []
+    """q/k/v as three MatMuls of one input (each + an optional constant bias, Qwen2), each reshaped straight
+    to [B, T, H, D]: packable into one MatMul (+ one Add). q/k norms (Qwen3) in between: not packable."""
+    matmuls, biases = [], []
     for key in ("q", "k", "v"):
         reshape = g.producer.get(found[key])
-        mm = g.producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
-        if mm is None or mm.op_type != "MatMul" or mm.input[1] not in g.inits:
-            return None  # biases (qwen2), q/k norms (qwen3): left as three MatMuls
-        matmuls.append(mm)
-    if len({mm.input[0] for mm in matmuls}) != 1:
+        node = g.producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+        bias = None
+        if node is not None and node.op_type == "Add":
+            inits = [i for i in node.input if i in g.inits]
+            if len(inits) != 1 or len(g.inits[inits[0]].dims) != 1:
+                return None
+            bias = inits[0]
+            node = g.producer.get(next(i for i in node.input if i != bias))
+        if node is None or node.op_type != "MatMul" or node.input[1] not in g.inits:
+            return None
+        matmuls.append(node)
+        biases.append(bias)
+    if len({mm.input[0] for mm in matmuls}) != 1 or len({b is None for b in biases}) != 1:
         return None
-    return {"input": matmuls[0].input[0], "weights": [mm.input[1] for mm in matmuls]}
+    return {"input": matmuls[0].input[0], "weights": [mm.input[1] for mm in matmuls],
+            "biases": biases if biases[0] is not None else None}
 
 
 def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) -> None:
-    """Concatenate each layer's q/k/v weights ([C, out] each) into one initializer in `data_path`."""
+    """Concatenate each layer's q/k/v weights ([C, out] each) into one initializer in `data_path` (biases,
+    when there are any, into one small inline initializer); sets plan["weight"] and plan["bias"]."""
     import numpy as np
     from onnx import TensorProto, numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor
 
     inits = {t.name: t for t in proto.graph.initializer}
+
+    def value(name):
+        tensor = TensorProto()
+        tensor.CopyFrom(inits[name])
+        if tensor.data_location == TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(plain_dir))
+        return numpy_helper.to_array(tensor)
+
     offset = 0
     with open(data_path, "wb") as fh:
         for layer, plan in plans.items():
-            arrays = []
-            for name in plan["weights"]:
-                tensor = TensorProto()
-                tensor.CopyFrom(inits[name])
-                if tensor.data_location == TensorProto.EXTERNAL:
-                    load_external_data_for_tensor(tensor, str(plain_dir))
-                arrays.append(numpy_helper.to_array(tensor))
-            packed = np.ascontiguousarray(np.concatenate(arrays, axis=1))
+            packed = np.ascontiguousarray(np.concatenate([value(n) for n in plan["weights"]], axis=1))
             blob = packed.tobytes()
             fh.write(blob)
             t = numpy_helper.from_array(packed[:0].reshape(0), f"opt.layers.{layer}.qkv_proj.weight")
             t.ClearField("raw_data")
             t.dims[:] = packed.shape
             t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob)))):
+            for key, val in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob)))):
                 entry = t.external_data.add()
-                entry.key, entry.value = key, value
+                entry.key, entry.value = key, val
             proto.graph.initializer.append(t)
             offset += len(blob)
-            sizes = np.array([a.shape[1] for a in arrays], dtype=np.int64)
-            proto.graph.initializer.append(numpy_helper.from_array(sizes, f"opt.layers.{layer}.qkv_sizes"))
-            plan["weight"], plan["sizes"] = t.name, f"opt.layers.{layer}.qkv_sizes"
+            plan["weight"], plan["bias"] = t.name, None
+            if plan["biases"]:
+                bias = np.concatenate([value(n) for n in plan["biases"]])
+                plan["bias"] = f"opt.layers.{layer}.qkv_proj.bias"
+                proto.graph.initializer.append(numpy_helper.from_array(bias, plan["bias"]))
 
 
 def _drop_unused_initializers(graph) -> None:
@@ -405,7 +423,7 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     plans = {i: plan for i in kept if (plan := _plan_qkv_packing(g, found[i])) is not None}
     data_path = out_path.with_name(out_path.name + ".data")
     data_path.unlink(missing_ok=True)
-    if plans:  # the fused q/k/v weights are new tensors: they go to model.opt.onnx.data
+    if plans:  # the concatenated q/k/v weights are new tensors: they go to model.opt.onnx.data
         _write_packed_weights(proto, plans, plain_path.parent, data_path)
         for i, plan in plans.items():
             found[i]["qkv"] = plan

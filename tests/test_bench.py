@@ -93,3 +93,41 @@ def test_bench_without_an_artifact_is_a_user_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", str(ROOT / "recipes" / "tiny-llama.yaml"),
                              "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "run `export-skip" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_with_a_peer_measures_it_alike(tiny_artifact, monkeypatch, tmp_path):
+    """A peer graph (here: the full model's plain graph under another name) is timed in the same interleaved
+    rounds, gets its KV bytes measured and an ours/peer ratio; rounds come from EXPORT_SKIP_BENCH_ROUNDS."""
+    monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EXPORT_SKIP_BENCH_ROUNDS", "12")
+    recipe, model, mask, out = tiny_artifact
+    peer = bench.full_graph(recipe, model=model)
+    assert bench.run_bench(recipe, out, console=None, quick=True, threads=1, extra={"twin": peer}) == 0
+    r = json.loads((out / "bench.json").read_text())
+    (case,) = r["decode"]
+    assert case["median_ms"]["peer:twin"]["n"] == case["median_ms"]["full:plain"]["n"] == 12
+    assert case["full_plain_vs_peer:twin"] > 0 and case["full_optimized_vs_peer:twin"] > 0
+    kv = r["memory"]["kv_bytes_per_token_measured"]
+    assert kv["peer:twin"] == kv["full:plain"] == kv_bytes_per_token(model.config, None)
+    assert r["threads"] == 1 and "12 rounds" in r["method"] and r["warnings"] == []
+    assert r["graph_ops"]["full:optimized"]["com.microsoft.GroupQueryAttention"] == model.config.num_hidden_layers
+    md = (out / "bench.md").read_text()
+    assert "peer:twin" in md and "Load average" in md
+
+
+def test_rounds_from_the_environment_are_checked(monkeypatch):
+    from exporter.errors import UserError
+
+    monkeypatch.setenv("EXPORT_SKIP_BENCH_ROUNDS", "0")
+    with pytest.raises(UserError, match="EXPORT_SKIP_BENCH_ROUNDS"):
+        bench.decode_rounds()
+    monkeypatch.delenv("EXPORT_SKIP_BENCH_ROUNDS")
+    assert bench.decode_rounds() == bench.DECODE_ROUNDS
+
+
+def test_graphs_built_differently_are_flagged():
+    same = {"full:optimized": {"MatMul": 9, "GQA": 3}, "skipped:optimized": {"MatMul": 7, "GQA": 2}}
+    assert bench._variant_warnings(same) == []
+    stale = {"full:optimized": {"MatMul": 9, "GQA": 3}, "skipped:optimized": {"MatMul": 7, "Split": 2, "GQA": 2}}
+    (warning,) = bench._variant_warnings(stale)
+    assert "skipped only: ['Split']" in warning

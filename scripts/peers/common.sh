@@ -10,3 +10,4 @@ from exporter.models import _convert_gguf
 from exporter.recipe import load_recipe
 print(_convert_gguf(load_recipe(sys.argv[1]).model))" "$RECIPE"
 }
+mkdir -p "$PEERS_OUT"
