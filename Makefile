@@ -14,4 +14,4 @@ run: setup
 	$(VENV)/bin/export-skip $(RECIPE)
 
 test: setup
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile

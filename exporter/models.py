@@ -172,8 +172,21 @@ def _convert_gguf(source: ModelSource) -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)  # atomic: a half-written folder is never mistaken for a finished one
+    publish_folder(tmp, folder)
     return folder
+
+
+def publish_folder(tmp: Path, folder: Path) -> None:
+    """Rename a finished cache folder into place: atomic, so a half-written folder is never mistaken
+    for a finished one; when another process published the same entry first, keep theirs."""
+    import shutil
+
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -52,7 +52,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                                 "code": code_fingerprint("models", "architectures", "surgery", "onnx_export"),
                                 "versions": reports.tool_versions()})
         checks_code = code_fingerprint("parity", "runners", "prompts")
-        validate_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json"),
+        validate_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json", exclude={"speed"}),
                                   "code": checks_code})
 
         def cached(name: str, key: str, rec: StageStats, compute) -> dict:
@@ -93,7 +93,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
 
         extra = {"artifacts": [], "parity": [], "checks": [], "not_run": [], "greedy": {}, "engines": None}
         precisions_key = stage_key({"export": export_key, "precisions": recipe.precisions,
-                                    "validate": recipe.validation.model_dump(mode="json"),
+                                    "validate": recipe.validation.model_dump(mode="json", exclude={"speed"}),
                                     "code": [checks_code, code_fingerprint("precision")]})
         if set(recipe.precisions) - {_own_precision(model)}:
             with stage("precisions", stats) as rec:
@@ -118,7 +118,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                   or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
         artifacts, parity = artifacts + extra["artifacts"], parity + extra["parity"]
 
-        optimize_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json"),
+        optimize_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json", exclude={"speed"}),
                                   "code": [checks_code, code_fingerprint("optimize")]})
         with stage("optimize", stats) as rec:  # the faster ORT graph, checked like the plain one
             with _status(console, "writing and checking the optimized ONNX Runtime graph"):
@@ -130,12 +130,18 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
               or "not written: " + "; ".join(n["reason"] for n in optimized["not_run"]))
 
         with stage("speed", stats) as rec:  # cost model + a few seconds of interleaved ORT timing
-            with _status(console, "measuring decode speed, full vs skipped (ONNX Runtime)"):
-                from exporter.bench import speed_stage
+            if recipe.validation.speed:
+                with _status(console, "measuring decode speed, full vs skipped (ONNX Runtime)"):
+                    from exporter.bench import speed_stage
 
-                speed = speed_stage(recipe, model, mask, work.path / artifacts[0]["path"], console)
+                    speed = speed_stage(recipe, model, mask, work.path / artifacts[0]["path"], console)
+            else:
+                from exporter.cost import predict
+
+                speed = {"prediction": predict(config, mask, precision=recipe.model.dtype), "measured": None}
         m = speed["measured"]
-        _done(console, rec, f"decode ctx {m['context']}: predicted {m['plain']['predicted_speedup']:.3f}x, measured "
+        _done(console, rec, "cost model only (validate.speed: false)" if m is None else
+              f"decode ctx {m['context']}: predicted {m['plain']['predicted_speedup']:.3f}x, measured "
               + ", ".join(f"{v} {m[v]['measured_speedup']:.3f}x" for v in ("plain", "optimized") if v in m))
 
         with stage("package", stats) as rec:

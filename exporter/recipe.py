@@ -119,6 +119,9 @@ class Validate(_Strict):
     padded_batch: bool = True  # also check a batch of 2 prompts of different lengths, left-padded
     # fp16 / bf16 graphs against the fp32 reference: rounding of 16-bit weights and activations
     half_atol: Atol = Atol(prefill=0.5, decode=0.5)
+    # time decode full vs skipped in ORT for the report (exports the unskipped model once per machine);
+    # false: the report carries the cost model's prediction only (`export-skip bench` measures on demand)
+    speed: bool = True
 
 
 class TensorRT(_Strict):

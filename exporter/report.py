@@ -101,9 +101,15 @@ def render_markdown(r: dict) -> str:
     for a in r["artifacts"]:
         lines.append(f"| {a['kind']} | {a['precision'] or ''} | `{a['path']}` | {_mb(a['bytes'])} | `{a['sha256'][:16]}…` |")
     lines += engines_markdown(r)
-    from exporter.bench import speed_markdown
+    if r.get("speed") and r["speed"]["measured"] is None:
+        from exporter.cost import render_prediction
 
-    lines += speed_markdown(r)
+        lines += ["", "## Speed", "", *render_prediction(r["speed"]["prediction"]), "",
+                  "Not measured in this run (`validate.speed: false`); `export-skip bench RECIPE` measures it."]
+    else:
+        from exporter.bench import speed_markdown
+
+        lines += speed_markdown(r)
     lines += ["", "## Stages", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s['peak_rss_mb']:,.0f} |")

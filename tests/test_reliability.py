@@ -38,6 +38,7 @@ validate:
   prompts: {prompts}
   decode_steps: 4
   atol: {{prefill: 1.0e-4, decode: 1.0e-4}}
+  speed: false  # many runs here; the timing itself is tested in tests/test_bench.py
 """
 
 
