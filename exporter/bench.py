@@ -4,11 +4,20 @@ Every speed figure is a ratio of two medians taken in the same run: the graphs a
 (A B, then B A, ...) after a warm-up, so load from other processes hits both alike. Removal
 efficiency = measured saving / predicted saving (cost.py), both as fractions of the full model's time.
 
+Each graph runs in a process of its own (`GraphWorker`), which times `session.run` itself. On this
+project's shared 2-core VM the order in which sessions (or processes) were opened mattered: in one process
+later sessions ran the same SmolLM2 graph 9-17% faster than the first, and across processes the first
+one opened was sometimes 10-15% slower than the others (docs/results/speed.md). So the rounds are split
+over `repeats` sets of fresh workers, each set opened in a rotated order, and the times pooled.
+
 `full_graph` exports the unskipped model once per base model (and optimizes it) into the export-skip
 cache, so comparing masks of the same model pays the full export only once.
 """
 
 from __future__ import annotations
+
+import fcntl
+import os
 
 import json
 import statistics
@@ -17,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from exporter.cost import predicted_decode_speedup, predicted_prefill_speedup
 from exporter.errors import UserError
 
 DECODE = [(1, 128), (1, 512), (1, 2048), (4, 128), (4, 512), (4, 2048)]  # (batch, context)
@@ -24,6 +34,7 @@ PREFILL = [(1, 128), (1, 512)]  # (batch, prompt tokens)
 PEAK_CONTEXT = 4096
 DECODE_ROUNDS = 20  # interleaved rounds per decode case; EXPORT_SKIP_BENCH_ROUNDS overrides (a 3% saving
 PREFILL_ROUNDS = 5  # on a busy machine needs a few hundred rounds to stand out of the noise)
+REPEATS = 2  # fresh worker processes per graph, opened in a rotated order each time (EXPORT_SKIP_BENCH_REPEATS)
 
 
 def decode_rounds() -> int:
@@ -34,6 +45,17 @@ def decode_rounds() -> int:
         return DECODE_ROUNDS
     if not value.isdigit() or int(value) < 1:
         raise UserError(f"EXPORT_SKIP_BENCH_ROUNDS={value!r}: expected a positive whole number of rounds")
+    return int(value)
+
+
+def bench_repeats() -> int:
+    import os
+
+    value = os.environ.get("EXPORT_SKIP_BENCH_REPEATS", "")
+    if not value:
+        return REPEATS
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"EXPORT_SKIP_BENCH_REPEATS={value!r}: expected a positive whole number")
     return int(value)
 
 
@@ -92,7 +114,10 @@ def session_for(path: Path, threads: int | None = None):
 
 
 def time_interleaved(calls: dict, warmup: int, rounds: int, budget_s: float | None = None) -> dict[str, list[float]]:
-    """{name: callable} -> {name: [seconds per call]}, alternating the order every round (A B, B A, ...)."""
+    """{name: callable} -> {name: [seconds per call]}, alternating the order every round (A B, B A, ...).
+
+    A call that returns a float has timed itself (a GraphWorker, in its own process): that is the figure kept.
+    """
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -102,8 +127,9 @@ def time_interleaved(calls: dict, warmup: int, rounds: int, budget_s: float | No
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - t0)
+            own = calls[name]()
+            elapsed = time.perf_counter() - t0
+            times[name].append(own if isinstance(own, float) else elapsed)
         if budget_s is not None and r >= 4 and time.perf_counter() - start > budget_s:
             break
     return times
@@ -168,6 +194,108 @@ def _peak_child(path: str, context: int, threads: int, head_dim: int = 0) -> Non
                       "after_load_rss_mb": round(loaded / 2**20, 1)}))
 
 
+# --- one process per graph -----------------------------------------------------------------------------
+
+
+class GraphWorker:
+    """One ONNX Runtime session in a fresh process of its own, driven over a pipe (JSON lines).
+
+    `prepare(batch, seq, past)` builds the inputs there; `run()` returns the seconds `session.run` took,
+    measured in the worker (the pipe's round trip is not counted); `kv_bytes()` measures the present
+    outputs. Every worker starts from the same state, whatever was opened before it.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None, head_dim: int | None = None):
+        import tempfile
+
+        self.path = Path(path)
+        self._stderr = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "exporter.bench", "--worker", str(self.path), str(threads or 0), str(head_dim or 0)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, bufsize=1)
+        self._ask({"op": "ping"})
+
+    def _ask(self, message: dict):
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"bench worker for {self.path} died: {tail[0]}")
+        answer = json.loads(line)
+        if "user_error" in answer:
+            raise UserError(answer["user_error"])
+        if "error" in answer:
+            raise RuntimeError(f"bench worker for {self.path}: {answer['error']}")
+        return answer.get("value")
+
+    def prepare(self, batch: int, seq: int, past: int) -> None:
+        self._ask({"op": "prepare", "batch": batch, "seq": seq, "past": past})
+
+    def run(self) -> float:
+        return float(self._ask({"op": "run"}))
+
+    def kv_bytes(self) -> int:
+        return int(self._ask({"op": "kv"}))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._stderr.close()
+
+
+def _worker_main(path: str, threads: int, head_dim: int) -> None:
+    session = session_for(Path(path), threads or None)
+    feeds = None
+    for line in sys.stdin:
+        message = json.loads(line)
+        try:
+            op, value = message["op"], None
+            if op == "prepare":
+                feeds = None  # free the previous case's cache first
+                feeds = make_feeds(session, message["batch"], message["seq"], message["past"], head_dim=head_dim or None)
+            elif op == "run":
+                t0 = time.perf_counter()
+                session.run(None, feeds)
+                value = time.perf_counter() - t0
+            elif op == "kv":
+                value = measured_kv_bytes_per_token(session, head_dim=head_dim or None)
+            answer = {"value": value}
+        except UserError as exc:
+            answer = {"user_error": str(exc)}
+        except Exception as exc:  # reported to the parent, which raises it
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+def open_workers(graphs: dict, threads: int | None = None, head_dim: int | None = None) -> dict:
+    workers = {}
+    try:
+        for name, path in graphs.items():
+            workers[name] = GraphWorker(path, threads, head_dim)
+    except BaseException:
+        close_workers(workers)
+        raise
+    return workers
+
+
+def close_workers(workers: dict) -> None:
+    for worker in workers.values():
+        worker.close()
+
+
 # --- the full model's graph --------------------------------------------------------------------
 
 
@@ -177,7 +305,7 @@ def full_graph(recipe, model=None, console=None) -> Path:
 
     from exporter import report as reports
     from exporter.cache import code_fingerprint, stage_key
-    from exporter.models import cache_dir, describe_source, load_config, load_model
+    from exporter.models import cache_dir, describe_source, load_config, load_model, publish_folder
     from exporter.onnx_export import export_onnx
     from exporter.surgery import SkipMask, apply_skip
 
@@ -185,17 +313,19 @@ def full_graph(recipe, model=None, console=None) -> Path:
                      "code": code_fingerprint("models", "architectures", "surgery", "onnx_export"),
                      "versions": reports.tool_versions()})
     folder = cache_dir() / "full-onnx" / key
-    if not (folder / "model.onnx").is_file():
-        if console is not None:
-            console.print("exporting the unskipped model once for speed comparisons (cached for later runs)")
-        if model is None:
-            model, _ = load_model(recipe.model)
-        tmp = folder.with_name(f".{key}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_onnx(apply_skip(model, SkipMask()), tmp, opset=recipe.export.opset)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    _refresh_optimized(folder / "model.onnx", load_config(recipe.model))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f".{key}.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # runs side by side export and refresh it once, never interleaved
+        if not (folder / "model.onnx").is_file():
+            if console is not None:
+                console.print("exporting the unskipped model once for speed comparisons (cached for later runs)")
+            if model is None:
+                model, _ = load_model(recipe.model)
+            tmp = folder.with_name(f".{key}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            export_onnx(apply_skip(model, SkipMask()), tmp, opset=recipe.export.opset)
+            publish_folder(tmp, folder)
+        _refresh_optimized(folder / "model.onnx", load_config(recipe.model))
     return folder / "model.onnx"
 
 
@@ -238,10 +368,13 @@ def quick_ratio(config, mask, full_plain: Path, skipped_plain: Path, context: in
     predicted = predicted_decode_speedup(config, mask, context, 1, precision)
     out = {"context": context, "batch": 1, "threads": "onnxruntime default"}
     for variant, (full, skipped) in graph_pairs(full_plain, skipped_plain).items():
-        sessions = {"full": session_for(full), "skipped": session_for(skipped)}
-        feeds = {n: make_feeds(s, 1, 1, context) for n, s in sessions.items()}
-        calls = {n: (lambda s=s, f=feeds[n]: s.run(None, f)) for n, s in sessions.items()}
-        times = time_interleaved(calls, warmup=2, rounds=200, budget_s=budget_s)
+        workers = open_workers({"full": full, "skipped": skipped})
+        try:
+            for worker in workers.values():
+                worker.prepare(1, 1, context)
+            times = time_interleaved({n: w.run for n, w in workers.items()}, warmup=2, rounds=200, budget_s=budget_s)
+        finally:
+            close_workers(workers)
         out[variant] = compare(times, "full", "skipped", predicted)
     return out
 
@@ -251,7 +384,6 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     """`export-skip bench`: writes bench.json and bench.md into the artifact folder `out`."""
     import onnxruntime as ort
 
-    from exporter.cost import kv_bytes_per_token, predicted_decode_speedup, predicted_prefill_speedup
     from exporter.models import load_config
     from exporter.recipe import resolve_mask
 
@@ -268,38 +400,57 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     graphs = {f"{side}:{variant}": path for variant, paths in pairs.items() for side, path in zip(("full", "skipped"), paths)}
     for name, path in (extra or {}).items():
         graphs[f"peer:{name}"] = Path(path)
-    sessions = {name: session_for(path, threads) for name, path in graphs.items()}
     used_threads = threads or f"onnxruntime default ({_physical_cores()} physical cores)"
     decode_cases = [(1, min(512, max_ctx))] if quick else [(b, c) for b, c in DECODE if c <= max_ctx]
     prefill_cases = [] if quick else [(b, t) for b, t in PREFILL if t <= max_ctx]
     rounds = decode_rounds()
+    peak_context = min(PEAK_CONTEXT, max_ctx)
     result = {"recipe": str(recipe.source_path), "graphs": {k: str(v) for k, v in graphs.items()},
               "threads": used_threads, "onnxruntime": ort.__version__, "precision": precision,
-              "method": f"medians of interleaved calls (order alternates each round) after warm-up; decode "
-                        f"{rounds} rounds, prefill {PREFILL_ROUNDS}",
+              "method": f"medians of interleaved calls (order alternates each round) after warm-up, one process "
+                        f"per graph; decode {rounds} rounds, prefill {PREFILL_ROUNDS}",
               "load_average_start": load_average(), "graph_ops": {k: op_counts(v) for k, v in graphs.items()},
               "decode": [], "prefill": []}
     result["warnings"] = _variant_warnings(result["graph_ops"])
     for warning in result["warnings"]:
         if console is not None:
             console.print(f"warning: {warning}")
-    for batch, ctx in decode_cases:
-        if console is not None:
-            console.print(f"decode: batch {batch}, context {ctx} ({len(sessions)} graphs interleaved)")
-        calls = _calls(sessions, batch, 1, ctx, head_dim)
-        times = time_interleaved(calls, warmup=3, rounds=rounds)
-        result["decode"].append(_case(times, pairs, batch, ctx, predicted_decode_speedup(config, mask, ctx, batch, precision)))
-    for batch, tokens in prefill_cases:
-        if console is not None:
-            console.print(f"prefill: batch {batch}, {tokens} tokens ({len(sessions)} graphs interleaved)")
-        calls = _calls(sessions, batch, tokens, 0, head_dim)
-        times = time_interleaved(calls, warmup=1, rounds=PREFILL_ROUNDS)
-        result["prefill"].append(_case(times, pairs, batch, tokens, predicted_prefill_speedup(config, mask, tokens)))
-    if console is not None:
-        console.print(f"memory: KV bytes per token, and peak RSS at context {min(PEAK_CONTEXT, max_ctx)} in fresh processes")
+    repeats = bench_repeats()
+    result["method"] += f"; {repeats} sets of fresh workers, each opened in a rotated order, times pooled"
+    names = list(graphs)
+    pooled = {}  # (phase, batch, size) -> {graph: [seconds]}
+    kv = {}
+    for repeat in range(repeats):
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        workers = open_workers({name: graphs[name] for name in order}, threads, head_dim)
+        try:
+            for phase, cases in (("decode", decode_cases), ("prefill", prefill_cases)):
+                for batch, size in cases:
+                    if console is not None:
+                        what = f"context {size}" if phase == "decode" else f"{size} tokens"
+                        console.print(f"{phase}: batch {batch}, {what} ({len(workers)} graphs interleaved, "
+                                      f"set {repeat + 1} of {repeats})")
+                    seq, past = (1, size) if phase == "decode" else (size, 0)
+                    for worker in workers.values():
+                        worker.prepare(batch, seq, past)
+                    calls = {name: workers[name].run for name in names}
+                    n = -(-(rounds if phase == "decode" else PREFILL_ROUNDS) // repeats)  # ceil
+                    times = time_interleaved(calls, warmup=3 if phase == "decode" else 1, rounds=n)
+                    slot = pooled.setdefault((phase, batch, size), {name: [] for name in names})
+                    for name, t in times.items():
+                        slot[name] += t
+            if repeat == 0:
+                kv = {name: worker.kv_bytes() for name, worker in workers.items()}
+        finally:
+            close_workers(workers)
+    for (phase, batch, size), times in pooled.items():
+        predicted = (predicted_decode_speedup(config, mask, size, batch, precision) if phase == "decode"
+                     else predicted_prefill_speedup(config, mask, size))
+        result[phase].append(_case(times, pairs, batch, size, predicted))
     result["load_average_end"] = load_average()
-    result["memory"] = _memory(sessions, graphs, config, mask, precision, min(PEAK_CONTEXT, max_ctx), threads, quick,
-                               head_dim)
+    if console is not None:
+        console.print(f"memory: peak RSS at context {peak_context}, one fresh process per graph")
+    result["memory"] = _memory(kv, graphs, config, mask, precision, peak_context, threads, quick, head_dim)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out / "bench.md").write_text("\n".join(render(result)) + "\n", encoding="utf-8")
     if (out / "manifest.json").is_file():  # a published folder: record the two files we added
@@ -343,14 +494,6 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count()
 
 
-def _calls(sessions: dict, batch: int, seq: int, past: int, head_dim: int) -> dict:
-    calls = {}
-    for name, session in sessions.items():
-        feeds = make_feeds(session, batch, seq, past, head_dim=head_dim)
-        calls[name] = lambda s=session, f=feeds: s.run(None, f)
-    return calls
-
-
 def _case(times: dict, pairs: dict, batch: int, size: int, predicted: float) -> dict:
     case = {"batch": batch, "size": size, "median_ms": {n: summarize(t) for n, t in times.items()}}
     for variant in pairs:
@@ -367,10 +510,10 @@ def _case(times: dict, pairs: dict, batch: int, size: int, predicted: float) -> 
     return case
 
 
-def _memory(sessions, graphs, config, mask, precision, context, threads, quick, head_dim=None) -> dict:
+def _memory(kv: dict, graphs, config, mask, precision, context, threads, quick, head_dim=None) -> dict:
+    """`kv`: {graph: measured KV bytes per token}; adds the cost model's figure and the peak RSS per graph."""
     from exporter.cost import kv_bytes_per_token
 
-    kv = {name: measured_kv_bytes_per_token(sessions[name], head_dim=head_dim) for name in graphs}
     full, skipped = kv["full:plain"], kv["skipped:plain"]
     n = config.num_hidden_layers
     removed_fraction = len(mask.attention) / n
@@ -433,6 +576,8 @@ def render(r: dict) -> list[str]:
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak":
     _peak_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    _worker_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 
 
 def speed_stage(recipe, model, mask, skipped_plain: Path, console=None, budget_s: float = 3.0) -> dict:

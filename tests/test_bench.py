@@ -82,7 +82,7 @@ def test_bench_quick_writes_json_and_table(tiny_artifact, monkeypatch, tmp_path)
     assert m["kv_reduction_matches_removed_fraction"] is True
     assert "measured speedup" in (out / "bench.md").read_text()
     # the full graph is cached: a second call does not export again
-    cached = list((tmp_path / "cache" / "full-onnx").iterdir())
+    cached = [p for p in (tmp_path / "cache" / "full-onnx").iterdir() if not p.name.startswith(".")]  # not locks
     assert len(cached) == 1 and (cached[0] / "model.opt.onnx").is_file()
 
 
@@ -109,7 +109,8 @@ def test_bench_with_a_peer_measures_it_alike(tiny_artifact, monkeypatch, tmp_pat
     assert case["full_plain_vs_peer:twin"] > 0 and case["full_optimized_vs_peer:twin"] > 0
     kv = r["memory"]["kv_bytes_per_token_measured"]
     assert kv["peer:twin"] == kv["full:plain"] == kv_bytes_per_token(model.config, None)
-    assert r["threads"] == 1 and "12 rounds" in r["method"] and r["warnings"] == []
+    assert r["threads"] == 1 and "12 rounds" in r["method"] and "2 sets of fresh workers" in r["method"]
+    assert r["warnings"] == []
     assert r["graph_ops"]["full:optimized"]["com.microsoft.GroupQueryAttention"] == model.config.num_hidden_layers
     md = (out / "bench.md").read_text()
     assert "peer:twin" in md and "Load average" in md
@@ -131,3 +132,36 @@ def test_graphs_built_differently_are_flagged():
     stale = {"full:optimized": {"MatMul": 9, "GQA": 3}, "skipped:optimized": {"MatMul": 7, "Split": 2, "GQA": 2}}
     (warning,) = bench._variant_warnings(stale)
     assert "skipped only: ['Split']" in warning
+
+
+def test_a_worker_reports_a_graph_it_cannot_feed(tmp_path):
+    """Each graph runs in its own worker process; a graph outside the contract is a one-line user error there."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporter.errors import UserError
+
+    x = helper.make_tensor_value_info("foo", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("bar", TensorProto.FLOAT, [1])
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["foo"], ["bar"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    worker = bench.GraphWorker(path, threads=1)
+    try:
+        with pytest.raises(UserError, match="cannot feed graph input 'foo'"):
+            worker.prepare(1, 1, 0)
+    finally:
+        worker.close()
+    assert worker.proc.poll() is not None  # the process is gone
+
+
+def test_workers_time_themselves(tiny_artifact):
+    _, _, _, out = tiny_artifact
+    workers = bench.open_workers({"a": out / "model.onnx", "b": out / "model.opt.onnx"}, threads=1)
+    try:
+        for w in workers.values():
+            w.prepare(1, 1, 8)
+        times = bench.time_interleaved({n: w.run for n, w in workers.items()}, warmup=1, rounds=3)
+    finally:
+        bench.close_workers(workers)
+    assert all(len(t) == 3 and all(isinstance(x, float) and x > 0 for x in t) for t in times.values())

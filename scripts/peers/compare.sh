@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The peer comparison of docs/results/speed.md: build the peers' graphs, then time them with ours in one
-# `export-skip bench` run (same ONNX Runtime, same session settings, calls interleaved).
-# Needs the artifact first: export-skip recipes/smollm2-135m.yaml
+# The peer comparison of docs/results/speed.md: build the peers' graphs (once; REBUILD=1 rebuilds), then time
+# them with ours in one `export-skip bench` run (same ONNX Runtime, same session settings, one process per
+# graph, calls interleaved). Extra arguments go to `export-skip bench`. Needs the artifact first:
+#   export-skip recipes/smollm2-135m.yaml [--out DIR]
+# docs/results/speed.md ran:
+#   EXPORT_SKIP_BENCH_ROUNDS=100 EXPORT_SKIP_BENCH_REPEATS=2 bash scripts/peers/compare.sh \
+#     --out artifacts/smollm2-135m-speed --threads 1
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 mkdir -p "$PEERS_OUT"
