@@ -380,7 +380,7 @@ def quick_ratio(config, mask, full_plain: Path, skipped_plain: Path, context: in
 
 
 def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | None = None,
-              extra: dict[str, Path] | None = None) -> int:
+              extra: dict[str, Path] | None = None, rounds: int | None = None, repeats: int | None = None) -> int:
     """`export-skip bench`: writes bench.json and bench.md into the artifact folder `out`."""
     import onnxruntime as ort
 
@@ -403,7 +403,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     used_threads = threads or f"onnxruntime default ({_physical_cores()} physical cores)"
     decode_cases = [(1, min(512, max_ctx))] if quick else [(b, c) for b, c in DECODE if c <= max_ctx]
     prefill_cases = [] if quick else [(b, t) for b, t in PREFILL if t <= max_ctx]
-    rounds = decode_rounds()
+    rounds = rounds or decode_rounds()
     peak_context = min(PEAK_CONTEXT, max_ctx)
     result = {"recipe": str(recipe.source_path), "graphs": {k: str(v) for k, v in graphs.items()},
               "threads": used_threads, "onnxruntime": ort.__version__, "precision": precision,
@@ -415,7 +415,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     for warning in result["warnings"]:
         if console is not None:
             console.print(f"warning: {warning}")
-    repeats = bench_repeats()
+    repeats = repeats or bench_repeats()
     result["method"] += f"; {repeats} sets of fresh workers, each opened in a rotated order, times pooled"
     names = list(graphs)
     pooled = {}  # (phase, batch, size) -> {graph: [seconds]}
@@ -561,7 +561,7 @@ def render(r: dict) -> list[str]:
         lines += ["", "| phase | batch | context / tokens | ratio (time / time; < 1 is faster) | value |", "|---|---:|---:|---|---:|"]
         lines += [f"| {phase} | {case['batch']} | {case['size']} | {k} | {v:.3f} |" for phase, case, k, v in extras]
     m = r["memory"]
-    lines += ["", f"KV cache bytes per token, measured from the graphs' present outputs: "
+    lines += ["", "KV cache bytes per token, measured from the graphs' present outputs: "
                   + ", ".join(f"{k} {v:,}" for k, v in m["kv_bytes_per_token_measured"].items())
               + f"; reduction {m['kv_reduction_measured']:.1%} vs attention layers removed "
                 f"{m['attention_layers_removed_fraction']:.1%}."]
