@@ -353,10 +353,19 @@ def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path
                                      "passed": rel <= ONNX_REL_TOLERANCE}
     path = out or (artifact / "eval.json" if artifact else Path("artifacts") / f"eval-{recipe.source_path.stem}" / "eval.json")
     write_json(result, path)
+    touched = []
     if artifact is not None and (artifact / "report.json").is_file():  # the pipeline's report gains the numbers
         report = json.loads((artifact / "report.json").read_text(encoding="utf-8"))
         report["quality"] = result
         write_json(report, artifact / "report.json")
+        touched.append("report.json")
+    if artifact is not None and (artifact / "manifest.json").is_file():  # a published folder: record what changed
+        from exporter.manifest import record_files
+
+        if path.resolve().parent == artifact.resolve():
+            touched.append(path.name)
+        if touched:
+            record_files(artifact, touched)
     if console is not None:
         print_table(result, console)
     return result, path

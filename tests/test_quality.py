@@ -181,6 +181,30 @@ def test_eval_of_the_exported_onnx_matches_pytorch(tmp_path, data_folder):
     assert json.loads((art / "report.json").read_text())["quality"]["models"] == models
 
 
+def test_eval_of_a_published_folder_keeps_its_manifest_valid(tmp_path, data_folder):
+    """Regression: eval rewrote report.json and added eval.json without recording them, so
+    `export-skip verify` failed on every folder that had been evaluated."""
+    from exporter.manifest import verify, write_manifest
+    from exporter.models import load_model
+    from exporter.onnx_export import export_onnx
+    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.surgery import apply_skip
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
+    model, _ = load_model(recipe.model)
+    mask = resolve_mask(recipe, model.config.num_hidden_layers)
+    art = tmp_path / "tiny"
+    export_onnx(apply_skip(model, mask), art, opset=recipe.export.opset)
+    report = {"mask": {"attention": list(mask.attention), "mlp": list(mask.mlp)}, "passed": True}
+    (art / "report.json").write_text(json.dumps(report))
+    write_manifest(art, recipe, report)
+    assert verify(art) == []
+    Q.run_eval(recipe, Q.Settings(data=data_folder, window=128, windows=1, passages=2), artifact=art)
+    assert verify(art) == []
+    files = {f["path"] for f in json.loads((art / "manifest.json").read_text())["files"]}
+    assert {"eval.json", "report.json"} <= files
+
+
 def test_artifact_with_another_mask_is_refused(tmp_path, data_folder, capsys):
     from exporter.cli import main
 
