@@ -114,6 +114,42 @@ def test_arbitrary_text_never_crashes_the_loader(tmp_path, text):
         _GENERATED["errors"] += 1
 
 
+CLEAR_ERRORS = {  # kind -> (recipe text, what the one line must say); every kind the issue names
+    "malformed YAML": ("version: 1\nmodel: {config: {model_type: llama}\n", "not valid YAML"),
+    "wrong type": ("version: 1\nmodel: {config: {model_type: llama}}\nexport: {opset: eighteen}\n", "export.opset"),
+    "unknown key": ("version: 1\nmodel: {config: {model_type: llama}}\nskip: {atention: [1]}\n", "skip.atention"),
+    "impossible mask": ("version: 1\nmodel: {config: {model_type: llama, num_hidden_layers: 4}}\n"
+                        "skip: {attention: [\"2-9\"]}\n", "skip.attention"),
+    "empty range": ("version: 1\nmodel: {config: {model_type: llama}}\nskip: {attention: [\"3-1\"]}\n", "skip.attention"),
+    "missing file": ("version: 1\nmodel: {gguf: no-such-model.gguf}\n", "no-such-model.gguf"),
+    "unreachable hub": ("version: 1\nmodel: {hub: someone/not-cached-model}\n", "model: {path: DIR}"),
+    "unsupported architecture": ("version: 1\nmodel: {config: {model_type: gpt2}}\n", "gpt2"),
+    "backend not installed": ("version: 1\nmodel: {config: {model_type: llama, num_hidden_layers: 2}}\n"
+                              "tensorrt: {backends: [tensorrt], required: true}\n", "tensorrt"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CLEAR_ERRORS))
+def test_each_kind_of_bad_input_is_one_line_exit_2(tmp_path, kind):
+    text, says = CLEAR_ERRORS[kind]
+    if kind == "backend not installed" and _importable("tensorrt"):
+        pytest.skip("tensorrt is installed here: the missing-backend case needs a machine without it")
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, err = _run(path, "--out", tmp_path / "art" / "bad")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]  # the header may wrap; errors do not
+    ok = code == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in err
+    record("bad input", f"{kind}: `{text.strip().splitlines()[-1][:60]}`",
+           f"exit {code}: {lines[0][:160] if lines else err[-160:]}" if ok else f"exit {code}, stderr {err[-400:]!r}", ok)
+    assert not (tmp_path / "art" / "bad").exists()
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def test_record_generated_inputs():
     total = _GENERATED["loaded"] + _GENERATED["errors"]
     record("bad input", f"{total} generated recipes and YAML texts (hypothesis)",
