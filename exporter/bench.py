@@ -73,7 +73,10 @@ def load_average() -> list[float]:
 
 
 def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim: int | None = None) -> dict:
-    """Inputs for one call: `seq` new tokens after `past` cached ones (zeros: speed does not depend on values).
+    """Inputs for one call: `seq` new tokens after `past` cached ones.
+
+    The past cache holds random values, not zeros: a large zero array can be lazily mapped memory in one
+    worker and touched heap in another, which read at different cost (measured: docs/results/speed.md).
 
     `head_dim` is needed only for graphs whose past inputs leave it symbolic (onnxruntime-genai's builder).
     """
@@ -96,7 +99,7 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
             dim = dim if isinstance(dim, int) else head_dim
             if not isinstance(heads, int) or dim is None:
                 raise UserError(f"graph input {name!r} has symbolic heads/head_dim {inp.shape}: cannot size the cache")
-            feeds[name] = np.zeros((batch, heads, past, dim), dtype=dtype or np.float32)
+            feeds[name] = rng.standard_normal((batch, heads, past, dim), dtype=np.float32).astype(dtype or np.float32)
         else:
             raise UserError(f"cannot feed graph input {name!r}: the bench drives graphs that follow the ONNX "
                             "contract (input_ids, attention_mask, position_ids, past_key_values.*)")

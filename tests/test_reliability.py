@@ -140,7 +140,7 @@ def test_each_kind_of_bad_input_is_one_line_exit_2(tmp_path, kind):
     lines = [line for line in err.splitlines() if line.startswith("error:")]  # the header may wrap; errors do not
     ok = code == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in err
     record("bad input", f"{kind}: `{text.strip().splitlines()[-1][:60]}`",
-           f"exit {code}: {lines[0][:160] if lines else err[-160:]}" if ok else f"exit {code}, stderr {err[-400:]!r}", ok)
+           f"exit {code}: {lines[0].replace(str(tmp_path) + '/', '')[:200]}" if ok else f"exit {code}, stderr {err[-400:]!r}", ok)
     assert not (tmp_path / "art" / "bad").exists()
 
 
@@ -165,9 +165,16 @@ def _recipe(tmp_path: Path, attention="[1]", prompts='["The capital of France is
     return path
 
 
+def _default_sigint() -> None:
+    # A shell that starts pytest in the background ignores SIGINT, and children inherit that (Python then
+    # installs no KeyboardInterrupt handler): give the run the disposition a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "exporter.cli", *map(str, args)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kw)
+                            stdout=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _run(*args) -> tuple[int, str]:
