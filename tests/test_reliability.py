@@ -102,6 +102,32 @@ def test_generated_recipes_load_or_fail_with_a_clear_line(tmp_path, recipe, laye
 _GENERATED = {"loaded": 0, "errors": 0}
 
 
+def _layer_items(layers: int):
+    index = st.integers(0, layers - 1)
+    span = st.tuples(index, index).map(lambda ab: f"{min(ab)}-{max(ab)}")
+    return st.lists(st.one_of(index, span), max_size=5)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), layers=st.integers(2, 40))
+def test_generated_valid_recipes_load_with_the_mask_they_say(tmp_path, data, layers):
+    attention, mlp = data.draw(_layer_items(layers)), data.draw(_layer_items(layers))
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": {"config": {"model_type": "llama"}},
+                                    "skip": {"attention": attention, "mlp": mlp}}))
+    mask = resolve_mask(load_recipe(path), layers)
+
+    def expand(items):
+        out = set()
+        for item in items:
+            lo, _, hi = str(item).partition("-")
+            out |= set(range(int(lo), int(hi or lo) + 1))
+        return sorted(out)
+
+    assert list(mask.attention) == expand(attention) and list(mask.mlp) == expand(mlp)
+    _GENERATED["loaded"] += 1
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=200))
 def test_arbitrary_text_never_crashes_the_loader(tmp_path, text):
