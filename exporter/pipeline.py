@@ -142,7 +142,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
         m = speed["measured"]
         _done(console, rec, "cost model only (validate.speed: false)" if m is None else
               f"decode ctx {m['context']}: predicted {m['plain']['predicted_speedup']:.3f}x, measured "
-              + ", ".join(f"{v} {m[v]['measured_speedup']:.3f}x" for v in ("plain", "optimized") if v in m))
+              + ", ".join(f"{v} {m[v]['measured_speedup']:.3f}x" + ("" if m[v].get("resolved", True) else " (within noise)")
+                          for v in ("plain", "optimized") if v in m))
 
         with stage("package", stats) as rec:
             packaged = package_stage(recipe, model, skipped, tokenizer, mask, work.path, artifacts[0]["path"])
