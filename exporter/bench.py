@@ -72,11 +72,13 @@ def load_average() -> list[float]:
 # --- inputs and timing -----------------------------------------------------------------------------
 
 
-def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim: int | None = None) -> dict:
+def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim: int | None = None,
+               zero_past: bool = False) -> dict:
     """Inputs for one call: `seq` new tokens after `past` cached ones.
 
     The past cache holds random values, not zeros: a large zero array can be lazily mapped memory in one
-    worker and touched heap in another, which read at different cost (measured: docs/results/speed.md).
+    worker and touched heap in another, which read at different cost (measured: docs/results/speed.md);
+    `zero_past` keeps zeros for that comparison.
 
     `head_dim` is needed only for graphs whose past inputs leave it symbolic (onnxruntime-genai's builder).
     """
@@ -99,7 +101,9 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
             dim = dim if isinstance(dim, int) else head_dim
             if not isinstance(heads, int) or dim is None:
                 raise UserError(f"graph input {name!r} has symbolic heads/head_dim {inp.shape}: cannot size the cache")
-            feeds[name] = rng.standard_normal((batch, heads, past, dim), dtype=np.float32).astype(dtype or np.float32)
+            shape = (batch, heads, past, dim)
+            feeds[name] = (np.zeros(shape, dtype or np.float32) if zero_past else
+                           rng.standard_normal(shape, dtype=np.float32).astype(dtype or np.float32))
         else:
             raise UserError(f"cannot feed graph input {name!r}: the bench drives graphs that follow the ONNX "
                             "contract (input_ids, attention_mask, position_ids, past_key_values.*)")

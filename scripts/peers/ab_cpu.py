@@ -7,8 +7,8 @@ uses more CPU per call (docs/results/speed.md); name the same graph twice for a 
     .venv/bin/python scripts/peers/ab_cpu.py A=PATH,B=PATH[,C=PATH...] BATCH CONTEXT ROUNDS SETS
 
 One process per graph, opening order rotated per set, calls interleaved (order alternating per round),
-3 warmup calls; the past KV inputs are random (see real_past; ZERO_PAST=1 for bench.make_feeds' zeros,
-which every run before real_past used). AB_PIN=N pins every worker to CPU N (they never run at the same time, so sharing a CPU
+3 warmup calls; the past KV inputs are random (bench.make_feeds; ZERO_PAST=1 for zeros,
+which the bench used before it fed random values). AB_PIN=N pins every worker to CPU N (they never run at the same time, so sharing a CPU
 costs them nothing; it rules out a slower vCPU - it did not remove the penalty). Prints per set and pooled
 medians (ms) of wall and CPU time, and each graph's ratio to the last one named: of the pooled medians, and the geometric mean of the per-set ratios (with as many sets
 opened first by each graph, that cancels a penalty that multiplies the first-opened process's time).
@@ -17,24 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-
-def real_past(feeds: dict) -> dict:
-    """The past KV inputs filled with random values (ZERO_PAST=1 keeps bench.make_feeds' zeros).
-
-    bench.make_feeds gives np.zeros arrays, and where those live depends on the process's malloc history:
-    in our graph's workers the 60 past arrays came from the brk heap, in the builder's from fresh anonymous
-    mmaps (glibc's dynamic mmap threshold, raised by frees during session creation). Untouched zeroed pages
-    all map to the kernel's one zero page, so GroupQueryAttention's per-step read of the past (60 x 394 KB
-    at context 512) can cost the two graphs differently for a reason real decoding never has. Random values
-    make every graph read real memory (measured: it did not remove our graph's ~1 ms GQA difference;
-    docs/results/speed.md).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return {k: (rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("past_key_values.") else v)
-            for k, v in feeds.items()}
 
 
 def worker(path: str, batch: int, context: int) -> None:
@@ -50,9 +32,7 @@ def worker(path: str, batch: int, context: int) -> None:
     o.intra_op_num_threads = 1
     o.log_severity_level = 3
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
-    feeds = bench.make_feeds(s, batch, 1, context, head_dim=64)
-    if not os.environ.get("ZERO_PAST"):
-        feeds = real_past(feeds)
+    feeds = bench.make_feeds(s, batch, 1, context, head_dim=64, zero_past=bool(os.environ.get("ZERO_PAST")))
     print("ready", flush=True)
     for _ in sys.stdin:
         w, c = time.perf_counter(), time.thread_time()
@@ -116,6 +96,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
     if sys.argv[1] == "w":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:

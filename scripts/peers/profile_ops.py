@@ -6,7 +6,7 @@ kernel time and the rest (executor/framework overhead), for one or more graphs (
 
 Batch 1 decode by default, 1 intra-op thread, default graph optimizations (ab.py's settings). Graphs are
 profiled one after another, in the order given, then again in reverse (two runs each).
-Past KV inputs random (see real_past; ZERO_PAST=1 for bench.make_feeds' zeros, as in the runs before it).
+Past KV inputs random (bench.make_feeds; ZERO_PAST=1 for zeros, as in the runs before it).
 PROFILE_BIND_OUTPUTS=1: io-binding, inputs bound once and every output written into the same preallocated
 buffer each step (so the graphs' present outputs sit at fixed addresses, not wherever ORT's arena puts them).
 """
@@ -17,24 +17,6 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
-
-
-def real_past(feeds: dict) -> dict:
-    """The past KV inputs filled with random values (ZERO_PAST=1 keeps bench.make_feeds' zeros).
-
-    bench.make_feeds gives np.zeros arrays, and where those live depends on the process's malloc history:
-    in our graph's workers the 60 past arrays came from the brk heap, in the builder's from fresh anonymous
-    mmaps (glibc's dynamic mmap threshold, raised by frees during session creation). Untouched zeroed pages
-    all map to the kernel's one zero page, so GroupQueryAttention's per-step read of the past (60 x 394 KB
-    at context 512) can cost the two graphs differently for a reason real decoding never has. Random values
-    make every graph read real memory (measured: it did not remove our graph's ~1 ms GQA difference;
-    docs/results/speed.md).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return {k: (rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("past_key_values.") else v)
-            for k, v in feeds.items()}
 
 
 def worker(path: str, context: int, steps: int, batch: int, prefix: str) -> None:
@@ -48,9 +30,7 @@ def worker(path: str, context: int, steps: int, batch: int, prefix: str) -> None
     o.enable_profiling = True
     o.profile_file_prefix = prefix
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
-    feeds = bench.make_feeds(s, batch, 1, context, head_dim=64)
-    if not os.environ.get("ZERO_PAST"):
-        feeds = real_past(feeds)
+    feeds = bench.make_feeds(s, batch, 1, context, head_dim=64, zero_past=bool(os.environ.get("ZERO_PAST")))
     run = lambda: s.run(None, feeds)  # noqa: E731
     if os.environ.get("PROFILE_BIND_OUTPUTS"):  # outputs written into the same preallocated buffers every step
         import numpy as np
@@ -120,6 +100,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
     if sys.argv[1] == "w":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:
