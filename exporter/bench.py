@@ -37,26 +37,24 @@ PREFILL_ROUNDS = 5  # on a busy machine needs a few hundred rounds to stand out 
 REPEATS = 2  # fresh worker processes per graph, opened in a rotated order each time (EXPORT_SKIP_BENCH_REPEATS)
 
 
-def decode_rounds() -> int:
+def _positive_env(name: str, default: int) -> int:
+    """A positive whole number from the environment variable `name`, else `default`."""
     import os
 
-    value = os.environ.get("EXPORT_SKIP_BENCH_ROUNDS", "")
+    value = os.environ.get(name, "")
     if not value:
-        return DECODE_ROUNDS
+        return default
     if not value.isdigit() or int(value) < 1:
-        raise UserError(f"EXPORT_SKIP_BENCH_ROUNDS={value!r}: expected a positive whole number of rounds")
+        raise UserError(f"{name}={value!r}: expected a positive whole number")
     return int(value)
+
+
+def decode_rounds() -> int:
+    return _positive_env("EXPORT_SKIP_BENCH_ROUNDS", DECODE_ROUNDS)
 
 
 def bench_repeats() -> int:
-    import os
-
-    value = os.environ.get("EXPORT_SKIP_BENCH_REPEATS", "")
-    if not value:
-        return REPEATS
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"EXPORT_SKIP_BENCH_REPEATS={value!r}: expected a positive whole number")
-    return int(value)
+    return _positive_env("EXPORT_SKIP_BENCH_REPEATS", REPEATS)
 
 
 def load_average() -> list[float]:

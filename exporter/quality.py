@@ -321,7 +321,6 @@ ONNX_REL_TOLERANCE = 0.005  # the exported graph's perplexity must be within 0.5
 def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path | None = None,
              console=None) -> tuple[dict, Path]:
     """Evaluate a recipe's mask (and, with `artifact`, its exported ONNX in ONNX Runtime); write eval.json."""
-    from exporter.errors import UserError
     from exporter.models import describe_source, load_config, load_model
     from exporter.recipe import resolve_mask
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from exporter.errors import UserError
-from exporter.quality import FULL, embed, first_removed, head, run_layers
+from exporter.quality import embed, head, run_layers
 from exporter.surgery import SkipMask, apply_skip
 
 KINDS = ("attention", "mlp", "block", "any")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, MASKS, build_model, make_mask
+from conftest import CONFIGS, MASKS, make_mask
 from exporter import cost
 from exporter.surgery import SkipMask, apply_skip, count_parameters
 

@@ -1,6 +1,5 @@
 """Importance scores and mask search on tiny random models: budgets hold, runs repeat, the recipe exports."""
 
-import json
 from pathlib import Path
 
 import pytest

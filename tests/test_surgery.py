@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import CONFIGS, MASKS, PROMPTS, build_model, make_mask
+from conftest import CONFIGS, MASKS, PROMPTS, make_mask
 from exporter.architectures import layout_for
 from exporter.errors import UserError
 from exporter.parity import check_parity

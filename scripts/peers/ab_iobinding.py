@@ -3,7 +3,7 @@ so the Python binding's per-call output copies are not timed. Two graphs, batch 
 
     .venv/bin/python scripts/peers/ab_iobinding.py ours=PATH,genai=PATH CONTEXT ROUNDS SETS
 """
-import sys, time, statistics, subprocess, json
+import sys, time, statistics, subprocess
 # worker mode
 if sys.argv[1] == "w":
     import onnxruntime as ort
