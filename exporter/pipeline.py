@@ -52,7 +52,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                                 "code": code_fingerprint("models", "architectures", "surgery", "onnx_export"),
                                 "versions": reports.tool_versions()})
         checks_code = code_fingerprint("parity", "runners", "prompts")
-        validate_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json", exclude={"speed"}),
+        checked_with = recipe.validation.model_dump(mode="json", exclude={"speed"})  # speed is timing, not a check
+        validate_key = stage_key({"export": export_key, "validate": checked_with,
                                   "code": checks_code})
 
         def cached(name: str, key: str, rec: StageStats, compute) -> dict:
@@ -93,7 +94,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
 
         extra = {"artifacts": [], "parity": [], "checks": [], "not_run": [], "greedy": {}, "engines": None}
         precisions_key = stage_key({"export": export_key, "precisions": recipe.precisions,
-                                    "validate": recipe.validation.model_dump(mode="json", exclude={"speed"}),
+                                    "validate": checked_with,
                                     "code": [checks_code, code_fingerprint("precision")]})
         if set(recipe.precisions) - {_own_precision(model)}:
             with stage("precisions", stats) as rec:
@@ -118,7 +119,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                   or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
         artifacts, parity = artifacts + extra["artifacts"], parity + extra["parity"]
 
-        optimize_key = stage_key({"export": export_key, "validate": recipe.validation.model_dump(mode="json", exclude={"speed"}),
+        optimize_key = stage_key({"export": export_key, "validate": checked_with,
                                   "code": [checks_code, code_fingerprint("optimize")]})
         with stage("optimize", stats) as rec:  # the faster ORT graph, checked like the plain one
             with _status(console, "writing and checking the optimized ONNX Runtime graph"):
