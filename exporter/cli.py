@@ -29,7 +29,8 @@ USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
        export-skip eval RECIPE [--artifact DIR] [--data DIR] [--limit N] [--window N] [--out FILE]
                                             perplexity, LAMBADA, KL / top-1 vs the full model (eval.json)
        export-skip search RECIPE [--strategy greedy|oneshot] [--kind attention|mlp|block|any]
-                      [--max-kl X | --max-ppl-increase PCT | --count N] [--out FILE]
+                      [--max-kl X | --max-ppl-increase PCT | --max-lambada-drop POINTS | --count N]
+                      [--metric kl|ppl|lambada] [--out FILE]
                                             find a mask under a quality budget; writes a recipe"""
 
 
@@ -230,19 +231,28 @@ def _search(argv: list[str], console) -> int:
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-kl", type=float, help="largest mean KL vs the full model on the calibration windows")
     budget.add_argument("--max-ppl-increase", type=float, help="largest calibration perplexity increase, in percent")
+    budget.add_argument("--max-lambada-drop", type=float, metavar="POINTS",
+                        help="largest LAMBADA last-word accuracy drop on held-out passages, in points (metric lambada)")
     budget.add_argument("--count", type=int, help="remove exactly this many candidates")
+    parser.add_argument("--metric", choices=("kl", "ppl", "lambada"),
+                        help="calibration metric greedy minimises (default: the budget's; KL for --count): KL or "
+                             "perplexity on WikiText-2 windows, or the final-word NLL of held-out LAMBADA passages")
     _data_args(parser)
     parser.add_argument("--calibration-windows", type=int, default=4, help="WikiText windows to calibrate on (default 4)")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn (default 0)")
+    parser.add_argument("--calibration-passages", type=int, default=200,
+                        help="LAMBADA passages to calibrate on, drawn after the first 1,000 (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows/passages are drawn (default 0)")
     parser.add_argument("--include-final-layer", action="store_true", help="allow removing from the final layer")
     parser.add_argument("--out", type=Path, help="recipe to write (default: RECIPE's folder, <stem>-searched.yaml)")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
     settings = SearchSettings(
-        budget=Budget(max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase, count=args.count),
+        budget=Budget(max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase,
+                      max_lambada_drop=args.max_lambada_drop, count=args.count),
         strategy=args.strategy, kind=args.kind, data=data_dir(args.data), windows=args.calibration_windows,
-        length=args.calibration_length, seed=args.seed, keep_final_layer=not args.include_final_layer)
+        length=args.calibration_length, seed=args.seed, keep_final_layer=not args.include_final_layer,
+        metric=args.metric, passages=args.calibration_passages)
     out = args.out or args.recipe.with_name(f"{args.recipe.stem}-searched.yaml")
     run_search(recipe, args.recipe, settings, out, console, argv=["search", *argv])
     console.print(f"wrote {out}")

@@ -52,9 +52,10 @@ def embed(skipped, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor,
     return h, Batch(cos, sin, biases, empty)
 
 
-def run_layers(skipped, h: torch.Tensor, batch: Batch, start: int = 0, trace: list | None = None) -> torch.Tensor:
-    """Layers start.. of a SkippedModel; `trace` collects each layer's input (the residual stream)."""
-    for layer in skipped.model.layers[start:]:
+def run_layers(skipped, h: torch.Tensor, batch: Batch, start: int = 0, trace: list | None = None,
+               end: int | None = None) -> torch.Tensor:
+    """Layers start..end-1 of a SkippedModel; `trace` collects each layer's input (the residual stream)."""
+    for layer in skipped.model.layers[start:end]:
         if trace is not None:
             trace.append(h)
         past = (batch.empty_kv, batch.empty_kv) if layer.has_attention else None
@@ -207,32 +208,41 @@ def lambada_batches(examples, token_budget: int = 4096) -> list[list[int]]:
     return batches
 
 
+def lambada_batch(examples, rows: list[int], pad_id: int = 0):
+    """One left-padded batch of passages: ids [B, T], attn [B, T], the (batch, position) pairs that predict
+    target tokens, those tokens, and the row each belongs to."""
+    seqs = [examples[i][0] + examples[i][1] for i in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    b_idx, t_idx, target = [], [], []
+    for b, (i, seq) in enumerate(zip(rows, seqs)):
+        offset = width - len(seq)
+        ids[b, offset:] = torch.tensor(seq)
+        attn[b, offset:] = 1
+        ctx, tgt = examples[i]
+        for j, token in enumerate(tgt):  # token j is predicted at the position before it
+            b_idx.append(b)
+            t_idx.append(offset + len(ctx) + j - 1)
+            target.append(token)
+    select = (torch.tensor(b_idx), torch.tensor(t_idx))
+    return ids, attn, select, torch.tensor(target), select[0]
+
+
+def lambada_hits(logits: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows] bool: the argmax reproduces every target token of the passage (with the true ones fed)."""
+    wrong = (logits.argmax(-1) != target).float()
+    return torch.zeros(rows).index_add_(0, owner, wrong) == 0
+
+
 def score_lambada(scorer, examples, tallies: dict[str, Tally], pad_id: int = 0, token_budget: int = 4096,
                   advance=None) -> None:
     """A hit is when the argmax reproduces every target token with the true ones fed (= greedy decoding)."""
     for rows in lambada_batches(examples, token_budget):
-        seqs = [examples[i][0] + examples[i][1] for i in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # left-padded [B, T]
-        attn = torch.zeros_like(ids)
-        b_idx, t_idx, target, owner = [], [], [], []
-        for b, (i, seq) in enumerate(zip(rows, seqs)):
-            offset = width - len(seq)
-            ids[b, offset:] = torch.tensor(seq)
-            attn[b, offset:] = 1
-            ctx, tgt = examples[i]
-            for j, token in enumerate(tgt):  # token j is predicted at the position before it
-                b_idx.append(b)
-                t_idx.append(offset + len(ctx) + j - 1)
-                target.append(token)
-                owner.append(b)
-        select = (torch.tensor(b_idx), torch.tensor(t_idx))
-        target_t, owner_t = torch.tensor(target), torch.tensor(owner)
+        ids, attn, select, target, owner = lambada_batch(examples, rows, pad_id)
         for name, lg in scorer(ids, attn, select).items():  # lg: [N, V]
-            wrong = (lg.argmax(-1) != target_t).float()
-            misses = torch.zeros(len(rows)).index_add_(0, owner_t, wrong)  # [B]
             t = tallies.setdefault(name, Tally())
-            t.hits += int((misses == 0).sum())
+            t.hits += int(lambada_hits(lg, target, owner, len(rows)).sum())
             t.passages += len(rows)
         if advance:
             advance(len(rows))

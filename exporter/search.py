@@ -6,14 +6,18 @@ candidates when asked), final layer excluded unless allowed. Two strategies:
   Influence for blocks) and remove them in that order while the budget holds;
 - greedy (SLEB/FinerCut style): at each step measure every remaining candidate on the calibration
   windows, remove the one that hurts least, repeat while the budget holds.
-The calibration metric is KL vs the full model (or perplexity, for a perplexity budget) on a few
-WikiText-2 windows drawn with a seed; ties break on the lower layer index, so runs are deterministic.
+The calibration metric is KL vs the full model (or perplexity) on a few WikiText-2 windows drawn
+with a seed, or LAMBADA (`--metric lambada`, or a `--max-lambada-drop` budget): greedy then ranks
+candidates by the mean negative log-likelihood of the passages' final words (smoother than accuracy
+on a few hundred passages), and the budget binds on last-word accuracy, both on held-out passages.
+Ties break on the lower layer index, so runs are deterministic.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,36 +25,46 @@ from pathlib import Path
 import torch
 
 from exporter.errors import UserError
-from exporter.quality import embed, head, run_layers
+from exporter.quality import embed, head, lambada_batch, lambada_batches, lambada_hits, run_layers
 from exporter.surgery import SkipMask, apply_skip
 
 KINDS = ("attention", "mlp", "block", "any")
+METRICS = ("kl", "ppl", "lambada")
+RANK_BY = {"kl": "kl", "ppl": "ppl_increase_pct", "lambada": "lambada_nll"}  # what greedy minimises
+LAMBADA_HELD_OUT = 1000  # calibration passages come after the first 1,000: `eval --limit <= 1000` never sees them
 
 
 @dataclass(frozen=True)
 class Budget:
     max_kl: float | None = None
     max_ppl_increase: float | None = None  # percent
+    max_lambada_drop: float | None = None  # accuracy points below the full model's
     count: int | None = None
 
+    FLAGS = ("max_kl", "max_ppl_increase", "max_lambada_drop", "count")
+
     def __post_init__(self):
-        given = [k for k in ("max_kl", "max_ppl_increase", "count") if getattr(self, k) is not None]
+        given = [k for k in self.FLAGS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise UserError("give exactly one budget: --max-kl, --max-ppl-increase or --count")
+            raise UserError("give exactly one budget: --max-kl, --max-ppl-increase, --max-lambada-drop or --count")
         value = getattr(self, given[0])
         if value < 0 or (self.count is not None and self.count < 1):
             raise UserError(f"--{given[0].replace('_', '-')} must be positive (got {value})")
 
     @property
     def metric(self) -> str:
-        """What greedy minimises: perplexity for a perplexity budget, KL otherwise."""
-        return "ppl_increase_pct" if self.max_ppl_increase is not None else "kl"
+        """The calibration metric this budget is stated in (a count fits any: KL unless told)."""
+        if self.max_lambada_drop is not None:
+            return "lambada"
+        return "ppl" if self.max_ppl_increase is not None else "kl"
 
     def allows(self, metrics: dict) -> bool:
         if self.max_kl is not None:
             return metrics["kl"] <= self.max_kl
         if self.max_ppl_increase is not None:
             return metrics["ppl_increase_pct"] <= self.max_ppl_increase
+        if self.max_lambada_drop is not None:
+            return metrics["lambada_drop"] <= self.max_lambada_drop
         return True
 
     def describe(self) -> str:
@@ -58,6 +72,8 @@ class Budget:
             return f"mean KL vs full <= {self.max_kl:g}"
         if self.max_ppl_increase is not None:
             return f"perplexity increase <= {self.max_ppl_increase:g}%"
+        if self.max_lambada_drop is not None:
+            return f"LAMBADA accuracy drop <= {self.max_lambada_drop:g} points"
         return f"{self.count} candidates removed"
 
 
@@ -71,6 +87,16 @@ class SearchSettings:
     length: int = 256
     seed: int = 0
     keep_final_layer: bool = True
+    metric: str | None = None  # None: the budget's
+    passages: int = 200  # LAMBADA calibration passages
+
+    def __post_init__(self):
+        self.metric = self.metric or self.budget.metric
+        if self.metric not in METRICS:
+            raise UserError(f"--metric {self.metric!r}: choose from {', '.join(METRICS)}")
+        if self.budget.count is None and (self.metric == "lambada") != (self.budget.metric == "lambada"):
+            raise UserError(f"the budget ({self.budget.describe()}) is measured with --metric {self.budget.metric}, "
+                            f"not {self.metric}")
 
 
 Candidate = tuple[str, int]  # ("attention" | "mlp" | "block", layer)
@@ -112,6 +138,19 @@ class Calibrator:
         self.traces: dict[SkipMask, list[torch.Tensor]] = {}
         self.evaluations = 0
 
+    def trials(self, chosen: list[Candidate], pool: list[Candidate], advance=None) -> dict[Candidate, dict]:
+        """Metrics of `chosen + [c]` for every c in `pool`, each from the residual stream of `chosen`."""
+        base = mask_of(chosen)
+        if base not in self.traces:
+            self.traces.clear()  # only the current base's stream is reused: keep memory flat
+            self.measure(base, keep_trace=True)
+        out = {}
+        for cand in pool:
+            out[cand] = self.measure(mask_of(chosen + [cand]), base)
+            if advance:
+                advance(1)
+        return out
+
     def _nll(self, logp: torch.Tensor) -> float:
         return float(-logp[:, :-1].gather(-1, self.ids[:, 1:, None]).double().mean())
 
@@ -134,35 +173,109 @@ class Calibrator:
                 "top1_agreement": float((logp.argmax(-1) == self.full_top1).double().mean())}
 
 
+class LambadaCalibrator:
+    """LAMBADA last-word accuracy and final-word NLL of masks on held-out passages (`calibration_passages`).
+
+    A greedy step scores every candidate in one pass over the batches: the base mask runs layer by
+    layer and, at each candidate's first differing layer, a branch runs the candidate's model from
+    the base's residual stream there. Nothing is stored per layer (passages are ~80 tokens each, a
+    stored stream of a few hundred would take gigabytes).
+    """
+
+    def __init__(self, model, examples: list, pad_id: int = 0, token_budget: int = 4096):
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        self.passages = len(examples)
+        self.batches = [lambada_batch(examples, rows, pad_id) for rows in lambada_batches(examples, token_budget)]
+        self.evaluations = 0
+        self.full = self._run(SkipMask(), {})[None]
+
+    @torch.no_grad()
+    def _run(self, base: SkipMask, masks: dict, advance=None) -> dict:
+        """{key: metrics} for each mask (which must contain `base`), and the base's under key None."""
+        models = {key: apply_skip(self.model, m) for key, m in masks.items()}
+        branch_at: dict[int, list] = {}
+        for key, m in masks.items():
+            branch_at.setdefault(_first_difference(m, base, self.num_layers), []).append(key)
+        base_model = apply_skip(self.model, base)
+        hits = {key: 0 for key in [None, *masks]}
+        nll = {key: 0.0 for key in hits}
+        for ids, attn, select, target, owner in self.batches:
+            rows = ids.shape[0]
+
+            def tally(key, h, skipped):
+                logits = head(skipped, h, select)  # [N, V] at the target positions
+                tok_nll = -torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
+                hits[key] += int(lambada_hits(logits, target, owner, rows).sum())
+                nll[key] += float(tok_nll.double().sum())  # summed over each passage's final-word tokens
+
+            h, batch = embed(base_model, ids, attn)
+            for i in range(self.num_layers):
+                for key in branch_at.get(i, ()):
+                    tally(key, run_layers(models[key], h, batch, i), models[key])
+                h = run_layers(base_model, h, batch, i, end=i + 1)
+            tally(None, h, base_model)
+            for key in branch_at.get(self.num_layers, ()):  # the same mask as the base
+                tally(key, h, base_model)
+            if advance:
+                advance(len(masks) * rows / self.passages)
+        self.evaluations += len(masks) + 1
+        full = getattr(self, "full", None)
+        out = {}
+        for key in hits:
+            acc = hits[key] / self.passages
+            out[key] = {"lambada_accuracy": acc, "lambada_nll": nll[key] / self.passages}
+            ref = full or out[key]  # the first run is the full model's
+            out[key].update(lambada_accuracy_full=ref["lambada_accuracy"],
+                            lambada_drop=100.0 * (ref["lambada_accuracy"] - acc),
+                            lambada_nll_full=ref["lambada_nll"])
+        return out
+
+    def measure(self, mask: SkipMask, base: SkipMask | None = None, keep_trace: bool = False) -> dict:
+        return self._run(SkipMask(), {0: mask})[0]
+
+    def trials(self, chosen: list[Candidate], pool: list[Candidate], advance=None) -> dict[Candidate, dict]:
+        result = self._run(mask_of(chosen), {cand: mask_of(chosen + [cand]) for cand in pool}, advance)
+        return {cand: result[cand] for cand in pool}
+
+
+def calibration_passages(tokenizer, folder, count: int, seed: int) -> list:
+    """`count` LAMBADA passages drawn with `seed` from those after the first 1,000 (after the first half of
+    a shorter file), so an `eval --limit` subset of up to 1,000 passages stays held out."""
+    from exporter import data
+    from exporter.quality import lambada_examples
+
+    pairs = data.read_lambada(folder)
+    start = LAMBADA_HELD_OUT if len(pairs) >= 2 * LAMBADA_HELD_OUT else len(pairs) // 2
+    pool = range(start, len(pairs))
+    if count < 1 or count > len(pool):
+        raise UserError(f"calibration: cannot draw {count} LAMBADA passages from the {len(pool)} after "
+                        f"passage {start} of {len(pairs)}")
+    picks = sorted(random.Random(seed).sample(pool, count))
+    return lambada_examples(tokenizer, [pairs[i] for i in picks])
+
+
 def _first_difference(mask: SkipMask, base: SkipMask | None, num_layers: int) -> int:
     base = base or SkipMask()
     changed = (set(mask.attention) ^ set(base.attention)) | (set(mask.mlp) ^ set(base.mlp))
     return min(changed, default=num_layers)
 
 
-def greedy(cal: Calibrator, pool: list[Candidate], budget: Budget, advance=None) -> tuple[list, list]:
+def greedy(cal, pool: list[Candidate], budget: Budget, rank_by: str, advance=None) -> tuple[list, list]:
     chosen: list[Candidate] = []
     steps: list[dict] = []
-    base = SkipMask()
-    cal.measure(base, keep_trace=True)
     while pool and (budget.count is None or len(chosen) < budget.count):
-        trials = {}
-        for cand in pool:
-            trials[cand] = cal.measure(mask_of(chosen + [cand]), base)
-            if advance:
-                advance(1)
-        best = min(pool, key=lambda c: (trials[c][budget.metric], c[1], c[0]))
+        trials = cal.trials(chosen, pool, advance)
+        best = min(pool, key=lambda c: (trials[c][rank_by], c[1], c[0]))
         if not budget.allows(trials[best]):
             break
         chosen.append(best)
         pool = [c for c in pool if c != best]
         steps.append({"removed": list(best), **trials[best]})
-        base = mask_of(chosen)
-        cal.measure(base, keep_trace=True)  # the next step starts from this mask's residual stream
     return chosen, steps
 
 
-def oneshot(cal: Calibrator, pool: list[Candidate], budget: Budget, scores, advance=None) -> tuple[list, list]:
+def oneshot(cal, pool: list[Candidate], budget: Budget, scores, advance=None) -> tuple[list, list]:
     order = sorted(pool, key=lambda c: (scores.importance(c[0], c[1]), c[1], c[0]))
     chosen: list[Candidate] = []
     steps: list[dict] = []
@@ -192,13 +305,24 @@ def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
         raise UserError(f"--count {settings.budget.count}: only {len(pool)} candidates ({settings.kind}, "
                         f"final layer {'kept' if settings.keep_final_layer else 'allowed'})")
     chunks = calibration_windows(tokenizer, settings.data, settings.windows, settings.length, settings.seed)
-    cal = Calibrator(model, chunks)
     scores = measure_importance(apply_skip(model, SkipMask()), chunks)
+    if settings.metric == "lambada":
+        from exporter.prompts import pad_token_id
+
+        examples = calibration_passages(tokenizer, settings.data, settings.passages, settings.seed)
+        cal = LambadaCalibrator(model, examples, pad_token_id(tokenizer))
+        calibration = {"passages": settings.passages, "seed": settings.seed,
+                       "data": f"LAMBADA test passages after the first {LAMBADA_HELD_OUT:,}"}
+    else:
+        cal = Calibrator(model, chunks)
+        calibration = {"windows": settings.windows, "length": settings.length, "seed": settings.seed,
+                       "data": "WikiText-2 raw test split"}
     with _progress(console) as progress:
         if settings.strategy == "greedy":
             total = sum(len(pool) - s for s in range(settings.budget.count or len(pool)))
             task = progress.add_task(f"greedy search ({settings.budget.describe()})", total=total)
-            chosen, steps = greedy(cal, list(pool), settings.budget, lambda k: progress.advance(task, k))
+            chosen, steps = greedy(cal, list(pool), settings.budget, RANK_BY[settings.metric],
+                                   lambda k: progress.advance(task, k))
             progress.update(task, total=progress.tasks[task].completed)  # a budget may stop it early
         elif settings.strategy == "oneshot":
             task = progress.add_task(f"one-shot search ({settings.budget.describe()})",
@@ -209,8 +333,7 @@ def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
     mask = mask_of(chosen)
     final = steps[-1] if steps else cal.measure(mask)
     return {"mask": mask, "chosen": chosen, "steps": steps, "final": final, "importance": scores.as_dict(),
-            "calibration": {"windows": settings.windows, "length": settings.length, "seed": settings.seed,
-                            "data": "WikiText-2 raw test split"},
+            "calibration": {"metric": settings.metric, **calibration},
             "evaluations": cal.evaluations, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -235,22 +358,31 @@ def write_recipe(source: Path, out: Path, result: dict, settings: SearchSettings
                           f"{list(mask.attention) or 'none'}, MLP {list(mask.mlp) or 'none'}")
     final, cal = result["final"], result["calibration"]
     speed = ", ".join(f"{predicted_decode_speedup(config, mask, ctx):.3f}x at {ctx}" for ctx in (128, 512, 2048))
+    how = (f"{cal['passages']} {cal['data']}" if "passages" in cal
+           else f"{cal['windows']} windows x {cal['length']} tokens of the {cal['data']}")
     lines = [
         f"# export-skip {out}",
         f"# Written by: export-skip {' '.join(argv)}",
         f"# Strategy {settings.strategy}, candidates {settings.kind}, budget: {settings.budget.describe()};",
-        f"# calibration: {cal['windows']} windows x {cal['length']} tokens of the {cal['data']} (seed {cal['seed']}).",
-        "# Removed, in order (calibration KL vs full / perplexity / top-1 agreement after each removal):",
-        *[f"#   {s['removed'][0]} {s['removed'][1]}: KL {s['kl']:.4f}, ppl {s['ppl']:.2f} "
-          f"({s['ppl_increase_pct']:+.1f}%), top-1 {s['top1_agreement']:.1%}" for s in result["steps"]],
-        f"# Measured on calibration: KL {final['kl']:.4f}, perplexity {final['ppl_full']:.2f} -> {final['ppl']:.2f} "
-        f"({final['ppl_increase_pct']:+.1f}%), top-1 agreement {final['top1_agreement']:.1%}.",
+        f"# calibration ({cal['metric']}, seed {cal['seed']}): {how}.",
+        "# Removed, in order (calibration metrics after each removal):",
+        *[f"#   {s['removed'][0]} {s['removed'][1]}: {_metrics_text(s)}" for s in result["steps"]],
+        f"# Measured on calibration: {_metrics_text(final, full=True)}.",
         f"# Predicted decode speedup (cost model, exporter/cost.py; batch 1, fp32): {speed}.",
         "# Held-out numbers: export-skip eval on this file.",
         *_importance_lines(result.get("importance")),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n" + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110), encoding="utf-8")
+
+
+def _metrics_text(m: dict, full: bool = False) -> str:
+    if "lambada_accuracy" in m:
+        acc = (f"{m['lambada_accuracy_full']:.1%} -> " if full else "") + f"{m['lambada_accuracy']:.1%}"
+        nll = (f"{m['lambada_nll_full']:.3f} -> " if full else "") + f"{m['lambada_nll']:.3f}"
+        return f"LAMBADA accuracy {acc} ({-m['lambada_drop']:+.1f} points), final-word NLL {nll}"
+    ppl = (f"{m['ppl_full']:.2f} -> " if full else "") + f"{m['ppl']:.2f}"
+    return f"KL {m['kl']:.4f}, perplexity {ppl} ({m['ppl_increase_pct']:+.1f}%), top-1 agreement {m['top1_agreement']:.1%}"
 
 
 def _importance_lines(imp: dict | None) -> list[str]:
@@ -277,6 +409,8 @@ def run_search(recipe, source: Path, settings: SearchSettings, out: Path, consol
     from exporter import data
 
     data.data_file(settings.data, data.WIKITEXT)  # fail before loading the model
+    if settings.metric == "lambada":
+        data.data_file(settings.data, data.LAMBADA)
     model, tokenizer = load_model(recipe.model)
     result = search(model, tokenizer, settings, console)
     write_recipe(source, out, result, settings, config, argv or ["search", str(source)])
@@ -284,6 +418,6 @@ def run_search(recipe, source: Path, settings: SearchSettings, out: Path, consol
     if console is not None:
         mask = result["mask"]
         console.print(f"mask: attention {list(mask.attention) or 'none'}, MLP {list(mask.mlp) or 'none'}; "
-                      f"calibration KL {result['final']['kl']:.4f}, perplexity {result['final']['ppl_increase_pct']:+.1f}% "
+                      f"calibration {_metrics_text(result['final'], full=True)} "
                       f"({result['evaluations']} evaluations, {result['seconds']:.0f} s)")
     return result

@@ -163,7 +163,111 @@ def test_relative_model_paths_follow_the_emitted_recipe(tmp_path, data_folder, l
     out = tmp_path / "elsewhere" / "deep" / "r-searched.yaml"
     from exporter.recipe import load_recipe
 
-    result = {"mask": SkipMask(attention=(1,)), "steps": [], "calibration": {"windows": 1, "length": 2, "seed": 0, "data": "x"},
+    result = {"mask": SkipMask(attention=(1,)), "steps": [], "calibration": {"metric": "kl", "windows": 1, "length": 2, "seed": 0, "data": "x"},
               "final": {"kl": 0.0, "ppl": 1.0, "ppl_full": 1.0, "ppl_increase_pct": 0.0, "top1_agreement": 1.0}}
     S.write_recipe(src, out, result, settings(data_folder), model.config, ["search", str(src)])
     assert load_recipe(out).model.path == folder.resolve()
+
+
+# ---------------------------------------------------------------- LAMBADA calibration
+
+@pytest.fixture(scope="module")
+def lambada_folder(tmp_path_factory):
+    from tests.test_quality import write_data
+
+    return write_data(tmp_path_factory.mktemp("lambada-data"), passages=30)
+
+
+def test_calibration_passages_are_seeded_and_held_out(llama, lambada_folder):
+    from exporter.data import read_lambada
+    from exporter.quality import lambada_examples
+
+    _, tok = llama
+    a = S.calibration_passages(tok, lambada_folder, 8, seed=0)
+    assert a == S.calibration_passages(tok, lambada_folder, 8, seed=0)
+    assert a != S.calibration_passages(tok, lambada_folder, 8, seed=1)
+    pairs = read_lambada(lambada_folder)
+    first_half = lambada_examples(tok, pairs[:15])  # a 30-passage file: drawn from its second half only
+    second_half = lambada_examples(tok, pairs[15:])
+    assert all(e in second_half for e in a) and not any(e in first_half for e in a)
+    with pytest.raises(UserError, match="cannot draw 16 LAMBADA passages"):
+        S.calibration_passages(tok, lambada_folder, 16, seed=0)
+
+
+def test_lambada_calibrator_branches_equal_separate_runs(lambada_folder):
+    """Every candidate scored in one branched pass == that mask scored on its own, and == `eval`'s hit count."""
+    from exporter.quality import FULL, TorchScorer, score_lambada
+
+    model, tok = build_model("llama", seed=1)
+    examples = S.calibration_passages(tok, lambada_folder, 12, seed=0)
+    cal = S.LambadaCalibrator(model, examples, token_budget=64)  # several left-padded batches
+    assert cal.full["lambada_drop"] == 0.0 and cal.full["lambada_nll"] > 0
+    chosen = [("attention", 1)]
+    pool = [c for c in S.candidates("any", 4, keep_final_layer=False) if c not in chosen]
+    trials = cal.trials(chosen, pool)
+    masks = {c: S.mask_of(chosen + [c]) for c in pool}
+    for cand, mask in masks.items():
+        alone = cal.measure(mask)
+        assert trials[cand]["lambada_nll"] == pytest.approx(alone["lambada_nll"], rel=1e-5)
+        assert trials[cand]["lambada_accuracy"] == alone["lambada_accuracy"]
+    tallies = {}
+    score_lambada(TorchScorer(model, {str(c): m for c, m in masks.items()}), examples, tallies, token_budget=64)
+    for cand in pool:
+        assert trials[cand]["lambada_accuracy"] == tallies[str(cand)].hits / 12
+    assert cal.full["lambada_accuracy"] == tallies[FULL].hits / 12
+
+
+class _Scripted:
+    """A calibrator whose metrics are given per mask: greedy's choices can be checked exactly."""
+
+    def __init__(self, nll: dict, drop: dict):
+        self.nll, self.drop, self.evaluations = nll, drop, 0
+
+    def trials(self, chosen, pool, advance=None):
+        return {c: {"lambada_nll": self.nll[c] + len(chosen), "lambada_drop": self.drop[c] * (len(chosen) + 1)}
+                for c in pool}
+
+
+def test_greedy_on_lambada_ranks_by_nll_and_stops_at_the_accuracy_budget():
+    pool = [("attention", i) for i in range(5)]
+    nll = {("attention", 0): 3.0, ("attention", 1): 1.0, ("attention", 2): 2.0, ("attention", 3): 1.0, ("attention", 4): 5.0}
+    drop = {("attention", 0): 0.2, ("attention", 1): 0.5, ("attention", 2): 0.8, ("attention", 3): 0.1, ("attention", 4): 0.0}
+    budget = S.Budget(max_lambada_drop=1.0)
+    chosen, steps = S.greedy(_Scripted(nll, drop), list(pool), budget, S.RANK_BY["lambada"])
+    # step 1: NLL tie between layers 1 and 3 -> lower layer (1), drop 0.5; step 2: layer 3 (NLL 2), drop 0.2;
+    # step 3: layer 2 (NLL 4) would drop 2.4 > 1.0: greedy stops although layer 4 (drop 0) fits - it ranks by NLL
+    assert chosen == [("attention", 1), ("attention", 3)]
+    assert [s["lambada_drop"] for s in steps] == [0.5, 0.2]
+
+
+def test_lambada_budget_and_metric_must_agree(lambada_folder):
+    with pytest.raises(UserError, match="measured with --metric lambada"):
+        S.SearchSettings(budget=S.Budget(max_lambada_drop=2), data=lambada_folder, metric="kl")
+    with pytest.raises(UserError, match="measured with --metric kl"):
+        S.SearchSettings(budget=S.Budget(max_kl=0.1), data=lambada_folder, metric="lambada")
+    assert S.SearchSettings(budget=S.Budget(count=2), data=lambada_folder, metric="lambada").metric == "lambada"
+    assert S.SearchSettings(budget=S.Budget(max_lambada_drop=2), data=lambada_folder).metric == "lambada"
+    assert S.Budget(max_lambada_drop=2).allows({"lambada_drop": 2.0}) and not S.Budget(max_lambada_drop=2).allows({"lambada_drop": 2.1})
+
+
+def test_search_cli_with_a_lambada_budget_writes_a_recipe(tmp_path, lambada_folder):
+    from exporter.cli import main
+    from exporter.recipe import load_recipe, resolve_mask
+
+    out = tmp_path / "found.yaml"
+    argv = ["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--max-lambada-drop", "5",
+            "--calibration-passages", "10", "--data", str(lambada_folder), "--calibration-windows", "2",
+            "--calibration-length", "40", "--out", str(out)]
+    assert main(argv) == 0
+    text = out.read_text()
+    assert "budget: LAMBADA accuracy drop <= 5 points" in text
+    assert "calibration (lambada, seed 0): 10 LAMBADA test passages after the first 1,000" in text
+    steps = [line for line in text.splitlines() if line.startswith("#   attention ")]
+    assert steps and all("final-word NLL" in line for line in steps)
+    mask = resolve_mask(load_recipe(out), 6)
+    assert len(mask.attention) == len(steps) and not mask.mlp
+    with pytest.raises(SystemExit):  # two budgets: argparse refuses before anything runs
+        main(["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--max-lambada-drop", "1", "--count", "2",
+              "--out", str(tmp_path / "x.yaml")])
+    assert main([*argv[:-1], str(tmp_path / "y.yaml"), "--metric", "kl"]) == 2  # budget in points, metric KL
+    assert not (tmp_path / "x.yaml").exists() and not (tmp_path / "y.yaml").exists()
