@@ -226,3 +226,23 @@ def test_eval_cli_end_to_end_after_the_pipeline(tmp_path, data_folder):
     assert r.returncode == 0, r.stderr
     assert "ONNX vs PyTorch perplexity" in r.stderr
     assert json.loads((art / "report.json").read_text())["quality"]["onnx_vs_pytorch"]["passed"] is True
+
+
+def test_progress_in_a_log_prints_plain_lines(capsys):
+    """Without a terminal (nohup, CI) the bar is replaced by lines: the first at once, then the final count."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False)
+    with Q._progress(console) as progress:
+        task = progress.add_task("LAMBADA, 7 passages", total=7)
+        for _ in range(7):
+            progress.advance(task, 1)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("LAMBADA, 7 passages: 1/7 (") and lines[-1].startswith("LAMBADA, 7 passages: 7/7 (")
+    assert len(lines) == 2  # the 30 s interval holds back the five in between
+    with Q._progress(None) as progress:  # no console: nothing anywhere
+        progress.advance(progress.add_task("x", total=1), 1)
+    assert capsys.readouterr() == ("", "")
