@@ -78,6 +78,11 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
     worker and touched heap in another, which read at different cost (measured: docs/results/speed.md);
     `zero_past` keeps zeros for that comparison.
 
+    Every array starts on a 64-byte boundary, as ORT's own outputs do (a decode loop feeds those back):
+    numpy's heap gives 16-byte alignment, and a past cache read with every vector load straddling two
+    cache lines costs a graph more than it would in real decoding, by an amount that depends on where
+    malloc placed it in that worker.
+
     `head_dim` is needed only for graphs whose past inputs leave it symbolic (onnxruntime-genai's builder).
     """
     import numpy as np
@@ -105,7 +110,21 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
         else:
             raise UserError(f"cannot feed graph input {name!r}: the bench drives graphs that follow the ONNX "
                             "contract (input_ids, attention_mask, position_ids, past_key_values.*)")
-    return feeds
+    return {name: aligned(value) for name, value in feeds.items()}
+
+
+ALIGNMENT = 64  # bytes: ORT's CPU allocator's alignment
+
+
+def aligned(array):
+    """A copy of `array` whose data starts on an ALIGNMENT-byte boundary."""
+    import numpy as np
+
+    buf = np.empty(array.nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -buf.ctypes.data % ALIGNMENT
+    out = buf[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
 
 
 def session_for(path: Path, threads: int | None = None):

@@ -165,3 +165,19 @@ def test_workers_time_themselves(tiny_artifact):
     finally:
         bench.close_workers(workers)
     assert all(len(t) == 3 and all(isinstance(x, float) and x > 0 for x in t) for t in times.values())
+
+
+def test_feeds_start_on_64_byte_boundaries_like_ort_outputs(tiny_artifact):
+    """The past cache is fed as a decode loop would feed ORT's own (64-byte aligned) outputs back."""
+    import numpy as np
+
+    _, _, _, out = tiny_artifact
+    session = bench.session_for(out / "model.onnx")
+    feeds = bench.make_feeds(session, 2, 1, 37)
+    assert {n for n in feeds if n.startswith("past_key_values.")}
+    for name, value in feeds.items():
+        assert value.ctypes.data % bench.ALIGNMENT == 0, name
+        assert value.flags["C_CONTIGUOUS"]
+    assert np.all(feeds["position_ids"] == 37) and feeds["attention_mask"].shape == (2, 38)
+    outputs = session.run(None, feeds)  # the graph takes them as they are
+    assert outputs[0].shape[:2] == (2, 1)
