@@ -8,7 +8,7 @@ uses more CPU per call (docs/results/speed.md); name the same graph twice for a 
 
 One process per graph, opening order rotated per set, calls interleaved (order alternating per round),
 3 warmup calls; the past KV inputs are random (bench.make_feeds; ZERO_PAST=1 for zeros,
-which the bench used before it fed random values). AB_PIN=N pins every worker to CPU N (they never run at the same time, so sharing a CPU
+which the bench used before it fed random values) and 64-byte aligned (UNALIGNED=1: numpy's own copies). AB_PIN=N pins every worker to CPU N (they never run at the same time, so sharing a CPU
 costs them nothing; it rules out a slower vCPU - it did not remove the penalty). Prints per set and pooled
 medians (ms) of wall and CPU time, and each graph's ratio to the last one named: of the pooled medians, and the geometric mean of the per-set ratios (with as many sets
 opened first by each graph, that cancels a penalty that multiplies the first-opened process's time).
@@ -33,6 +33,8 @@ def worker(path: str, batch: int, context: int) -> None:
     o.log_severity_level = 3
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
     feeds = bench.make_feeds(s, batch, 1, context, head_dim=64, zero_past=bool(os.environ.get("ZERO_PAST")))
+    if os.environ.get("UNALIGNED"):  # numpy's own allocation, as the bench fed before it aligned its feeds
+        feeds = {name: value.copy() for name, value in feeds.items()}
     print("ready", flush=True)
     for _ in sys.stdin:
         w, c = time.perf_counter(), time.thread_time()
