@@ -232,6 +232,7 @@ class LambadaCalibrator:
         return out
 
     def measure(self, mask: SkipMask, base: SkipMask | None = None, keep_trace: bool = False) -> dict:
+        """One mask, branched from the full model (Calibrator's signature; `base`/`keep_trace` not needed)."""
         return self._run(SkipMask(), {0: mask})[0]
 
     def trials(self, chosen: list[Candidate], pool: list[Candidate], advance=None) -> dict[Candidate, dict]:
