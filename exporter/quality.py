@@ -210,8 +210,8 @@ def lambada_batches(examples, token_budget: int = 4096) -> list[list[int]]:
 
 
 def lambada_batch(examples, rows: list[int], pad_id: int = 0):
-    """One left-padded batch of passages: ids [B, T], attn [B, T], the (batch, position) pairs that predict
-    target tokens, those tokens, and the row each belongs to."""
+    """One left-padded batch of passages: ids [B, T], attn [B, T], the (row, position) pairs that predict
+    target tokens, and those tokens."""
     seqs = [examples[i][0] + examples[i][1] for i in rows]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -227,11 +227,12 @@ def lambada_batch(examples, rows: list[int], pad_id: int = 0):
             t_idx.append(offset + len(ctx) + j - 1)
             target.append(token)
     select = (torch.tensor(b_idx), torch.tensor(t_idx))
-    return ids, attn, select, torch.tensor(target), select[0]
+    return ids, attn, select, torch.tensor(target)
 
 
 def lambada_hits(logits: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tensor:
-    """[rows] bool: the argmax reproduces every target token of the passage (with the true ones fed)."""
+    """[rows] bool: the argmax reproduces every target token of the passage (with the true ones fed);
+    `owner` is the row of each target token (the first index of `lambada_batch`'s select)."""
     wrong = (logits.argmax(-1) != target).float()
     return torch.zeros(rows).index_add_(0, owner, wrong) == 0
 
@@ -240,10 +241,10 @@ def score_lambada(scorer, examples, tallies: dict[str, Tally], pad_id: int = 0, 
                   advance=None) -> None:
     """A hit is when the argmax reproduces every target token with the true ones fed (= greedy decoding)."""
     for rows in lambada_batches(examples, token_budget):
-        ids, attn, select, target, owner = lambada_batch(examples, rows, pad_id)
+        ids, attn, select, target = lambada_batch(examples, rows, pad_id)
         for name, lg in scorer(ids, attn, select).items():  # lg: [N, V]
             t = tallies.setdefault(name, Tally())
-            t.hits += int(lambada_hits(lg, target, owner, len(rows)).sum())
+            t.hits += int(lambada_hits(lg, target, select[0], len(rows)).sum())
             t.passages += len(rows)
         if advance:
             advance(len(rows))

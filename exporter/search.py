@@ -200,13 +200,13 @@ class LambadaCalibrator:
         base_model = apply_skip(self.model, base)
         hits = {key: 0 for key in [None, *masks]}
         nll = {key: 0.0 for key in hits}
-        for ids, attn, select, target, owner in self.batches:
+        for ids, attn, select, target in self.batches:
             rows = ids.shape[0]
 
             def tally(key, h, skipped):
                 logits = head(skipped, h, select)  # [N, V] at the target positions
                 tok_nll = -torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
-                hits[key] += int(lambada_hits(logits, target, owner, rows).sum())
+                hits[key] += int(lambada_hits(logits, target, select[0], rows).sum())
                 nll[key] += float(tok_nll.double().sum())  # summed over each passage's final-word tokens
 
             h, batch = embed(base_model, ids, attn)
@@ -240,9 +240,10 @@ class LambadaCalibrator:
         return {cand: result[cand] for cand in pool}
 
 
-def calibration_passages(tokenizer, folder, count: int, seed: int) -> list:
+def calibration_passages(tokenizer, folder, count: int, seed: int) -> tuple[list, int]:
     """`count` LAMBADA passages drawn with `seed` from those after the first 1,000 (after the first half of
-    a shorter file), so an `eval --limit` subset of up to 1,000 passages stays held out."""
+    a shorter file), so an `eval --limit` subset of up to 1,000 passages stays held out; and where the
+    drawn-from range starts."""
     from exporter import data
     from exporter.quality import lambada_examples
 
@@ -253,7 +254,7 @@ def calibration_passages(tokenizer, folder, count: int, seed: int) -> list:
         raise UserError(f"calibration: cannot draw {count} LAMBADA passages from the {len(pool)} after "
                         f"passage {start} of {len(pairs)}")
     picks = sorted(random.Random(seed).sample(pool, count))
-    return lambada_examples(tokenizer, [pairs[i] for i in picks])
+    return lambada_examples(tokenizer, [pairs[i] for i in picks]), start
 
 
 def _first_difference(mask: SkipMask, base: SkipMask | None, num_layers: int) -> int:
@@ -310,10 +311,10 @@ def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
     if settings.metric == "lambada":
         from exporter.prompts import pad_token_id
 
-        examples = calibration_passages(tokenizer, settings.data, settings.passages, settings.seed)
+        examples, start = calibration_passages(tokenizer, settings.data, settings.passages, settings.seed)
         cal = LambadaCalibrator(model, examples, pad_token_id(tokenizer))
         calibration = {"passages": settings.passages, "seed": settings.seed,
-                       "data": f"LAMBADA test passages after the first {LAMBADA_HELD_OUT:,}"}
+                       "data": f"LAMBADA test passages after the first {start:,}"}
     else:
         cal = Calibrator(model, chunks)
         calibration = {"windows": settings.windows, "length": settings.length, "seed": settings.seed,

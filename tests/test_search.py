@@ -183,9 +183,9 @@ def test_calibration_passages_are_seeded_and_held_out(llama, lambada_folder):
     from exporter.quality import lambada_examples
 
     _, tok = llama
-    a = S.calibration_passages(tok, lambada_folder, 8, seed=0)
-    assert a == S.calibration_passages(tok, lambada_folder, 8, seed=0)
-    assert a != S.calibration_passages(tok, lambada_folder, 8, seed=1)
+    a, start = S.calibration_passages(tok, lambada_folder, 8, seed=0)
+    assert start == 15 and S.calibration_passages(tok, lambada_folder, 8, seed=0) == (a, 15)
+    assert S.calibration_passages(tok, lambada_folder, 8, seed=1)[0] != a
     pairs = read_lambada(lambada_folder)
     first_half = lambada_examples(tok, pairs[:15])  # a 30-passage file: drawn from its second half only
     second_half = lambada_examples(tok, pairs[15:])
@@ -199,7 +199,7 @@ def test_lambada_calibrator_branches_equal_separate_runs(lambada_folder):
     from exporter.quality import FULL, TorchScorer, score_lambada
 
     model, tok = build_model("llama", seed=1)
-    examples = S.calibration_passages(tok, lambada_folder, 12, seed=0)
+    examples, _ = S.calibration_passages(tok, lambada_folder, 12, seed=0)
     cal = S.LambadaCalibrator(model, examples, token_budget=64)  # several left-padded batches
     assert cal.full["lambada_drop"] == 0.0 and cal.full["lambada_nll"] > 0
     chosen = [("attention", 1)]
@@ -261,7 +261,8 @@ def test_search_cli_with_a_lambada_budget_writes_a_recipe(tmp_path, lambada_fold
     assert main(argv) == 0
     text = out.read_text()
     assert "budget: LAMBADA accuracy drop <= 5 points" in text
-    assert "calibration (lambada, seed 0): 10 LAMBADA test passages after the first 1,000" in text
+    # a 30-passage file: drawn from its second half, and the comment says so
+    assert "calibration (lambada, seed 0): 10 LAMBADA test passages after the first 15." in text
     steps = [line for line in text.splitlines() if line.startswith("#   attention ")]
     assert steps and all("final-word NLL" in line for line in steps)
     mask = resolve_mask(load_recipe(out), 6)
