@@ -498,9 +498,11 @@ def op_counts(path: Path) -> dict[str, int]:
 
     import onnx
 
+    from exporter.gemv import body_graph
+
     proto = onnx.load(str(path), load_external_data=False)
     counts = collections.Counter(f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-                                 for n in proto.graph.node)
+                                 for n in body_graph(proto).node)  # our optimized graph: its general branch
     return dict(counts.most_common())
 
 

@@ -13,7 +13,10 @@ optimizer fuses none of that, so this module rewrites it, keeping the I/O contra
 - each RMSNorm becomes `SimplifiedLayerNormalization`, and a residual add feeding a norm becomes
   `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
 
-That is the structure of onnxruntime-genai's builder graph, with our bias for padding. Rotary positions
+That is the structure of onnxruntime-genai's builder graph, with our bias for padding. Then, for fp32
+graphs, the body is wrapped in an If that sends one-row calls (batch-1 decode) to a copy whose MatMuls read
+unpacked weights, where ONNX Runtime's matrix-vector kernel runs (exporter/gemv.py says why and what it
+costs in memory). Rotary positions
 are cache slots, not `position_ids` (see `_add_gqa`): logits are the plain graph's, padded or not, and
 `position_ids` stays an input (the contract) that the optimized graph does not read. Measured and not
 done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+
+from exporter.gemv import add_batch1_path
 
 OPT_FILE = "model.opt.onnx"
 MS = "com.microsoft"
@@ -448,12 +453,16 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     _topological_sort(proto.graph)
     if not any(o.domain == MS for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS, 1))
+    nodes = len(proto.graph.node)
+    gemv = 0
+    if not kept or elem == onnx.TensorProto.FLOAT:  # batch-1 decode reads unpacked weights (exporter/gemv.py)
+        gemv = add_batch1_path(proto, data_path, plain_path.parent)
     onnx.save(proto, str(out_path))
     # No onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain,
     # which the checker rejects. ONNX Runtime loading the graph, and parity, are the checks.
-    return {"path": out_path.name, "data": data_path.name if plans else None, "group_query_attention": len(kept),
-            "packed_qkv": len(plans), "simplified_layer_norm": norms, "skip_simplified_layer_norm": skips,
-            "nodes": len(proto.graph.node)}
+    return {"path": out_path.name, "data": data_path.name if data_path.exists() else None,
+            "group_query_attention": len(kept), "packed_qkv": len(plans), "simplified_layer_norm": norms,
+            "skip_simplified_layer_norm": skips, "nodes": nodes, "batch1_unpacked_matmuls": gemv}
 
 
 def optimize_stage(model, mask, plain_path: Path, batches: list, steps: int, atol_prefill: float,

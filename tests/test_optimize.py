@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 from conftest import CONFIGS, PROMPTS, make_mask
+from exporter.gemv import ROW, body_graph
 from exporter.onnx_export import export_onnx, onnx_signature
 from exporter.optimize import OPT_FILE, NotOptimizable, optimize_onnx, rotary_caches
 from exporter.parity import check_parity
@@ -48,7 +49,7 @@ def test_optimized_graph_keeps_the_contract_and_fuses(exported, arch, mask_name)
     assert onnx_signature(opt) == onnx_signature(plain)  # names, dtypes and named dims, in order
     kept = len(make_mask(mask_name).kept_attention(4))
     proto = onnx.load(str(opt), load_external_data=False)
-    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    ops = collections.Counter(n.op_type for n in body_graph(proto).node)
     assert ops["GroupQueryAttention"] == fused["group_query_attention"] == kept
     assert ops["Softmax"] == 0 and ops["Pow"] == 0 and ops["Reciprocal"] == 0  # nothing left unfused
     # every kept sub-layer's norm plus the final norm is one fused node
@@ -58,9 +59,12 @@ def test_optimized_graph_keeps_the_contract_and_fuses(exported, arch, mask_name)
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     location = {t.name: next(e.value for e in t.external_data if e.key == "location") for t in external}
     assert set(location.values()) <= {plain.name + ".data", OPT_FILE + ".data"}
-    packed = {n for n, loc in location.items() if loc == OPT_FILE + ".data"}
+    packed = {n for n, loc in location.items() if loc == OPT_FILE + ".data" and not n.startswith(ROW)}
     assert all(n.startswith("opt.layers.") and n.endswith(".qkv_proj.weight") for n in packed)
     assert len(packed) == fused["packed_qkv"]
+    # the batch-1 branch's only new bytes: a tied LM head, transposed (exporter/gemv.py); the rest are views
+    row_in_opt_data = {n for n, loc in location.items() if loc == OPT_FILE + ".data" and n.startswith(ROW)}
+    assert row_in_opt_data - {ROW + n for n in packed} <= {ROW + "lm_head.weight.T"}
     assert opt.stat().st_size < 4 * 2**20
 
 
@@ -72,17 +76,74 @@ def test_qkv_projections_are_packed_into_the_attention_node(exported, arch, mask
     mask = make_mask(mask_name)
     kept_attention, kept_mlp = len(mask.kept_attention(4)), 4 - len(mask.mlp)
     proto = onnx.load(str(opt), load_external_data=False)
-    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    ops = collections.Counter(n.op_type for n in body_graph(proto).node)
     packable = arch != "qwen3"
     assert fused["packed_qkv"] == (kept_attention if packable else 0)
     per_attention = 2 if packable else 4  # qkv + o, or q, k, v + o
     assert ops["MatMul"] == per_attention * kept_attention + 3 * kept_mlp + 1  # + the LM head
     assert ops["Split"] == 0 and ops["RotaryEmbedding"] == 0
-    for node in proto.graph.node:
+    for node in body_graph(proto).node:
         if node.op_type == "GroupQueryAttention":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert attrs["do_rotary"] == 1 and node.input[10]  # rotary inside, our bias as attention_bias
             assert (node.input[1] == node.input[2] == "") == packable  # packed q/k/v: key and value empty
+
+
+@pytest.mark.parametrize("arch,mask_name", CASES)
+def test_batch1_decode_reads_unpacked_weights(tiny_models, exported, arch, mask_name):
+    """Batch-1 decode steps run the If's batch-1 branch, whose MatMuls read [1, K, N] views of the packed
+    branch's weights (same bytes of the same file) or, for a tied LM head, its transposed copy; the logits
+    match the masked PyTorch model over several greedy steps."""
+    model, tok = tiny_models[arch]
+    mask = make_mask(mask_name)
+    plain, opt, fused = exported[(arch, mask_name)]
+    proto = onnx.load(str(opt), load_external_data=False)
+    dispatch = proto.graph.node[-1]
+    assert dispatch.op_type == "If" and [n.op_type for n in proto.graph.node] == ["Size", "Equal", "If"]
+    row = next(a.g for a in dispatch.attribute if a.name == "then_branch")
+    inits = {t.name: t for t in proto.graph.initializer}
+    matmuls = [n for n in row.node if n.op_type == "MatMul"]
+    assert len(matmuls) == fused["batch1_unpacked_matmuls"] == \
+        sum(n.op_type == "MatMul" for n in body_graph(proto).node)
+    for n in matmuls:
+        view = inits[n.input[1]]
+        assert view.dims[0] == 1 and len(view.dims) == 3, n.name
+        if not view.name.endswith(".T"):  # a view: the 2-D weight's bytes, not a copy
+            original = inits[view.name[len(ROW):]]
+            assert list(view.dims[1:]) == list(original.dims)
+            assert view.external_data == original.external_data and view.raw_data == original.raw_data
+    ids, attn = left_padded(tok, PROMPTS[:1])
+    assert attn.all() and ids.shape[0] == 1
+    with masked(model, mask):
+        phases, _ = check_parity(HFRunner(model), OrtRunner(opt), ids, attn, 6, 1e-4, 1e-4, "onnx:optimized")
+    for p in phases:
+        assert p.passed and p.greedy_match, p
+
+
+def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported, tmp_path):
+    """ORT's profile names the nodes that ran: a one-token batch-1 step runs the batch-1 branch's MatMuls,
+    a prompt or a batch of two the packed branch's."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from exporter import bench
+
+    _, opt, _ = exported[("llama", "attention")]
+    ran = {}
+    for batch, new in ((1, 1), (2, 1), (1, 5)):
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp_path / f"b{batch}n{new}")
+        session = ort.InferenceSession(str(opt), options, providers=["CPUExecutionProvider"])
+        session.run(None, bench.make_feeds(session, batch, new, 3))
+        events = json.loads(Path(session.end_profiling()).read_text())
+        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}
+        assert ran[(batch, new)], "no MatMul in the profile"
+    assert all(n.startswith(ROW) for n in ran[(1, 1)])
+    for case in ((2, 1), (1, 5)):
+        assert not any(n.startswith(ROW) for n in ran[case]), case
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -1,0 +1,161 @@
+"""A batch-1 decode path for the optimized graph: its MatMuls read unpacked weights, so ONNX Runtime's
+matrix-vector kernel runs instead of its packed-panel GEMM (fp32, CPU).
+
+Why: ONNX Runtime prepacks the B operand of every MatMul/Gemm whose weight is a constant 2-D initializer
+into MLAS's panel layout; the packed kernel is the fast one for several rows, but a decode step at batch 1
+multiplies one row, and MLAS's one-row kernel (`MlasSgemmOperation`, M == 1) only runs on an unpacked B.
+A 3-D weight [1, K, N] is not prepacked (`GemmPackBFp32` packs 2-D weights only), so it takes that kernel.
+Measured on the project's 2-vCPU machine (`scripts/peers/matmul_kernels.py`, 1 thread, one row):
+[576, 49152] (SmolLM2's LM head) 7.4 ms packed vs 5.6 ms unpacked, [576, 1536] 102 vs 81 us, [576, 576]
+42 vs 32 us; with 4 rows the unpacked kernel is 3.3x *slower* (it packs B on every call), and a 128-token
+prefill 35% slower. Hence a dispatch rather than one layout for all calls:
+
+    If(Size(input_ids) == 1)
+      then: the graph with every constant-weight MatMul reading a [1, K, N] view of its weight
+      else: the graph as it was (packed weights: prefill, batch > 1)
+
+The views share the external data bytes of the 2-D weights (same location, offset and length; no new
+data). A MatMul on `Transpose(W)` (the tied LM head) gets a transposed copy of W in `model.opt.onnx.data`,
+because MLAS's one-row kernel for a transposed B was measured no faster than the packed one at that
+size (7.6 ms). The cost is memory: ORT keeps its packed copies for the else branch, and the then branch
+reads the weights from the data file (memory-mapped by ORT: resident once a batch-1 step has run), so
+resident memory grows by about the weights' size. fp32 only: the kernels above are fp32 ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+ROW = "m1/"  # prefix of the batch-1 branch's value and node names (values must be unique across branches)
+GENERAL = "general/"  # prefix of the else branch's output names (they cannot reuse the If's output names)
+ALIGN = 4096  # new tensors in the data file start on a page, so ORT can map them without copying
+
+
+def body_graph(proto):
+    """The graph a reader should look at for the model's structure: the general branch of the dispatch when
+    the graph has one, else the graph itself."""
+    top = proto.graph
+    if len(top.node) and top.node[-1].op_type == "If" and top.node[-1].name == "batch1_dispatch":
+        return next(a.g for a in top.node[-1].attribute if a.name == "else_branch")
+    return top
+
+
+def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
+    """Rewrite `proto` (fp32) into the If dispatch above; returns how many MatMuls the batch-1 branch reads
+    unpacked (0: nothing to gain, `proto` left as it was). New transposed weights are appended to
+    `data_path` (created if missing); `model_dir` is where the external data of `proto` lives."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from exporter.optimize import _drop_dead_nodes
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    outer = set(inits) | {i.name for i in g.input} | {""}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def weight(name):  # a 2-D fp32 initializer, or None
+        t = inits.get(name)
+        return t if t is not None and len(t.dims) == 2 and t.data_type == TensorProto.FLOAT else None
+
+    views, transposed, plans = {}, {}, []
+    for n in g.node:
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
+            continue
+        b = n.input[1]
+        if weight(b) is not None:
+            plans.append((n, "view", b))
+        elif (t := producer.get(b)) is not None and t.op_type == "Transpose" and weight(t.input[0]) is not None \
+                and list(next((a.ints for a in t.attribute if a.name == "perm"), [1, 0])) == [1, 0]:
+            plans.append((n, "transposed", t.input[0]))
+    if not plans:
+        return 0
+
+    new_inits = []
+    for _, kind, w in plans:
+        if kind == "view" and w not in views:  # same bytes, one more leading dim
+            v = copy.deepcopy(inits[w])
+            v.name, v.dims[:] = ROW + w, [1, *inits[w].dims]
+            views[w] = v.name
+            new_inits.append(v)
+        elif kind == "transposed" and w not in transposed:
+            t = copy.deepcopy(inits[w])
+            if t.data_location == TensorProto.EXTERNAL:
+                load_external_data_for_tensor(t, str(model_dir))
+            value = np.ascontiguousarray(numpy_helper.to_array(t).T)[None]
+            transposed[w] = _append_external(value, ROW + w + ".T", data_path, new_inits, numpy_helper)
+
+    outputs = {o.name for o in g.output}
+
+    def row_name(x):
+        return x if x in outer else ROW + x
+
+    then_nodes = []
+    rewired = {id(n): (kind, w) for n, kind, w in plans}
+    for n in g.node:
+        c = copy.deepcopy(n)
+        c.name = ROW + (n.name or n.op_type)
+        c.input[:] = [row_name(x) for x in n.input]
+        c.output[:] = [ROW + x if x else x for x in n.output]
+        if id(n) in rewired:
+            kind, w = rewired[id(n)]
+            c.input[1] = views[w] if kind == "view" else transposed[w]
+        then_nodes.append(c)
+    else_nodes = []
+    for n in g.node:
+        c = copy.deepcopy(n)
+        c.input[:] = [GENERAL + x if x in outputs else x for x in n.input]
+        c.output[:] = [GENERAL + x if x in outputs else x for x in n.output]
+        else_nodes.append(c)
+
+    def branch_outputs(prefix):
+        outs = []
+        for o in g.output:
+            v = copy.deepcopy(o)
+            v.name = prefix + o.name
+            outs.append(v)
+        return outs
+
+    then_g = helper.make_graph(then_nodes, "batch1_unpacked_weights", [], branch_outputs(ROW))
+    else_g = helper.make_graph(else_nodes, "general_packed_weights", [], branch_outputs(GENERAL))
+    else_g.value_info.extend(v for v in g.value_info if v.name not in outputs)
+    _drop_dead_nodes(then_g)  # the Transpose the LM head no longer reads (the body was sorted: order kept)
+
+    one = "batch1_dispatch/one"
+    g.initializer.extend(new_inits)
+    g.initializer.append(numpy_helper.from_array(np.array(1, dtype=np.int64), one))
+    del g.value_info[:]
+    del g.node[:]
+    g.node.extend([
+        helper.make_node("Size", ["input_ids"], ["batch1_dispatch/size"], name="batch1_dispatch/size"),
+        helper.make_node("Equal", ["batch1_dispatch/size", one], ["batch1_dispatch/one_row"], name="batch1_dispatch/one_row"),
+        helper.make_node("If", ["batch1_dispatch/one_row"], [o.name for o in g.output], name="batch1_dispatch",
+                         then_branch=then_g, else_branch=else_g),
+    ])
+    return len(plans)
+
+
+def _append_external(value, name: str, data_path: Path, new_inits: list, numpy_helper) -> str:
+    """Append `value` to `data_path` at a page-aligned offset as external initializer `name`."""
+    from onnx import TensorProto
+
+    data_path.touch()
+    with open(data_path, "r+b") as fh:
+        fh.seek(0, 2)
+        offset = -(-fh.tell() // ALIGN) * ALIGN
+        fh.truncate(offset)
+        fh.seek(offset)
+        blob = value.tobytes()
+        fh.write(blob)
+    t = numpy_helper.from_array(value.reshape(-1)[:0], name)
+    t.ClearField("raw_data")
+    t.dims[:] = value.shape
+    t.data_location = TensorProto.EXTERNAL
+    for key, val in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob)))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, val
+    new_inits.append(t)
+    return name
+
