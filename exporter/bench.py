@@ -349,21 +349,22 @@ def full_graph(recipe, model=None, console=None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             export_onnx(apply_skip(model, SkipMask()), tmp, opset=recipe.export.opset)
             publish_folder(tmp, folder)
-        _refresh_optimized(folder / "model.onnx", load_config(recipe.model))
+        _refresh_optimized(folder / "model.onnx", load_config(recipe.model), recipe.export.batch1_decode_path)
     return folder / "model.onnx"
 
 
-def _refresh_optimized(plain: Path, config) -> None:
-    """(Re)write model.opt.onnx beside a cached full graph when optimize.py changed since it was written."""
+def _refresh_optimized(plain: Path, config, batch1_path: bool = True) -> None:
+    """(Re)write model.opt.onnx beside a cached full graph when optimize.py changed since it was written, or
+    the recipe's `export.batch1_decode_path` differs (full and skipped graphs must be built alike)."""
     from exporter.cache import code_fingerprint
     from exporter.optimize import OPT_FILE, NotOptimizable, optimize_onnx
 
     stamp = plain.with_name("optimize.stamp")
-    fingerprint = code_fingerprint("optimize")
+    fingerprint = code_fingerprint("optimize", "gemv") + ("" if batch1_path else " no-batch1-path")
     if plain.with_name(OPT_FILE).is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
         return
     try:
-        optimize_onnx(plain, config)
+        optimize_onnx(plain, config, batch1_path=batch1_path)
     except NotOptimizable:
         plain.with_name(OPT_FILE).unlink(missing_ok=True)  # the bench then compares plain graphs only
     stamp.write_text(fingerprint)

@@ -399,7 +399,8 @@ def _topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_positions: int | None = None) -> dict:
+def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_positions: int | None = None,
+                  batch1_path: bool = True) -> dict:
     """Write the optimized graph beside `plain_path` (sharing its external data); returns what was fused.
 
     Raises NotOptimizable with the reason when the graph cannot be rewritten safely.
@@ -455,7 +456,7 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
         proto.opset_import.append(helper.make_opsetid(MS, 1))
     nodes = len(proto.graph.node)
     gemv = 0
-    if not kept or elem == onnx.TensorProto.FLOAT:  # batch-1 decode reads unpacked weights (exporter/gemv.py)
+    if batch1_path and (not kept or elem == onnx.TensorProto.FLOAT):  # one-row calls: unpacked weights (gemv.py)
         gemv = add_batch1_path(proto, data_path, plain_path.parent)
     onnx.save(proto, str(out_path))
     # No onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain,
@@ -466,7 +467,7 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
 
 
 def optimize_stage(model, mask, plain_path: Path, batches: list, steps: int, atol_prefill: float,
-                   atol_decode: float) -> dict:
+                   atol_decode: float, batch1_path: bool = True) -> dict:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
     `batches` are (input_ids, attention_mask) pairs (the validation's). A graph this rewrite does not
@@ -479,7 +480,7 @@ def optimize_stage(model, mask, plain_path: Path, batches: list, steps: int, ato
 
     out_dir = plain_path.parent
     try:
-        fused = optimize_onnx(plain_path, model.config)
+        fused = optimize_onnx(plain_path, model.config, batch1_path=batch1_path)
     except NotOptimizable as exc:
         return {"artifacts": [], "parity": [], "fused": None,
                 "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}

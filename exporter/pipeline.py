@@ -48,7 +48,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
         # Each cached stage's key: everything it reads (recipe sections, the model's identity, the code
         # that runs, tool versions, and the key of the stage whose files it reads).
         export_key = stage_key({"model": model_info, "dtype": recipe.model.dtype, "mask": [mask.attention, mask.mlp],
-                                "export": recipe.export.model_dump(mode="json"),
+                                "export": recipe.export.model_dump(mode="json", exclude={"batch1_decode_path"}),
                                 "code": code_fingerprint("models", "architectures", "surgery", "onnx_export"),
                                 "versions": reports.tool_versions()})
         checks_code = code_fingerprint("parity", "runners", "prompts")
@@ -120,7 +120,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
         artifacts, parity = artifacts + extra["artifacts"], parity + extra["parity"]
 
         optimize_key = stage_key({"export": export_key, "validate": checked_with,
-                                  "code": [checks_code, code_fingerprint("optimize")]})
+                                  "batch1_decode_path": recipe.export.batch1_decode_path,
+                                  "code": [checks_code, code_fingerprint("optimize", "gemv")]})
         with stage("optimize", stats) as rec:  # the faster ORT graph, checked like the plain one
             with _status(console, "writing and checking the optimized ONNX Runtime graph"):
                 optimized = cached("optimize", optimize_key, rec,
@@ -370,7 +371,8 @@ def optimize_stage(recipe: Recipe, model, mask, tokenizer, plain_path: Path) -> 
 
     batches = [pair for _, pair in validation_batches(recipe, tokenizer)]
     v = recipe.validation
-    return write_and_check(model, mask, plain_path, batches, v.decode_steps, v.atol.prefill, v.atol.decode)
+    return write_and_check(model, mask, plain_path, batches, v.decode_steps, v.atol.prefill, v.atol.decode,
+                           recipe.export.batch1_decode_path)
 
 
 def precisions_stage(recipe: Recipe, model, mask, tokenizer, out_dir: Path) -> dict:

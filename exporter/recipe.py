@@ -109,6 +109,9 @@ class Export(_Strict):
     precisions: list[Precision] | None = Field(default=None, min_length=1)
     genai: bool = True  # genai_config.json beside the ONNX (onnxruntime-genai runs the artifact as is)
     checkpoint: bool = False  # also a Nemotron-NAS / DeciLM-style HF checkpoint in checkpoint/ (vLLM, TRT-LLM)
+    # optimized fp32 graph: batch-1 decode steps read unpacked weights (ONNX Runtime's one-row kernel, faster);
+    # costs about the weights' size in resident memory once such a step has run (exporter/gemv.py)
+    batch1_decode_path: bool = True
 
 
 class Validate(_Strict):

@@ -146,6 +146,17 @@ def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported,
         assert not any(n.startswith(ROW) for n in ran[case]), case
 
 
+def test_batch1_path_can_be_turned_off(tiny_models, tmp_path):
+    """`export.batch1_decode_path: false`: one graph with packed weights only, no If, no transposed copy."""
+    model, _ = tiny_models["qwen3"]  # tied LM head: the batch-1 path would add its transposed copy
+    plain = export_onnx(apply_skip(model, make_mask("attention")), tmp_path)
+    fused = optimize_onnx(plain, model.config, batch1_path=False)
+    proto = onnx.load(str(tmp_path / OPT_FILE), load_external_data=False)
+    assert fused["batch1_unpacked_matmuls"] == 0
+    assert "If" not in {n.op_type for n in proto.graph.node} and body_graph(proto) is proto.graph
+    assert not any(t.name.startswith(ROW) for t in proto.graph.initializer)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_optimized_graph_continues_a_prompt_in_chunks(tiny_models, exported, arch):
     """A prompt continued 3 tokens at once after a cached prefix (past > 0, sequence > 1) gives the plain graph's
