@@ -1,25 +1,29 @@
 """A batch-1 decode path for the optimized graph: its MatMuls read unpacked weights, so ONNX Runtime's
-matrix-vector kernel runs instead of its packed-panel GEMM (fp32, CPU).
+one-row kernels run instead of its packed-panel GEMM (fp32, CPU).
 
-Why: ONNX Runtime prepacks the B operand of every MatMul/Gemm whose weight is a constant 2-D initializer
-into MLAS's panel layout; the packed kernel is the fast one for several rows, but a decode step at batch 1
-multiplies one row, and MLAS's one-row kernel (`MlasSgemmOperation`, M == 1) only runs on an unpacked B.
-A 3-D weight [1, K, N] is not prepacked (`GemmPackBFp32` packs 2-D weights only), so it takes that kernel.
-Measured on the project's 2-vCPU machine (`scripts/peers/matmul_kernels.py`, 1 thread, one row):
-[576, 49152] (SmolLM2's LM head) 7.4 ms packed vs 5.6 ms unpacked, [576, 1536] 102 vs 81 us, [576, 576]
-42 vs 32 us; with 4 rows the unpacked kernel is 3.3x *slower* (it packs B on every call), and a 128-token
-prefill 35% slower. Hence a dispatch rather than one layout for all calls:
+Why: ONNX Runtime prepacks the B operand of every MatMul whose weight is a constant 2-D initializer into
+MLAS's panel layout; the packed kernel is the fast one for several rows, but a decode step at batch 1
+multiplies one row, and MLAS's one-row kernels (`MlasSgemmOperation`, M == 1, for B and for B transposed)
+only run on an unpacked B. A 3-D weight [1, K, N] is not prepacked (`GemmPackBFp32` packs 2-D weights
+only), so it takes them. Measured on the project's 2-vCPU AMD EPYC machine (`scripts/peers/matmul_kernels.py`:
+1 thread, weights streamed from memory as in a decode step; time relative to the packed kernel), one row:
+[576, 49152] (SmolLM2's LM head) 0.71 unpacked / 1.12 unpacked-transposed, [576, 1536] 0.79 / 0.99,
+[576, 960] 0.90 / 1.02, [1536, 576] (the MLP's down projection) 1.07 / 0.89, [576, 576] 1.05 / 1.06. So the
+batch-1 branch reads B as is where K <= N and B transposed (FusedMatMul transB=1) where K > N. With 4 rows
+the unpacked kernels are 1.8-3.4x *slower* (they pack B on every call) and a 128-token prompt 8-35% slower,
+hence a dispatch rather than one layout for every call:
 
     If(Size(input_ids) == 1)
-      then: the graph with every constant-weight MatMul reading a [1, K, N] view of its weight
-      else: the graph as it was (packed weights: prefill, batch > 1)
+      then: the graph with every constant-weight MatMul reading an unpacked 3-D weight
+      else: the graph as it was (packed weights: prompts, batch > 1)
 
-The views share the external data bytes of the 2-D weights (same location, offset and length; no new
-data). A MatMul on `Transpose(W)` (the tied LM head) gets a transposed copy of W in `model.opt.onnx.data`,
-because MLAS's one-row kernel for a transposed B was measured no faster than the packed one at that
-size (7.6 ms). The cost is memory: ORT keeps its packed copies for the else branch, and the then branch
-reads the weights from the data file (memory-mapped by ORT: resident once a batch-1 step has run), so
-resident memory grows by about the weights' size. fp32 only: the kernels above are fp32 ones.
+Where the layout wanted is the weight's own, the 3-D weight is a view: same external data bytes (location,
+offset, length), nothing new. Where it is not (the MLP's down projections; a tied LM head, which the graph
+reads as Transpose(embedding)), a transposed copy goes to `model.opt.onnx.data`: 106 MB + 113 MB more on
+disk for SmolLM2-135M. The cost is memory: ORT keeps its packed copies for the else branch, and the then
+branch reads its weights from the data files (memory-mapped by ORT, resident once a batch-1 step has run),
+so resident memory grows by about the weights' size. fp32 only: the kernels above are fp32 ones.
+`export.batch1_decode_path: false` in a recipe leaves the branch out.
 """
 
 from __future__ import annotations
@@ -60,32 +64,43 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
         t = inits.get(name)
         return t if t is not None and len(t.dims) == 2 and t.data_type == TensorProto.FLOAT else None
 
-    views, transposed, plans = {}, {}, []
+    # per MatMul: (node, source weight, is the MatMul's B the source transposed?)
+    plans = []
     for n in g.node:
         if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
             continue
         b = n.input[1]
         if weight(b) is not None:
-            plans.append((n, "view", b))
+            plans.append((n, b, False))
         elif (t := producer.get(b)) is not None and t.op_type == "Transpose" and weight(t.input[0]) is not None \
                 and list(next((a.ints for a in t.attribute if a.name == "perm"), [1, 0])) == [1, 0]:
-            plans.append((n, "transposed", t.input[0]))
+            plans.append((n, t.input[0], True))
     if not plans:
         return 0
 
-    new_inits = []
-    for _, kind, w in plans:
-        if kind == "view" and w not in views:  # same bytes, one more leading dim
-            v = copy.deepcopy(inits[w])
-            v.name, v.dims[:] = ROW + w, [1, *inits[w].dims]
-            views[w] = v.name
-            new_inits.append(v)
-        elif kind == "transposed" and w not in transposed:
-            t = copy.deepcopy(inits[w])
-            if t.data_location == TensorProto.EXTERNAL:
-                load_external_data_for_tensor(t, str(model_dir))
-            value = np.ascontiguousarray(numpy_helper.to_array(t).T)[None]
-            transposed[w] = _append_external(value, ROW + w + ".T", data_path, new_inits, numpy_helper)
+    new_inits, made, rewire = [], {}, {}
+    for n, w, b_is_transposed in plans:
+        rows, cols = inits[w].dims
+        k, n_out = (cols, rows) if b_is_transposed else (rows, cols)  # B is [K, N]
+        # the layout the one-row kernel reads fastest (module docstring): B^T for K > N, B otherwise
+        want_bt = k > n_out
+        if want_bt == b_is_transposed:  # the source already has that layout: a view, no new bytes
+            name = ROW + w
+            if name not in made:
+                v = copy.deepcopy(inits[w])
+                v.name, v.dims[:] = name, [1, *inits[w].dims]
+                new_inits.append(v)
+                made[name] = True
+        else:  # a transposed copy, appended to the data file
+            name = ROW + w + ".T"
+            if name not in made:
+                t = copy.deepcopy(inits[w])
+                if t.data_location == TensorProto.EXTERNAL:
+                    load_external_data_for_tensor(t, str(model_dir))
+                value = np.ascontiguousarray(numpy_helper.to_array(t).T)[None]
+                _append_external(value, name, data_path, new_inits, numpy_helper)
+                made[name] = True
+        rewire[id(n)] = name, want_bt
 
     outputs = {o.name for o in g.output}
 
@@ -93,15 +108,16 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
         return x if x in outer else ROW + x
 
     then_nodes = []
-    rewired = {id(n): (kind, w) for n, kind, w in plans}
     for n in g.node:
         c = copy.deepcopy(n)
         c.name = ROW + (n.name or n.op_type)
         c.input[:] = [row_name(x) for x in n.input]
         c.output[:] = [ROW + x if x else x for x in n.output]
-        if id(n) in rewired:
-            kind, w = rewired[id(n)]
-            c.input[1] = views[w] if kind == "view" else transposed[w]
+        if id(n) in rewire:
+            c.input[1], bt = rewire[id(n)]
+            if bt:  # MatMul has no transB: ORT's FusedMatMul is MatMul with one (also not prepacked in 3-D)
+                c.op_type, c.domain = "FusedMatMul", "com.microsoft"
+                c.attribute.append(helper.make_attribute("transB", 1))
         then_nodes.append(c)
     else_nodes = []
     for n in g.node:

@@ -62,9 +62,9 @@ def test_optimized_graph_keeps_the_contract_and_fuses(exported, arch, mask_name)
     packed = {n for n, loc in location.items() if loc == OPT_FILE + ".data" and not n.startswith(ROW)}
     assert all(n.startswith("opt.layers.") and n.endswith(".qkv_proj.weight") for n in packed)
     assert len(packed) == fused["packed_qkv"]
-    # the batch-1 branch's only new bytes: a tied LM head, transposed (exporter/gemv.py); the rest are views
+    # the batch-1 branch's new bytes are transposed copies (exporter/gemv.py); its other weights are views
     row_in_opt_data = {n for n, loc in location.items() if loc == OPT_FILE + ".data" and n.startswith(ROW)}
-    assert row_in_opt_data - {ROW + n for n in packed} <= {ROW + "lm_head.weight.T"}
+    assert all(n.endswith(".T") for n in row_in_opt_data - {ROW + n for n in packed})
     assert opt.stat().st_size < 4 * 2**20
 
 
@@ -91,8 +91,9 @@ def test_qkv_projections_are_packed_into_the_attention_node(exported, arch, mask
 
 @pytest.mark.parametrize("arch,mask_name", CASES)
 def test_batch1_decode_reads_unpacked_weights(tiny_models, exported, arch, mask_name):
-    """Batch-1 decode steps run the If's batch-1 branch, whose MatMuls read [1, K, N] views of the packed
-    branch's weights (same bytes of the same file) or, for a tied LM head, its transposed copy; the logits
+    """Batch-1 decode steps run the If's batch-1 branch, whose MatMuls read unpacked 3-D weights: B [1, K, N]
+    where K <= N, B transposed [1, N, K] (FusedMatMul transB) where K > N; views of the packed branch's
+    weights where the layout allows (same bytes of the same file), else transposed copies. The logits
     match the masked PyTorch model over several greedy steps."""
     model, tok = tiny_models[arch]
     mask = make_mask(mask_name)
@@ -102,16 +103,24 @@ def test_batch1_decode_reads_unpacked_weights(tiny_models, exported, arch, mask_
     assert dispatch.op_type == "If" and [n.op_type for n in proto.graph.node] == ["Size", "Equal", "If"]
     row = next(a.g for a in dispatch.attribute if a.name == "then_branch")
     inits = {t.name: t for t in proto.graph.initializer}
-    matmuls = [n for n in row.node if n.op_type == "MatMul"]
+    matmuls = [n for n in row.node if n.op_type in ("MatMul", "FusedMatMul")]
     assert len(matmuls) == fused["batch1_unpacked_matmuls"] == \
         sum(n.op_type == "MatMul" for n in body_graph(proto).node)
+    transposed_b = 0
     for n in matmuls:
-        view = inits[n.input[1]]
-        assert view.dims[0] == 1 and len(view.dims) == 3, n.name
-        if not view.name.endswith(".T"):  # a view: the 2-D weight's bytes, not a copy
-            original = inits[view.name[len(ROW):]]
-            assert list(view.dims[1:]) == list(original.dims)
-            assert view.external_data == original.external_data and view.raw_data == original.raw_data
+        w = inits[n.input[1]]
+        assert w.dims[0] == 1 and len(w.dims) == 3, n.name
+        trans_b = n.op_type == "FusedMatMul"
+        assert trans_b == any(a.name == "transB" and a.i == 1 for a in n.attribute)
+        k, n_out = (w.dims[2], w.dims[1]) if trans_b else (w.dims[1], w.dims[2])
+        assert trans_b == (k > n_out), n.name  # the layout rule
+        transposed_b += trans_b
+        if not w.name.endswith(".T"):  # a view: the 2-D weight's bytes, not a copy
+            original = inits[w.name[len(ROW):]]
+            assert list(w.dims[1:]) == list(original.dims)
+            assert w.external_data == original.external_data and w.raw_data == original.raw_data
+    kept_mlp = 4 - len(mask.mlp)
+    assert transposed_b >= kept_mlp  # at least the down projections (intermediate > hidden in every tiny config)
     ids, attn = left_padded(tok, PROMPTS[:1])
     assert attn.all() and ids.shape[0] == 1
     with masked(model, mask):
@@ -139,7 +148,7 @@ def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported,
         session = ort.InferenceSession(str(opt), options, providers=["CPUExecutionProvider"])
         session.run(None, bench.make_feeds(session, batch, new, 3))
         events = json.loads(Path(session.end_profiling()).read_text())
-        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}
+        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}  # + Fused
         assert ran[(batch, new)], "no MatMul in the profile"
     assert all(n.startswith(ROW) for n in ran[(1, 1)])
     for case in ((2, 1), (1, 5)):
