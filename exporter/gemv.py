@@ -98,7 +98,7 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
                 if t.data_location == TensorProto.EXTERNAL:
                     load_external_data_for_tensor(t, str(model_dir))
                 value = np.ascontiguousarray(numpy_helper.to_array(t).T)[None]
-                _append_external(value, name, data_path, new_inits, numpy_helper)
+                _append_external(value, name, data_path, new_inits)
                 made[name] = True
         rewire[id(n)] = name, want_bt
 
@@ -153,9 +153,9 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     return len(plans)
 
 
-def _append_external(value, name: str, data_path: Path, new_inits: list, numpy_helper) -> str:
+def _append_external(value, name: str, data_path: Path, new_inits: list) -> str:
     """Append `value` to `data_path` at a page-aligned offset as external initializer `name`."""
-    from onnx import TensorProto
+    from exporter.optimize import external_initializer
 
     data_path.touch()
     with open(data_path, "r+b") as fh:
@@ -163,15 +163,7 @@ def _append_external(value, name: str, data_path: Path, new_inits: list, numpy_h
         offset = -(-fh.tell() // ALIGN) * ALIGN
         fh.truncate(offset)
         fh.seek(offset)
-        blob = value.tobytes()
-        fh.write(blob)
-    t = numpy_helper.from_array(value.reshape(-1)[:0], name)
-    t.ClearField("raw_data")
-    t.dims[:] = value.shape
-    t.data_location = TensorProto.EXTERNAL
-    for key, val in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob)))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, val
-    new_inits.append(t)
+        fh.write(value.tobytes())
+    new_inits.append(external_initializer(value, name, data_path.name, offset))
     return name
 

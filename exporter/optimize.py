@@ -24,8 +24,8 @@ added the Split's time (docs/results/speed.md).
 
 Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
 The optimized graph is saved beside the plain one and reads its weights from the plain graph's external
-data file; only the concatenated q/k/v weights are new, in `model.opt.onnx.data` (the cos/sin caches
-are stored inline). Parity is checked on it exactly as on the plain graph. Graphs whose pattern is not
+data file; only the concatenated q/k/v weights and the batch-1 branch's transposed copies are new, in
+`model.opt.onnx.data` (the cos/sin caches are stored inline). Parity is checked on it exactly as on the plain graph. Graphs whose pattern is not
 recognised are refused with a reason, never half-rewritten.
 """
 
@@ -253,13 +253,7 @@ def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) 
             packed = np.ascontiguousarray(np.concatenate([value(n) for n in plan["weights"]], axis=1))
             blob = packed.tobytes()
             fh.write(blob)
-            t = numpy_helper.from_array(packed[:0].reshape(0), f"opt.layers.{layer}.qkv_proj.weight")
-            t.ClearField("raw_data")
-            t.dims[:] = packed.shape
-            t.data_location = TensorProto.EXTERNAL
-            for key, val in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(blob)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, val
+            t = external_initializer(packed, f"opt.layers.{layer}.qkv_proj.weight", data_path.name, offset)
             proto.graph.initializer.append(t)
             offset += len(blob)
             plan["weight"], plan["bias"] = t.name, None
@@ -267,6 +261,20 @@ def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) 
                 bias = np.concatenate([value(n) for n in plan["biases"]])
                 plan["bias"] = f"opt.layers.{layer}.qkv_proj.bias"
                 proto.graph.initializer.append(numpy_helper.from_array(bias, plan["bias"]))
+
+
+def external_initializer(value, name: str, location: str, offset: int):
+    """A TensorProto for `value` (numpy) whose bytes sit at `offset` in the data file `location`."""
+    from onnx import TensorProto, numpy_helper
+
+    t = numpy_helper.from_array(value.reshape(-1)[:0], name)
+    t.ClearField("raw_data")
+    t.dims[:] = value.shape
+    t.data_location = TensorProto.EXTERNAL
+    for key, val in (("location", location), ("offset", str(offset)), ("length", str(value.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, val
+    return t
 
 
 def _drop_unused_initializers(graph) -> None:
