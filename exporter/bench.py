@@ -78,10 +78,9 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
     worker and touched heap in another, which read at different cost (measured: docs/results/speed.md);
     `zero_past` keeps zeros for that comparison.
 
-    Every array starts on a 64-byte boundary, as ORT's own outputs do (a decode loop feeds those back):
-    numpy's heap gives 16-byte alignment, and a past cache read with every vector load straddling two
-    cache lines costs a graph more than it would in real decoding, by an amount that depends on where
-    malloc placed it in that worker.
+    Every array starts on a 64-byte boundary, as ORT's own outputs do (a decode loop feeds those back),
+    where numpy's heap gives 16: the bench feeds what real decoding feeds. (Measured on SmolLM2: no
+    difference either way, docs/results/speed.md; it rules out one way two workers could differ.)
 
     `head_dim` is needed only for graphs whose past inputs leave it symbolic (onnxruntime-genai's builder).
     """

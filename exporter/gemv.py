@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROW = "m1/"  # prefix of the batch-1 branch's value and node names (values must be unique across branches)
 GENERAL = "general/"  # prefix of the else branch's output names (they cannot reuse the If's output names)
-ALIGN = 4096  # new tensors in the data file start on a page, so ORT can map them without copying
+ALIGN = 4096  # new tensors in the data file start on a page boundary (where a memory mapping can start)
 
 
 def body_graph(proto):

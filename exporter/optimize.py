@@ -14,19 +14,19 @@ optimizer fuses none of that, so this module rewrites it, keeping the I/O contra
   `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
 
 That is the structure of onnxruntime-genai's builder graph, with our bias for padding. Then, for fp32
-graphs, the body is wrapped in an If that sends one-row calls (batch-1 decode) to a copy whose MatMuls read
-unpacked weights, where ONNX Runtime's matrix-vector kernel runs (exporter/gemv.py says why and what it
-costs in memory). Rotary positions
-are cache slots, not `position_ids` (see `_add_gqa`): logits are the plain graph's, padded or not, and
-`position_ids` stays an input (the contract) that the optimized graph does not read. Measured and not
+graphs, the body is wrapped in an If that sends one-row calls (batch-1 decode) to a copy whose MatMuls
+read unpacked weights, where ONNX Runtime's one-row kernels run (exporter/gemv.py says why and what it
+costs in memory). Rotary positions are cache slots, not `position_ids` (see `_add_gqa`): logits are the
+plain graph's, padded or not, and `position_ids` stays an input (the contract) that the optimized graph
+does not read. Measured and not
 done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
 added the Split's time (docs/results/speed.md).
 
 Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
 The optimized graph is saved beside the plain one and reads its weights from the plain graph's external
 data file; only the concatenated q/k/v weights and the batch-1 branch's transposed copies are new, in
-`model.opt.onnx.data` (the cos/sin caches are stored inline). Parity is checked on it exactly as on the plain graph. Graphs whose pattern is not
-recognised are refused with a reason, never half-rewritten.
+`model.opt.onnx.data` (the cos/sin caches are stored inline). Parity is checked on it exactly as on the
+plain graph. Graphs whose pattern is not recognised are refused with a reason, never half-rewritten.
 """
 
 from __future__ import annotations
