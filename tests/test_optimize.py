@@ -148,7 +148,8 @@ def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported,
         session = ort.InferenceSession(str(opt), options, providers=["CPUExecutionProvider"])
         session.run(None, bench.make_feeds(session, batch, new, 3))
         events = json.loads(Path(session.end_profiling()).read_text())
-        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}  # FusedMatMul nodes keep their MatMul names
+        # FusedMatMul nodes keep their MatMul names
+        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}
         assert ran[(batch, new)], "no MatMul in the profile"
     assert all(n.startswith(ROW) for n in ran[(1, 1)])
     for case in ((2, 1), (1, 5)):
