@@ -12,6 +12,7 @@ import torch
 from conftest import PROMPTS
 from exporter.genai import CONFIG_FILE, genai_greedy, write_genai_config
 from exporter.onnx_export import export_onnx
+from exporter.optimize import OPT_FILE, optimize_onnx
 from exporter.parity import greedy_tokens
 from exporter.runners import HFRunner
 from exporter.surgery import SkipMask, apply_skip, masked
@@ -47,13 +48,18 @@ def test_genai_config_keeps_base_layer_numbering(tiny_models, tmp_path):
     assert config["model"]["type"] == "qwen3"
 
 
+@pytest.mark.parametrize("graph", ["model.onnx", OPT_FILE])
 @pytest.mark.parametrize("arch,mask", [("llama", SkipMask(attention=(1, 2), mlp=(2,))),
                                        ("qwen2", SkipMask(attention=(0, 3)))])
-def test_genai_greedy_equals_masked_pytorch_on_tiny_models(tiny_models, tmp_path, arch, mask):
+def test_genai_greedy_equals_masked_pytorch_on_tiny_models(tiny_models, tmp_path, arch, mask, graph):
+    """Both graphs: the pipeline points genai_config.json at the optimized one (its decode steps take the
+    batch-1 branch) and keeps the plain one for everything else."""
     _og()
     model, tok = tiny_models[arch]
     export_onnx(apply_skip(model, mask), tmp_path)
-    write_genai_config(model, tmp_path, "model.onnx", 256)
+    if graph == OPT_FILE:
+        assert optimize_onnx(tmp_path / "model.onnx", model.config)["batch1_unpacked_matmuls"] > 0
+    write_genai_config(model, tmp_path, graph, 256)
     eos = json.loads((tmp_path / CONFIG_FILE).read_text())["model"]["eos_token_id"]
     for prompt in PROMPTS:
         ids = tok.encode(prompt)

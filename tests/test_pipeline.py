@@ -61,6 +61,8 @@ def test_report_json_contents(tiny_run):
     assert r["kv_cache"]["bytes_per_token_skipped"] * 6 == r["kv_cache"]["bytes_per_token_full"] * 4
     md = (out / "report.md").read_text()
     assert "PASSED" in md and "onnx:fp32" in md
+    # onnxruntime-genai is pointed at the optimized graph (parity-checked like the plain one)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.opt.onnx"
 
 
 def test_failed_parity_exits_1_and_keeps_the_previous_artifact(tiny_run, tmp_path):
