@@ -93,3 +93,31 @@ def test_genai_greedy_text_equals_pytorch_on_smollm2(tmp_path):
         # genai's own tokenizer, read from the artifact's tokenizer files, gives the same text
         assert og_tok.decode(got) == tok.decode(got, skip_special_tokens=True)
         print(f"{prompt!r}: {P.decode(tok, got)!r}")
+
+
+def test_genai_second_turn_after_rewind_equals_masked_pytorch(tiny_models, tmp_path):
+    """A chat's next turn: onnxruntime-genai 0.18.0's append_tokens after generated tokens fails with
+    past_present_share_buffer false (the builder's own graph too; docs/serving.md), so a turn rewinds and
+    appends the whole history. That recomputes the prefix and must give the masked model's tokens."""
+    og = _og()
+    model, tok = tiny_models["llama"]
+    mask = SkipMask(attention=(1, 2), mlp=(2,))
+    export_onnx(apply_skip(model, mask), tmp_path)
+    optimize_onnx(tmp_path / "model.onnx", model.config)
+    write_genai_config(model, tmp_path, OPT_FILE, 256)
+    eos = json.loads((tmp_path / CONFIG_FILE).read_text())["model"]["eos_token_id"]
+    m = og.Model(str(tmp_path))
+    params = og.GeneratorParams(m)
+    params.set_search_options(do_sample=False, max_length=200)
+    generator = og.Generator(m, params)
+    history: list[int] = []
+    for turn in PROMPTS:
+        history += tok.encode(turn)
+        generator.rewind_to(0)
+        generator.append_tokens(history)
+        got = []
+        while not generator.is_done() and len(got) < 10:
+            generator.generate_next_token()
+            got.append(int(generator.get_next_tokens()[0]))
+        assert got == torch_greedy(model, mask, history, 10, eos)
+        history += got
