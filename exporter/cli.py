@@ -177,7 +177,7 @@ def _generate(argv: list[str], console) -> int:
                         help="wrap the prompt in the chat template (default: what the recipe validated with)")
     parser.add_argument("--runtime", choices=("ort", "genai"), default="ort",
                         help="ONNX Runtime via export-skip's runner, or onnxruntime-genai (extra [genai])")
-    parser.add_argument("--onnx", help="graph file inside the folder (default: model.onnx)")
+    parser.add_argument("--onnx", help="graph file inside the folder (default: model.opt.onnx where the run wrote one, else model.onnx)")
     args = parser.parse_args(argv)
     generate(args.folder, args.prompt, args.max_new_tokens, args.chat, args.runtime, args.onnx)
     return 0

@@ -1,6 +1,7 @@
 """`export-skip generate DIR --prompt ...`: stream greedy text from an artifact, to see it speak.
 
-Runs the artifact's model.onnx in ONNX Runtime (`OrtRunner`, the runner the parity checks use) or,
+Runs the artifact's model.opt.onnx (model.onnx where there is none, or `--onnx`) in ONNX Runtime
+(`OrtRunner`, the runner the parity checks use) or,
 with `--runtime genai`, through onnxruntime-genai and the folder's genai_config.json. The tokenizer
 comes from the folder's tokenizer files; random-weight test models have none and use the same byte
 tokenizer the pipeline used (their text is token numbers, not words).
@@ -34,12 +35,14 @@ def _manifest(folder: Path) -> dict | None:
 
 
 def _onnx_file(folder: Path, manifest: dict | None, name: str | None) -> Path:
+    """The graph to run: `name`, else the optimized graph when the run wrote one (faster on CPU, same
+    contract and parity checks as the plain one), else model.onnx."""
+    graphs = list((manifest or {}).get("onnx") or [])
     if name:
         path = folder / name
-    elif manifest and manifest.get("onnx"):
-        path = folder / ("model.onnx" if "model.onnx" in manifest["onnx"] else next(iter(manifest["onnx"])))
     else:
-        path = folder / "model.onnx"
+        path = folder / next((g for g in ("model.opt.onnx", "model.onnx") if g in graphs), graphs[0] if graphs
+                             else "model.onnx")
     if not path.is_file():
         raise UserError(f"{path}: no ONNX graph here (give an artifact folder written by export-skip)")
     return path

@@ -142,8 +142,9 @@ def test_inspect_draws_the_mask_as_a_layer_map(artifact):
     assert cli("inspect", artifact).returncode == 0
 
 
-def test_generate_streams_the_masked_models_greedy_tokens(artifact):
-    from exporter.generate import generate
+@pytest.mark.parametrize("graph", [None, "model.onnx"])  # default: the optimized graph the run wrote
+def test_generate_streams_the_masked_models_greedy_tokens(artifact, graph):
+    from exporter.generate import _onnx_file, generate
     from exporter.parity import greedy_tokens
     from exporter.runners import HFRunner
     from exporter.surgery import SkipMask, masked
@@ -152,7 +153,8 @@ def test_generate_streams_the_masked_models_greedy_tokens(artifact):
 
     model, tok = load_model(load_recipe(TINY).model)
     out = io.StringIO()
-    tokens = generate(artifact, "Hello there", max_new_tokens=12, out=out)
+    tokens = generate(artifact, "Hello there", max_new_tokens=12, onnx_file=graph, out=out)
+    assert _onnx_file(artifact, read_manifest(artifact), graph).name == (graph or "model.opt.onnx")
     ids = torch.tensor([tok.encode("Hello there")])
     with masked(model, SkipMask(attention=(3, 4), mlp=(4,))):
         reference = greedy_tokens(HFRunner(model), ids, torch.ones_like(ids), 11)[0]
