@@ -4,21 +4,21 @@ The plain graph (export_onnx) spells attention out op by op (rotary, repeat_inte
 additive mask, softmax) and RMSNorm as Pow/ReduceMean/Sqrt/Reciprocal/Mul. ONNX Runtime's own graph
 optimizer fuses none of that, so this module rewrites it, keeping the I/O contract (names, dtypes, dims):
 
-- each kept attention layer becomes one `com.microsoft.GroupQueryAttention` node that applies rotary
-  itself (cos/sin caches computed from the config), reads grouped KV heads without copies, takes our
-  additive bias as `attention_bias` (so left padding and sliding windows mean what they mean in the plain
-  graph) and produces `present.{i}.*` (past and present in separate buffers, as the contract has them);
+- each kept attention layer becomes `com.microsoft.RotaryEmbedding` of q and k at `position_ids` (cos/sin
+  caches computed from the config) and one `com.microsoft.GroupQueryAttention` node that reads grouped KV
+  heads without copies, takes our additive bias as `attention_bias` (so padding, left or right, and
+  sliding windows mean what they mean in the plain graph) and produces `present.{i}.*` (past and present
+  in separate buffers, as the contract has them);
 - where q, k and v are three MatMuls of the same input (+ constant biases: Qwen2), they become one MatMul
-  (+ one Add) on the concatenated weight, read packed by the attention node (no Split);
+  (+ one Add) on the concatenated weight, then one Split;
 - each RMSNorm becomes `SimplifiedLayerNormalization`, and a residual add feeding a norm becomes
   `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
 
-That is the structure of onnxruntime-genai's builder graph, with our bias for padding. Then, for fp32
+That is close to onnxruntime-genai's builder graph (which rotates inside the attention node, at cache slots), with
+our bias for padding and rotary at `position_ids`. Then, for fp32
 graphs, the body is wrapped in an If that sends one-row calls (batch-1 decode) to a copy whose MatMuls
 read unpacked weights, where ONNX Runtime's one-row kernels run (exporter/gemv.py says why and what it
-costs in memory). Rotary positions are cache slots, not `position_ids` (see `_add_gqa`): logits are the
-plain graph's, padded or not, and `position_ids` stays an input (the contract) that the optimized graph
-does not read. Measured and not
+costs in memory). Measured and not
 done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
 added the Split's time (docs/results/speed.md).
 
@@ -172,38 +172,46 @@ def _find_attention(g: _Graph, layer: int):
 
 
 def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict):
-    """One GroupQueryAttention node doing rotary, cache append and attention for layer `layer`.
+    """Layer `layer`'s attention as ORT contrib ops: q/k/v (one packed MatMul + Split where packable),
+    `RotaryEmbedding` of q and k at `position_ids`, and one GroupQueryAttention node for cache append and
+    attention.
 
-    Rotary runs inside the node (do_rotary=1) at the cache slot index (past length + i), not at
-    `position_ids`: RoPE scores depend only on the distance between two positions, and with left padding
-    a row's real tokens sit in consecutive slots, so every real query-key distance, hence every logit, is
-    the plain graph's. (Keys of a left-padded row are stored rotated by a constant offset from the plain
-    graph's: the two graphs' caches are not interchangeable for such rows.) Padding is masked by our
-    additive bias (`attention_bias`), which also carries sliding windows.
+    Rotary reads `position_ids` as the plain graph does, so any padding the mask describes means the same
+    in both graphs: left padding (our runners), right padding with holes in the mask (onnxruntime-genai
+    batches), and the caches are interchangeable. GroupQueryAttention's own rotary is not used: it rotates
+    at cache-slot indices, which equal the positions only without padding (a first version did that and
+    gave onnxruntime-genai's right-padded rows wrong tokens). Padding is masked by our additive bias
+    (`attention_bias`), which also carries sliding windows.
     """
     from onnx import helper
 
+    head_dim = shared["head_dim"]
     nodes = []
-    if "qkv" in found:  # one MatMul (+ bias) for q, k and v: GroupQueryAttention reads it packed
+    q_raw, k_raw, v = (f"gqa{layer}_{key}" for key in ("q_raw", "k_raw", "v"))
+    if "qkv" in found:  # one MatMul (+ bias) for q, k and v, split for the rotary
         qkv = found["qkv"]
         packed = f"gqa{layer}_qkv"
         out = packed if qkv.get("bias") is None else f"gqa{layer}_qkv_nobias"
         nodes.append(helper.make_node("MatMul", [qkv["input"], qkv["weight"]], [out], name=f"gqa{layer}_qkv_proj"))
         if qkv.get("bias") is not None:
             nodes.append(helper.make_node("Add", [out, qkv["bias"]], [packed], name=f"gqa{layer}_qkv_bias"))
-        q, k, v = packed, "", ""
+        sizes = shared["split_sizes"](heads * head_dim, kv_heads * head_dim)
+        nodes.append(helper.make_node("Split", [packed, sizes], [q_raw, k_raw, v], name=f"gqa{layer}_split", axis=-1))
     else:  # q/k norms (qwen3) sit between the projections and attention: three inputs, [B, T, H*D] each
-        q, k, v = (f"gqa{layer}_{key}" for key in ("q", "k", "v"))
-        for key, name in (("q", q), ("k", k), ("v", v)):  # [B, T, H, D] -> [B, T, H*D]
+        for key, name in (("q", q_raw), ("k", k_raw), ("v", v)):  # [B, T, H, D] -> [B, T, H*D]
             nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [name],
                                           name=f"gqa{layer}_pack_{key}"))
+    q, k = f"gqa{layer}_q", f"gqa{layer}_k"
+    for raw, rotated in ((q_raw, q), (k_raw, k)):
+        nodes.append(helper.make_node("RotaryEmbedding", [raw, "position_ids", shared["cos"], shared["sin"]],
+                                      [rotated], name=f"gqa{layer}_rotary_{rotated[-1]}", domain=MS, interleaved=0))
     nodes.append(helper.make_node(
         "GroupQueryAttention",
         [q, k, v, found["past_k"], found["past_v"], shared["seqlens_k"], shared["total_len"],
-         shared["cos"], shared["sin"], "", found["bias"]],
+         "", "", "", found["bias"]],
         [found["out"], f"present.{layer}.key", f"present.{layer}.value"],
         name=f"GroupQueryAttention_{layer}", domain=MS, num_heads=heads, kv_num_heads=kv_heads,
-        do_rotary=1, rotary_interleaved=0, scale=found["scale"], local_window_size=-1))
+        do_rotary=0, scale=found["scale"], local_window_size=-1))
     return nodes
 
 
@@ -284,8 +292,9 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(keep)
 
 
-def _shared_inputs(proto, cos, sin, np_dtype):
-    """seqlens_k (= total - 1 for every row: the bias does the padding), total length, rotary caches."""
+def _shared_inputs(proto, cos, sin, np_dtype, head_dim: int):
+    """seqlens_k (= total - 1 for every row: the bias does the padding), total length, rotary caches,
+    and the q/k/v split sizes (one small constant per distinct shape)."""
     from onnx import TensorProto, helper, numpy_helper
     import numpy as np
 
@@ -307,8 +316,16 @@ def _shared_inputs(proto, cos, sin, np_dtype):
         helper.make_node("Sub", ["opt_total_1d_i32", "opt_one_i32"], ["opt_last"], name="opt_last"),
         helper.make_node("Expand", ["opt_last", "opt_batch_1d"], ["opt_seqlens_k"], name="opt_seqlens_k"),
     ]
+    def split_sizes(q: int, kv: int) -> str:
+        name = f"opt_split_{q}_{kv}"
+        if name not in split_sizes.made:
+            split_sizes.made.add(name)
+            proto.graph.initializer.append(numpy_helper.from_array(np.array([q, kv, kv], dtype=np.int64), name))
+        return name
+
+    split_sizes.made = set()
     shared = {"pack_shape": "opt_pack_shape", "seqlens_k": "opt_seqlens_k", "total_len": "opt_total_len",
-              "cos": "opt_cos_cache", "sin": "opt_sin_cache"}
+              "cos": "opt_cos_cache", "sin": "opt_sin_cache", "head_dim": head_dim, "split_sizes": split_sizes}
     return nodes, shared
 
 
@@ -447,7 +464,7 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
         cos, sin = rotary_caches(config, max_positions or config.max_position_embeddings)
         if cos.shape[-1] * 2 != head_dim:
             raise NotOptimizable("partial rotary embeddings are not handled")
-        shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem])
+        shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem], head_dim)
         new_nodes += shared_nodes
         for i in kept:
             for n in found[i]["remove"]:

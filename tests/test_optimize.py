@@ -69,9 +69,10 @@ def test_optimized_graph_keeps_the_contract_and_fuses(exported, arch, mask_name)
 
 
 @pytest.mark.parametrize("arch,mask_name", CASES)
-def test_qkv_projections_are_packed_into_the_attention_node(exported, arch, mask_name):
-    """q/k/v become one MatMul (+ one bias Add for qwen2) read packed by GroupQueryAttention, which also does
-    the rotary; qwen3's q/k norms sit between projection and attention, so its three MatMuls stay."""
+def test_qkv_projections_are_packed_then_rotated_at_position_ids(exported, arch, mask_name):
+    """q/k/v become one MatMul (+ one bias Add for qwen2) and a Split; qwen3's q/k norms sit between
+    projection and attention, so its three MatMuls stay. q and k are rotated by RotaryEmbedding at
+    `position_ids` (as in the plain graph), not by GroupQueryAttention at cache slots."""
     _, opt, fused = exported[(arch, mask_name)]
     mask = make_mask(mask_name)
     kept_attention, kept_mlp = len(mask.kept_attention(4)), 4 - len(mask.mlp)
@@ -81,12 +82,16 @@ def test_qkv_projections_are_packed_into_the_attention_node(exported, arch, mask
     assert fused["packed_qkv"] == (kept_attention if packable else 0)
     per_attention = 2 if packable else 4  # qkv + o, or q, k, v + o
     assert ops["MatMul"] == per_attention * kept_attention + 3 * kept_mlp + 1  # + the LM head
-    assert ops["Split"] == 0 and ops["RotaryEmbedding"] == 0
-    for node in body_graph(proto).node:
+    assert ops["Split"] == (kept_attention if packable else 0)
+    assert ops["RotaryEmbedding"] == 2 * kept_attention
+    nodes = body_graph(proto).node
+    rotary_inputs = {n.output[0]: n.input[1] for n in nodes if n.op_type == "RotaryEmbedding"}
+    for node in nodes:
         if node.op_type == "GroupQueryAttention":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            assert attrs["do_rotary"] == 1 and node.input[10]  # rotary inside, our bias as attention_bias
-            assert (node.input[1] == node.input[2] == "") == packable  # packed q/k/v: key and value empty
+            assert attrs["do_rotary"] == 0 and node.input[10]  # no slot-index rotary; our bias as attention_bias
+            assert rotary_inputs[node.input[0]] == rotary_inputs[node.input[1]] == "position_ids"
+            assert node.input[2] and not any(node.input[7:10])  # separate v; no cos/sin/position inputs
 
 
 @pytest.mark.parametrize("arch,mask_name", CASES)
@@ -191,20 +196,25 @@ def test_optimized_graph_continues_a_prompt_in_chunks(tiny_models, exported, arc
         runner.forward(ids[:, -3:], attn, runner.next_position + torch.arange(3))
 
 
-def test_unpadded_cache_equals_the_plain_graphs(tiny_models, exported):
-    """Without padding the rotary slot index is the position: present.* match the plain graph's."""
+def test_left_padded_cache_equals_the_plain_graphs(tiny_models, exported):
+    """Rotary at `position_ids` in both graphs: present.* match the plain graph's at every real token,
+    padded rows included, so the two graphs' caches are interchangeable. (Slots of padding hold what a
+    query that attends to nothing computes, which differs between the graphs and is masked in both.)"""
     import numpy as np
 
     _, tok = tiny_models["llama"]
     plain, opt, _ = exported[("llama", "attention")]
-    ids, attn = left_padded(tok, PROMPTS[:1])
+    ids, attn = left_padded(tok, PROMPTS)
+    assert (attn == 0).any()
     caches = []
     for path in (plain, opt):
         runner = OrtRunner(path)
         runner.prefill(ids, attn)
         caches.append(runner.past)
+    real = attn.numpy().astype(bool)  # [batch, slot]
     for name in caches[0]:
-        assert np.abs(caches[0][name] - caches[1][name]).max() < 1e-5, name
+        diff = np.abs(caches[0][name] - caches[1][name]).transpose(0, 2, 1, 3)  # [batch, slot, head, dim]
+        assert diff[real].max() < 1e-5, name
 
 
 def test_rope_that_depends_on_length_is_refused(tiny_models):
@@ -226,3 +236,42 @@ def test_unrecognised_graph_is_refused_without_writing(tmp_path):
     with pytest.raises(NotOptimizable):
         optimize_onnx(plain, None)
     assert not (tmp_path / OPT_FILE).exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_right_padded_batch_with_holes_matches_the_plain_graph(tiny_models, exported, arch):
+    """onnxruntime-genai right-pads a batch's prompts and appends each step after the padding, so a short
+    row's mask has a hole ([1, 1, 0, 0, 1]) and its positions skip the padding. Both graphs read rotary
+    positions from `position_ids`, so their logits agree at every real token, over several steps."""
+    import numpy as np
+    import onnxruntime as ort
+
+    _, tok = tiny_models[arch]
+    plain, opt, _ = exported[(arch, "attention")]
+    rows = [tok.encode(p) for p in PROMPTS]
+    width = max(len(r) for r in rows)
+    ids = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+    mask = np.array([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+    assert (mask == 0).any()
+    positions = np.array([list(range(width))] * len(rows), dtype=np.int64)
+    sessions = {n: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for n, p in
+                (("plain", plain), ("opt", opt))}
+    past_names = [i.name for i in sessions["plain"].get_inputs() if i.name.startswith("past_key_values.")]
+    head_dim = sessions["plain"].get_inputs()[3].shape[-1]
+    kv_heads = CONFIGS[arch]["num_key_value_heads"]
+    state = {n: {name: np.zeros((len(rows), kv_heads, 0, head_dim), np.float32) for name in past_names}
+             for n in sessions}
+    next_pos = np.array([[len(r)] for r in rows], dtype=np.int64)
+    for step in range(4):
+        logits = {}
+        for n, sess in sessions.items():
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **state[n]}
+            out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+            logits[n] = out["logits"]
+            state[n] = {name: out[name.replace("past_key_values", "present")] for name in past_names}
+        real = mask[:, -ids.shape[1]:].astype(bool)  # padding queries attend to nothing: not compared
+        assert np.abs(logits["plain"][real] - logits["opt"][real]).max() < 1e-4, step
+        last = np.array([[logits["plain"][b, (real[b].nonzero()[0][-1])].argmax()] for b in range(len(rows))])
+        ids, positions = last.astype(np.int64), next_pos.copy()
+        next_pos += 1
+        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
