@@ -14,11 +14,10 @@ optimizer fuses none of that, so this module rewrites it, keeping the I/O contra
 - each RMSNorm becomes `SimplifiedLayerNormalization`, and a residual add feeding a norm becomes
   `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
 
-That is close to onnxruntime-genai's builder graph (which rotates inside the attention node, at cache slots), with
-our bias for padding and rotary at `position_ids`. Then, for fp32
-graphs, the body is wrapped in an If that sends one-row calls (batch-1 decode) to a copy whose MatMuls
-read unpacked weights, where ONNX Runtime's one-row kernels run (exporter/gemv.py says why and what it
-costs in memory). Measured and not
+That is close to onnxruntime-genai's builder graph (which rotates inside the attention node, at cache
+slots), with our bias for padding and rotary at `position_ids`. Then, for fp32 graphs, the body is wrapped
+in an If that sends one-row calls (batch-1 decode) to a copy whose MatMuls read unpacked weights, where
+ONNX Runtime's one-row kernels run (exporter/gemv.py says why and what it costs in memory). Measured and not
 done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
 added the Split's time (docs/results/speed.md).
 
