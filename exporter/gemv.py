@@ -51,9 +51,8 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     `data_path` (created if missing); `model_dir` is where the external data of `proto` lives."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor
 
-    from exporter.optimize import _drop_dead_nodes
+    from exporter.optimize import _drop_dead_nodes, initializer_array
 
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
@@ -94,10 +93,7 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
         else:  # a transposed copy, appended to the data file
             name = ROW + w + ".T"
             if name not in made:
-                t = copy.deepcopy(inits[w])
-                if t.data_location == TensorProto.EXTERNAL:
-                    load_external_data_for_tensor(t, str(model_dir))
-                value = np.ascontiguousarray(numpy_helper.to_array(t).T)[None]
+                value = np.ascontiguousarray(initializer_array(inits[w], model_dir).T)[None]
                 _append_external(value, name, data_path, new_inits)
                 made[name] = True
         rewire[id(n)] = name, want_bt

@@ -242,17 +242,12 @@ def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) 
     """Concatenate each layer's q/k/v weights ([C, out] each) into one initializer in `data_path` (biases,
     when there are any, into one small inline initializer); sets plan["weight"] and plan["bias"]."""
     import numpy as np
-    from onnx import TensorProto, numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor
+    from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
 
     def value(name):
-        tensor = TensorProto()
-        tensor.CopyFrom(inits[name])
-        if tensor.data_location == TensorProto.EXTERNAL:
-            load_external_data_for_tensor(tensor, str(plain_dir))
-        return numpy_helper.to_array(tensor)
+        return initializer_array(inits[name], plain_dir)
 
     offset = 0
     with open(data_path, "wb") as fh:
@@ -268,6 +263,33 @@ def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) 
                 bias = np.concatenate([value(n) for n in plan["biases"]])
                 plan["bias"] = f"opt.layers.{layer}.qkv_proj.bias"
                 proto.graph.initializer.append(numpy_helper.from_array(bias, plan["bias"]))
+
+
+def initializer_array(tensor, folder: Path):
+    """An initializer's values, reading external data from `folder` (the proto is left as it was).
+
+    onnx refuses external data behind a symbolic link or a file with several hard links (its
+    "hardlink attack" check); that is said as one line with the remedy, not as onnx's traceback.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from exporter.errors import UserError
+
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    if copy.data_location == TensorProto.EXTERNAL:
+        try:
+            load_external_data_for_tensor(copy, str(folder))
+        except onnx.checker.ValidationError as exc:
+            if "link" not in str(exc):
+                raise
+            location = next(e.value for e in copy.external_data if e.key == "location")
+            raise UserError(f"{Path(folder) / location}: onnx reads external data only from a plain file (this "
+                            "one is a symbolic link or has several hard links); replace it with a copy "
+                            "(cp --remove-destination) or delete its folder to have it made again") from None
+    return numpy_helper.to_array(copy)
 
 
 def external_initializer(value, name: str, location: str, offset: int):
@@ -451,38 +473,46 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
 
     found = {i: _find_attention(g, i) for i in kept}  # all or nothing: raises before any change
     plans = {i: plan for i in kept if (plan := _plan_qkv_packing(g, found[i])) is not None}
-    data_path = out_path.with_name(out_path.name + ".data")
-    data_path.unlink(missing_ok=True)
-    if plans:  # the concatenated q/k/v weights are new tensors: they go to model.opt.onnx.data
-        _write_packed_weights(proto, plans, plain_path.parent, data_path)
-        for i, plan in plans.items():
-            found[i]["qkv"] = plan
-    new_nodes = []
-    if kept:
+    if kept:  # checked before anything is written
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cos, sin = rotary_caches(config, max_positions or config.max_position_embeddings)
         if cos.shape[-1] * 2 != head_dim:
             raise NotOptimizable("partial rotary embeddings are not handled")
-        shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem], head_dim)
-        new_nodes += shared_nodes
-        for i in kept:
-            for n in found[i]["remove"]:
-                proto.graph.node.remove(n)
-            new_nodes += _add_gqa(g, proto, i, found[i], config.num_attention_heads, config.num_key_value_heads, shared)
-    proto.graph.node.extend(new_nodes)
-    _drop_dead_nodes(proto.graph)
-    g.reindex()
-    norms, skips = _fuse_norms(g)
-    _drop_dead_nodes(proto.graph)
-    _drop_unused_initializers(proto.graph)
-    _topological_sort(proto.graph)
-    if not any(o.domain == MS for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS, 1))
-    nodes = len(proto.graph.node)
-    gemv = 0
-    if batch1_path and (not kept or elem == onnx.TensorProto.FLOAT):  # one-row calls: unpacked weights (gemv.py)
-        gemv = add_batch1_path(proto, data_path, plain_path.parent)
-    onnx.save(proto, str(out_path))
+    data_path = out_path.with_name(out_path.name + ".data")
+    data_path.unlink(missing_ok=True)
+    out_path.unlink(missing_ok=True)  # a graph left from an earlier run reads the data file just removed
+    try:
+        if plans:  # the concatenated q/k/v weights are new tensors: they go to model.opt.onnx.data
+            _write_packed_weights(proto, plans, plain_path.parent, data_path)
+            for i, plan in plans.items():
+                found[i]["qkv"] = plan
+        new_nodes = []
+        if kept:
+            shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem], head_dim)
+            new_nodes += shared_nodes
+            for i in kept:
+                for n in found[i]["remove"]:
+                    proto.graph.node.remove(n)
+                new_nodes += _add_gqa(g, proto, i, found[i], config.num_attention_heads,
+                                      config.num_key_value_heads, shared)
+        proto.graph.node.extend(new_nodes)
+        _drop_dead_nodes(proto.graph)
+        g.reindex()
+        norms, skips = _fuse_norms(g)
+        _drop_dead_nodes(proto.graph)
+        _drop_unused_initializers(proto.graph)
+        _topological_sort(proto.graph)
+        if not any(o.domain == MS for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(MS, 1))
+        nodes = len(proto.graph.node)
+        gemv = 0
+        if batch1_path and (not kept or elem == onnx.TensorProto.FLOAT):  # one-row calls: unpacked (gemv.py)
+            gemv = add_batch1_path(proto, data_path, plain_path.parent)
+        onnx.save(proto, str(out_path))
+    except BaseException:  # nothing half-written: no data file without its graph, no graph without its data
+        data_path.unlink(missing_ok=True)
+        out_path.unlink(missing_ok=True)
+        raise
     # No onnx.checker here: SimplifiedLayerNormalization is an ONNX Runtime op in the default domain,
     # which the checker rejects. ONNX Runtime loading the graph, and parity, are the checks.
     return {"path": out_path.name, "data": data_path.name if data_path.exists() else None,

@@ -275,3 +275,17 @@ def test_right_padded_batch_with_holes_matches_the_plain_graph(tiny_models, expo
         ids, positions = last.astype(np.int64), next_pos.copy()
         next_pos += 1
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
+
+
+def test_linked_external_data_is_one_clear_line_and_leaves_nothing(tiny_models, exported, tmp_path):
+    """onnx refuses external data behind a symbolic link (or with several hard links): said as one line
+    with the remedy, and no half-written model.opt.onnx(.data) is left."""
+    from exporter.errors import UserError
+
+    plain, _, _ = exported[("llama", "attention")]
+    (tmp_path / plain.name).write_bytes(plain.read_bytes())
+    (tmp_path / (plain.name + ".data")).symlink_to(plain.with_name(plain.name + ".data"))
+    with pytest.raises(UserError, match=r"only from a plain file .*\(cp --remove-destination\)") as err:
+        optimize_onnx(tmp_path / plain.name, tiny_models["llama"][0].config)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / OPT_FILE).exists() and not (tmp_path / (OPT_FILE + ".data")).exists()
