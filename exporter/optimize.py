@@ -184,7 +184,6 @@ def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: in
     """
     from onnx import helper
 
-    head_dim = shared["head_dim"]
     nodes = []
     q_raw, k_raw, v = (f"gqa{layer}_{key}" for key in ("q_raw", "k_raw", "v"))
     if "qkv" in found:  # one MatMul (+ bias) for q, k and v, split for the rotary
@@ -194,8 +193,8 @@ def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: in
         nodes.append(helper.make_node("MatMul", [qkv["input"], qkv["weight"]], [out], name=f"gqa{layer}_qkv_proj"))
         if qkv.get("bias") is not None:
             nodes.append(helper.make_node("Add", [out, qkv["bias"]], [packed], name=f"gqa{layer}_qkv_bias"))
-        sizes = shared["split_sizes"](heads * head_dim, kv_heads * head_dim)
-        nodes.append(helper.make_node("Split", [packed, sizes], [q_raw, k_raw, v], name=f"gqa{layer}_split", axis=-1))
+        nodes.append(helper.make_node("Split", [packed, shared["qkv_split"]], [q_raw, k_raw, v],
+                                      name=f"gqa{layer}_split", axis=-1))
     else:  # q/k norms (qwen3) sit between the projections and attention: three inputs, [B, T, H*D] each
         for key, name in (("q", q_raw), ("k", k_raw), ("v", v)):  # [B, T, H, D] -> [B, T, H*D]
             nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [name],
@@ -313,9 +312,9 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(keep)
 
 
-def _shared_inputs(proto, cos, sin, np_dtype, head_dim: int):
+def _shared_inputs(proto, cos, sin, np_dtype, qkv_split: tuple[int, int, int]):
     """seqlens_k (= total - 1 for every row: the bias does the padding), total length, rotary caches,
-    and the q/k/v split sizes (one small constant per distinct shape)."""
+    and the sizes a packed q/k/v output splits into."""
     from onnx import TensorProto, helper, numpy_helper
     import numpy as np
 
@@ -326,6 +325,7 @@ def _shared_inputs(proto, cos, sin, np_dtype, head_dim: int):
         "opt_idx0": np.array([0], dtype=np.int64),
         "opt_cos_cache": cos.astype(np_dtype),
         "opt_sin_cache": sin.astype(np_dtype),
+        "opt_qkv_split": np.array(qkv_split, dtype=np.int64),
     }
     proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     nodes = [
@@ -337,16 +337,8 @@ def _shared_inputs(proto, cos, sin, np_dtype, head_dim: int):
         helper.make_node("Sub", ["opt_total_1d_i32", "opt_one_i32"], ["opt_last"], name="opt_last"),
         helper.make_node("Expand", ["opt_last", "opt_batch_1d"], ["opt_seqlens_k"], name="opt_seqlens_k"),
     ]
-    def split_sizes(q: int, kv: int) -> str:
-        name = f"opt_split_{q}_{kv}"
-        if name not in split_sizes.made:
-            split_sizes.made.add(name)
-            proto.graph.initializer.append(numpy_helper.from_array(np.array([q, kv, kv], dtype=np.int64), name))
-        return name
-
-    split_sizes.made = set()
     shared = {"pack_shape": "opt_pack_shape", "seqlens_k": "opt_seqlens_k", "total_len": "opt_total_len",
-              "cos": "opt_cos_cache", "sin": "opt_sin_cache", "head_dim": head_dim, "split_sizes": split_sizes}
+              "cos": "opt_cos_cache", "sin": "opt_sin_cache", "qkv_split": "opt_qkv_split"}
     return nodes, shared
 
 
@@ -488,13 +480,14 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
                 found[i]["qkv"] = plan
         new_nodes = []
         if kept:
-            shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem], head_dim)
+            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+            split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+            shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem], split)
             new_nodes += shared_nodes
             for i in kept:
                 for n in found[i]["remove"]:
                     proto.graph.node.remove(n)
-                new_nodes += _add_gqa(g, proto, i, found[i], config.num_attention_heads,
-                                      config.num_key_value_heads, shared)
+                new_nodes += _add_gqa(g, proto, i, found[i], heads, kv_heads, shared)
         proto.graph.node.extend(new_nodes)
         _drop_dead_nodes(proto.graph)
         g.reindex()
