@@ -77,7 +77,7 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     if not plans:
         return 0
 
-    new_inits, made, rewire = [], {}, {}
+    new_inits, made, rewire = [], set(), {}
     for n, w, b_is_transposed in plans:
         rows, cols = inits[w].dims
         k, n_out = (cols, rows) if b_is_transposed else (rows, cols)  # B is [K, N]
@@ -89,13 +89,13 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
                 v = copy.deepcopy(inits[w])
                 v.name, v.dims[:] = name, [1, *inits[w].dims]
                 new_inits.append(v)
-                made[name] = True
+                made.add(name)
         else:  # a transposed copy, appended to the data file
             name = ROW + w + ".T"
             if name not in made:
                 value = np.ascontiguousarray(initializer_array(inits[w], model_dir).T)[None]
                 _append_external(value, name, data_path, new_inits)
-                made[name] = True
+                made.add(name)
         rewire[id(n)] = name, want_bt
 
     outputs = {o.name for o in g.output}
@@ -149,7 +149,7 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     return len(plans)
 
 
-def _append_external(value, name: str, data_path: Path, new_inits: list) -> str:
+def _append_external(value, name: str, data_path: Path, new_inits: list) -> None:
     """Append `value` to `data_path` at a page-aligned offset as external initializer `name`."""
     from exporter.optimize import external_initializer
 
@@ -161,5 +161,4 @@ def _append_external(value, name: str, data_path: Path, new_inits: list) -> str:
         fh.seek(offset)
         fh.write(value.tobytes())
     new_inits.append(external_initializer(value, name, data_path.name, offset))
-    return name
 

@@ -21,16 +21,22 @@ import onnxruntime_genai as og
 PROMPT = "The capital of France is"
 
 
-def folder_for(artifact: Path, graph: str, root: Path) -> Path:
-    folder = root / graph.replace(".", "_")
+def linked_folder(artifact: Path, folder: Path, edit) -> Path:
+    """`folder` (created) holding links to the artifact's files and a copy of its genai_config.json
+    changed by `edit(config)`: one artifact, run by genai with another setting."""
     folder.mkdir()
     for f in artifact.iterdir():
         if f.name != "genai_config.json":
             (folder / f.name).symlink_to(f.resolve())
     config = json.loads((artifact / "genai_config.json").read_text())
-    config["model"]["decoder"]["filename"] = graph
+    edit(config)
     (folder / "genai_config.json").write_text(json.dumps(config))
     return folder
+
+
+def folder_for(artifact: Path, graph: str, root: Path) -> Path:
+    return linked_folder(artifact, root / graph.replace(".", "_"),
+                         lambda config: config["model"]["decoder"].update(filename=graph))
 
 
 def generate(model, tokenizer, tokens: int) -> tuple[list[int], float]:

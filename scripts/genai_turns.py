@@ -10,7 +10,6 @@ tokens differ from the reference (the first difference and the reference's two t
 docs/serving.md ("A chat's next turn") reports what it gave.
 """
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,19 +20,10 @@ import torch
 from exporter.models import load_model
 from exporter.recipe import load_recipe, resolve_mask
 from exporter.surgery import SkipMask, masked
+from genai_graphs import linked_folder  # scripts/ is on the path when this script runs
 
 TURNS = ["The capital of France is", " And the capital of Italy is", " What about Spain?"]
 NEW_TOKENS = 12
-
-
-def with_share_buffer(folder: Path, share: bool, tmp: Path) -> Path:
-    for f in folder.iterdir():
-        if f.name != "genai_config.json":
-            (tmp / f.name).symlink_to(f.resolve())
-    config = json.loads((folder / "genai_config.json").read_text())
-    config["search"]["past_present_share_buffer"] = share
-    (tmp / "genai_config.json").write_text(json.dumps(config))
-    return tmp
 
 
 def reference(model, mask, history: list[int]) -> list[int]:
@@ -52,7 +42,8 @@ def main(folder: Path, recipe_path: str, how: str, share: str | None, full: bool
     mask = SkipMask() if full else resolve_mask(recipe, model.config.num_hidden_layers)
     with tempfile.TemporaryDirectory() as tmp:
         if share is not None:
-            folder = with_share_buffer(folder, share == "share", Path(tmp))
+            folder = linked_folder(folder, Path(tmp) / "shared", lambda config: config["search"].update(
+                past_present_share_buffer=share == "share"))
         m = og.Model(str(folder))
         params = og.GeneratorParams(m)
         params.set_search_options(do_sample=False, max_length=300)

@@ -37,6 +37,16 @@ def torch_greedy(model, mask, ids: list[int], new_tokens: int, eos) -> list[int]
     return tokens
 
 
+def genai_folder(model, mask, folder, graph: str) -> dict:
+    """The skipped model's ONNX in `folder` (optimized when `graph` is OPT_FILE) with a genai_config.json
+    naming `graph`; returns the config's model section."""
+    export_onnx(apply_skip(model, mask), folder)
+    if graph == OPT_FILE:
+        assert optimize_onnx(folder / "model.onnx", model.config)["batch1_unpacked_matmuls"] > 0
+    write_genai_config(model, folder, graph, 256)
+    return json.loads((folder / CONFIG_FILE).read_text())["model"]
+
+
 def test_genai_config_keeps_base_layer_numbering(tiny_models, tmp_path):
     model, _ = tiny_models["qwen3"]
     path = write_genai_config(model, tmp_path, "model.onnx", 256)
@@ -56,11 +66,7 @@ def test_genai_greedy_equals_masked_pytorch_on_tiny_models(tiny_models, tmp_path
     batch-1 branch) and keeps the plain one for everything else."""
     _og()
     model, tok = tiny_models[arch]
-    export_onnx(apply_skip(model, mask), tmp_path)
-    if graph == OPT_FILE:
-        assert optimize_onnx(tmp_path / "model.onnx", model.config)["batch1_unpacked_matmuls"] > 0
-    write_genai_config(model, tmp_path, graph, 256)
-    eos = json.loads((tmp_path / CONFIG_FILE).read_text())["model"]["eos_token_id"]
+    eos = genai_folder(model, mask, tmp_path, graph)["eos_token_id"]
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         assert genai_greedy(tmp_path, ids, 24) == torch_greedy(model, mask, ids, 24, eos)
@@ -102,10 +108,7 @@ def test_genai_second_turn_after_rewind_equals_masked_pytorch(tiny_models, tmp_p
     og = _og()
     model, tok = tiny_models["llama"]
     mask = SkipMask(attention=(1, 2), mlp=(2,))
-    export_onnx(apply_skip(model, mask), tmp_path)
-    optimize_onnx(tmp_path / "model.onnx", model.config)
-    write_genai_config(model, tmp_path, OPT_FILE, 256)
-    eos = json.loads((tmp_path / CONFIG_FILE).read_text())["model"]["eos_token_id"]
+    eos = genai_folder(model, mask, tmp_path, OPT_FILE)["eos_token_id"]
     m = og.Model(str(tmp_path))
     params = og.GeneratorParams(m)
     params.set_search_options(do_sample=False, max_length=200)
@@ -134,11 +137,7 @@ def test_genai_batch_of_two_prompts_equals_each_alone(tiny_models, tmp_path, gra
     og = _og()
     model, tok = tiny_models["llama"]
     mask = SkipMask(attention=(1, 2), mlp=(2,))
-    export_onnx(apply_skip(model, mask), tmp_path)
-    if graph == OPT_FILE:
-        optimize_onnx(tmp_path / "model.onnx", model.config)
-    write_genai_config(model, tmp_path, graph, 256)
-    pad = json.loads((tmp_path / CONFIG_FILE).read_text())["model"]["pad_token_id"]
+    pad = genai_folder(model, mask, tmp_path, graph)["pad_token_id"]
     rows = [tok.encode(p) for p in PROMPTS]
     assert len({len(r) for r in rows}) > 1 and pad not in sum(rows, [])
     width = max(len(r) for r in rows)
