@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from exporter.errors import UserError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -31,8 +33,6 @@ ARCHITECTURES: dict[str, Layout] = {
 
 
 def layout_for(model_type: str) -> Layout:
-    from exporter.errors import UserError
-
     if model_type not in ARCHITECTURES:
         raise UserError(
             f"unsupported architecture {model_type!r}: supported model_type values are "
@@ -52,3 +52,8 @@ def sliding_window_for(config, layer: int) -> int | None:
         if types is not None and types[layer] == "sliding_attention":
             return window
     return None
+
+
+def head_dim(config) -> int:
+    """Width of one attention head: config.head_dim where the config sets it (Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -15,17 +15,19 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
+
+from exporter.files import copy_file
 
 _DONE = "stage.json"
 
 
 def code_fingerprint(*modules: str) -> str:
-    """Hash of the source of the named exporter modules a stage runs: changing them redoes the stage."""
+    """Hash of the source of the named exporter modules a stage runs ("surgery", "onnx.export"): changing
+    them redoes the stage."""
     digest = hashlib.sha256()
     for name in sorted(modules):
-        path = Path(__file__).parent / f"{name}.py"
+        path = Path(__file__).parent.joinpath(*name.split(".")).with_suffix(".py")
         digest.update(name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -34,14 +36,6 @@ def code_fingerprint(*modules: str) -> str:
 def stage_key(inputs: dict) -> str:
     blob = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if shutil.which("cp") and subprocess.run(["cp", "--reflink=auto", "--", str(src), str(dst)],
-                                             capture_output=True).returncode == 0:
-        return
-    shutil.copy2(src, dst)
 
 
 class StageCache:
@@ -56,7 +50,7 @@ class StageCache:
             return None
         record = json.loads((entry / _DONE).read_text())
         for name in record["files"]:
-            _copy(entry / name, dest / name)
+            copy_file(entry / name, dest / name)
         return record["results"]
 
     def store(self, stage: str, key: str, src: Path, files: list[str], results: dict) -> None:
@@ -66,8 +60,18 @@ class StageCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for name in files:
-            _copy(src / name, tmp / name)
+            copy_file(src / name, tmp / name)
         (tmp / _DONE).write_text(json.dumps({"files": files, "results": results}, indent=1))
         for old in self.root.glob(f"{stage}-*"):
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(self.root / f"{stage}-{key}")
+
+    def restore_or_run(self, stage: str, key: str, folder: Path, compute) -> tuple[dict, bool]:
+        """(results, cached): a finished stage's results (its files copied into `folder`) from the cache, or
+        `compute()` run now and stored (the files it lists under "artifacts")."""
+        results = self.restore(stage, key, folder)
+        if results is not None:
+            return results, True
+        results = compute()
+        self.store(stage, key, folder, [a["path"] for a in results.get("artifacts", [])], results)
+        return results, False

@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from exporter.architectures import layout_for
 from exporter.errors import UserError
+from exporter.mask import SkipMask
+from exporter.prompts import ByteTokenizer
 
 WEIGHTS = "model.safetensors"
 _DECI_FIELDS = ("block_configs", "export_skip", "auto_map", "architectures", "model_type")
@@ -155,9 +158,6 @@ def load_checkpoint(folder: Path, dtype):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exporter.architectures import layout_for
-    from exporter.models import ByteTokenizer
-
     folder = Path(folder)
     config = load_base_config(folder)
     weights = sorted(folder.glob("*.safetensors"))
@@ -198,7 +198,6 @@ def merge_removed(mask, config):
     removed = getattr(config, "export_skip_removed", None)
     if not removed:
         return mask
-    from exporter.surgery import SkipMask
 
     return SkipMask(attention=tuple(sorted(set(mask.attention) | set(removed[0]))),
                     mlp=tuple(sorted(set(mask.mlp) | set(removed[1]))))

@@ -12,7 +12,20 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from exporter.bench.command import run_bench
+from exporter.cost import plan, render_prediction
+from exporter.data import data_dir
 from exporter.errors import UserError
+from exporter.generate import generate
+from exporter.inspect import render
+from exporter.manifest import verify
+from exporter.mask import resolve_mask
+from exporter.models import load_config
+from exporter.pipeline import run
+from exporter.quality import Settings, run_eval
+from exporter.recipe import load_recipe
+from exporter.search import Budget, SearchSettings, run_search
+from exporter.workdir import raise_on_sigterm
 
 USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
                                             export, validate and report (the main job)
@@ -42,9 +55,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _run(argv: list[str], console) -> int:
-    from exporter.pipeline import run
-    from exporter.recipe import load_recipe
-
     parser = _parser("export-skip")
     parser.add_argument("--out", type=Path, help="artifact folder (default: artifacts/<recipe file stem>)")
     parser.add_argument("--force", action="store_true", help="redo every stage (ignore the stage cache)")
@@ -68,9 +78,6 @@ def _run(argv: list[str], console) -> int:
 
 
 def _check(argv: list[str], console) -> int:
-    from exporter.models import load_config
-    from exporter.recipe import load_recipe, resolve_mask
-
     args = _parser("export-skip check").parse_args(argv)
     recipe = load_recipe(args.recipe)
     config = load_config(recipe.model)
@@ -82,9 +89,6 @@ def _check(argv: list[str], console) -> int:
 
 def _plan(argv: list[str], console) -> int:
     import json
-
-    from exporter.cost import plan, render_prediction
-    from exporter.recipe import load_recipe
 
     parser = _parser("export-skip plan")
     parser.add_argument("--config", type=Path, help="a config.json to plan from (default: the recipe's model)")
@@ -101,9 +105,6 @@ def _plan(argv: list[str], console) -> int:
 
 
 def _bench(argv: list[str], console) -> int:
-    from exporter.bench import run_bench
-    from exporter.recipe import load_recipe
-
     parser = _parser("export-skip bench")
     parser.add_argument("--out", type=Path, help="artifact folder holding the skipped model.onnx "
                                                  "(default: artifacts/<recipe file stem>)")
@@ -143,16 +144,12 @@ def _folder_parser(prog: str) -> argparse.ArgumentParser:
 def _inspect(argv: list[str], console) -> int:
     from rich.console import Console
 
-    from exporter.inspect import render
-
     args = _folder_parser("export-skip inspect").parse_args(argv)
     render(args.folder, Console(highlight=False))
     return 0
 
 
 def _verify(argv: list[str], console) -> int:
-    from exporter.manifest import verify
-
     parser = _folder_parser("export-skip verify")
     parser.add_argument("--recipe", type=Path, help="also check the artifact was built from this recipe")
     parser.add_argument("--ort", action="store_true", help="also open every ONNX graph in ONNX Runtime")
@@ -168,8 +165,6 @@ def _verify(argv: list[str], console) -> int:
 
 
 def _generate(argv: list[str], console) -> int:
-    from exporter.generate import generate
-
     parser = _folder_parser("export-skip generate")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -188,10 +183,6 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str], console) -> int:
-    from exporter.data import data_dir
-    from exporter.quality import Settings, run_eval
-    from exporter.recipe import load_recipe
-
     parser = _parser("export-skip eval")
     parser.add_argument("--artifact", type=Path, help="also evaluate this exported folder's model.onnx in ONNX Runtime")
     _data_args(parser)
@@ -219,10 +210,6 @@ def _eval(argv: list[str], console) -> int:
 
 
 def _search(argv: list[str], console) -> int:
-    from exporter.data import data_dir
-    from exporter.recipe import load_recipe
-    from exporter.search import Budget, SearchSettings, run_search
-
     parser = _parser("export-skip search")
     parser.add_argument("--strategy", choices=("greedy", "oneshot"), default="greedy",
                         help="greedy: remove the least harmful sub-layer, re-measure, repeat; oneshot: by importance score")
@@ -273,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: " + USAGE)
         return 0 if argv else 2
     command = COMMANDS.get(argv[0])
-    from exporter.workdir import raise_on_sigterm
 
     raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C: nothing half-written is left looking complete
     try:

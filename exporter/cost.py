@@ -24,8 +24,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from exporter.architectures import head_dim, sliding_window_for
+from exporter.dtypes import itemsize
+from exporter.errors import UserError
+from exporter.mask import resolve_mask
+from exporter.models import load_config
 
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 DECODE_CONTEXTS = (128, 512, 2048)
 PREFILL_TOKENS = (128, 512)
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
@@ -45,13 +49,9 @@ class LayerSizes:
     tied: bool
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def layer_sizes(config) -> LayerSizes:
     c, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    h, kv, d = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+    h, kv, d = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
     model_type = getattr(config, "model_type", "llama")
     q_out, kv_out = h * d, kv * d
     attention = c * q_out + 2 * c * kv_out + q_out * c
@@ -74,8 +74,6 @@ def _mask_sets(config, mask) -> tuple[set[int], set[int]]:
     attention, mlp = set(mask.attention), set(mask.mlp)
     bad = sorted(i for i in attention | mlp if not 0 <= i < n)
     if bad:
-        from exporter.errors import UserError
-
         raise UserError(f"skip mask names layer(s) {bad} but the model has {n} layers (0-{n - 1})")
     return attention, mlp
 
@@ -97,8 +95,6 @@ def kept_parameters(config, mask) -> int:
 
 
 def _window(config, layer: int) -> int | None:
-    from exporter.architectures import sliding_window_for
-
     try:
         return sliding_window_for(config, layer)
     except Exception:  # an unsupported model_type: no window information, assume full attention
@@ -107,18 +103,18 @@ def _window(config, layer: int) -> int | None:
 
 def kv_bytes_per_token(config, mask, precision: str = "float32") -> int:
     """KV cache bytes per token per sequence: key and value of every kept attention layer."""
-    per_layer = 2 * config.num_key_value_heads * _head_dim(config) * ITEMSIZE[precision]
+    per_layer = 2 * config.num_key_value_heads * head_dim(config) * itemsize(precision)
     return per_layer * len(kept_attention_layers(config, mask))
 
 
 def decode_bytes(config, mask, context: int, batch: int = 1, precision: str = "float32") -> dict:
     """Bytes moved by one decode step of `batch` sequences with `context` tokens already cached."""
     s = layer_sizes(config)
-    item = ITEMSIZE[precision]
+    item = itemsize(precision)
     attention, mlp = _mask_sets(config, mask)
     n = config.num_hidden_layers
     layers = (n - len(attention)) * (s.attention + s.attention_norm) + (n - len(mlp)) * (s.mlp + s.mlp_norm)
-    kv_row = 2 * config.num_key_value_heads * _head_dim(config) * item  # one token, one layer, K and V
+    kv_row = 2 * config.num_key_value_heads * head_dim(config) * item  # one token, one layer, K and V
     kept = kept_attention_layers(config, mask)
     kv_read = batch * kv_row * sum(min(context, _window(config, i) or context) for i in kept)
     out = {
@@ -138,7 +134,7 @@ def prefill_flops_per_token(config, mask, tokens: int) -> dict:
     s = layer_sizes(config)
     attention, mlp = _mask_sets(config, mask)
     n = config.num_hidden_layers
-    h, d = config.num_attention_heads, _head_dim(config)
+    h, d = config.num_attention_heads, head_dim(config)
     projections = 2 * ((n - len(attention)) * s.attention + (n - len(mlp)) * s.mlp)
     keys = (tokens + 1) / 2  # causal: query t attends to t keys, on average (T + 1) / 2
     scores = sum(4 * h * d * min(keys, _window(config, i) or keys) for i in kept_attention_layers(config, mask))
@@ -238,8 +234,6 @@ def shipped_config_path(hub_id: str) -> Path:
 
 def config_from_json(path: Path):
     """A config object (attribute access) from a config.json, without transformers."""
-    from exporter.errors import UserError
-
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -254,8 +248,6 @@ def config_from_json(path: Path):
 
 def config_for_recipe(recipe, config_path: Path | None = None):
     """(config, where it came from). Hub models use a shipped public config when it exists (no network)."""
-    from exporter.models import load_config
-
     if config_path is not None:
         return config_from_json(config_path), str(config_path)
     source = recipe.model
@@ -268,8 +260,6 @@ def config_for_recipe(recipe, config_path: Path | None = None):
 
 def plan(recipe, config_path: Path | None = None, contexts=DECODE_CONTEXTS, batches=(1, 4)) -> dict:
     """The cost model's prediction for a recipe's mask, from the config alone."""
-    from exporter.recipe import resolve_mask
-
     config, origin = config_for_recipe(recipe, config_path)
     mask = resolve_mask(recipe, config.num_hidden_layers)
     pred = predict(config, mask, contexts=contexts, batches=batches, precision=recipe.model.dtype)

@@ -59,11 +59,3 @@ def read_lambada(folder: Path, limit: int | None = None) -> list[tuple[str, str]
             context, _, target = text.rpartition(" ")
             pairs.append((context, target))
     return pairs
-
-
-def encode_plain(tokenizer, text: str) -> list[int]:
-    """Token ids with no BOS/EOS added (the data README's convention)."""
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    except TypeError:  # the byte tokenizer of random-weight models adds nothing anyway
-        return list(tokenizer.encode(text))

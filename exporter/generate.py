@@ -12,12 +12,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from exporter import prompts as P
+from exporter.backends.genai import genai_greedy
+from exporter.backends.ort import OrtRunner
 from exporter.errors import UserError
+from exporter.manifest import MANIFEST, read_manifest
+from exporter.prompts import ByteTokenizer, decode
 
 
 def load_tokenizer(folder: Path, manifest: dict | None):
-    from exporter.models import ByteTokenizer
-
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
@@ -29,8 +32,6 @@ def load_tokenizer(folder: Path, manifest: dict | None):
 
 
 def _manifest(folder: Path) -> dict | None:
-    from exporter.manifest import MANIFEST, read_manifest
-
     return read_manifest(folder) if (folder / MANIFEST).is_file() else None
 
 
@@ -52,8 +53,6 @@ class _Stream:
         self.tokenizer, self.out, self.tokens, self.shown = tokenizer, out, [], ""
 
     def __call__(self, token: int) -> None:
-        from exporter.prompts import decode
-
         self.tokens.append(token)
         text = decode(self.tokenizer, self.tokens)
         if text.startswith(self.shown) and not text.endswith("\ufffd"):  # wait out half a UTF-8 character
@@ -66,8 +65,6 @@ def ort_greedy(onnx_path: Path, input_ids: list[int], max_new_tokens: int, eos: 
                threads: int | None = None) -> list[int]:
     """Greedy continuation in ONNX Runtime; stops after eos (included) or max_new_tokens."""
     import torch
-
-    from exporter.runners import OrtRunner
 
     runner = OrtRunner(onnx_path, threads=threads)
     ids = torch.tensor([input_ids], dtype=torch.long)
@@ -86,8 +83,6 @@ def ort_greedy(onnx_path: Path, input_ids: list[int], max_new_tokens: int, eos: 
 
 def generate(folder: Path, prompt: str, max_new_tokens: int = 64, chat: bool | None = None,
              runtime: str = "ort", onnx_file: str | None = None, out=sys.stdout) -> list[int]:
-    from exporter import prompts as P
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder (give an artifact folder, e.g. artifacts/smollm2-135m)")
@@ -98,8 +93,6 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, chat: bool | N
     input_ids = P.encode(tokenizer, prompt, chat)
     stream = _Stream(tokenizer, out)
     if runtime == "genai":
-        from exporter.genai import genai_greedy
-
         tokens = genai_greedy(folder, input_ids, max_new_tokens, on_token=stream)
     else:
         eos = getattr(tokenizer, "eos_token_id", None)

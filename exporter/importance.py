@@ -17,15 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.quality import embed
+from exporter import data
+from exporter.errors import UserError
+from exporter.onnx.contract import kv_shape
+from exporter.quality import windows
 
 
 def calibration_windows(tokenizer, folder, count: int, length: int, seed: int) -> list[list[int]]:
     """`count` non-overlapping WikiText-2 windows of `length` tokens, drawn with `seed` (deterministic)."""
-    from exporter import data
-    from exporter.errors import UserError
-    from exporter.quality import windows
-
     ids = data.encode_plain(tokenizer, data.read_wikitext(folder))
     pool = [w for w in windows(ids, length) if len(w) == length]
     if count < 1 or length < 2 or count > len(pool):
@@ -77,12 +76,12 @@ def measure_importance(full, chunks: list[list[int]]) -> Importance:
     tokens = 0
     ids = torch.tensor(chunks, dtype=torch.long)  # [W, T], all windows in one batch
     attn = torch.ones_like(ids)
-    h, batch = embed(full, ids, attn)
+    h, ctx = full.embed(ids, attn)
+    empty = h.new_zeros(kv_shape(full.config, ids.shape[0], 0))  # [W, H_kv, 0, D]: no cache
     stream = [h]  # X_0 .. X_n: the residual stream entering each block, then leaving the last
     for layer in full.model.layers:
         norm = getattr(layer, layout.attention_norm)
-        out, _ = layer.attend(norm(h), batch.cos, batch.sin, batch.biases[layer.sliding_window],
-                              batch.empty_kv, batch.empty_kv)
+        out, _ = layer.attend(norm(h), ctx.cos, ctx.sin, ctx.biases[layer.sliding_window], empty, empty)
         mid = h + out
         attn_sum[layer.index] += float(_cos(h, mid).sum())
         h = mid + getattr(layer, layout.mlp)(getattr(layer, layout.mlp_norm)(mid))

@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 
 from exporter.errors import UserError
+from exporter.dtypes import ITEMSIZE
+from exporter.manifest import MANIFEST, read_manifest
+from exporter.report import Report
 
 # report.json sections drawn by a dedicated table below; any other section is shown generically.
 _KNOWN = {"name", "passed", "created", "recipe", "model", "architecture", "num_layers", "mask",
@@ -18,21 +21,14 @@ _KNOWN = {"name", "passed", "created", "recipe", "model", "architecture", "num_l
           "stages", "wall_seconds", "versions", "published_to"}
 _KNOWN_FILES = {"manifest.json", "report.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "config.json", "generation_config.json"}
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _load(folder: Path) -> tuple[dict | None, dict | None]:
-    from exporter.manifest import MANIFEST, read_manifest
-
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder (give an artifact folder, e.g. artifacts/smollm2-135m)")
     manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
-    report = None
-    if (folder / "report.json").is_file():
-        try:
-            report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{folder / 'report.json'}: not valid JSON ({exc})") from None
+    loaded = Report.load(folder)
+    report = loaded.to_json() if loaded is not None else None
     if manifest is None and report is None:
         raise UserError(f"{folder}: neither manifest.json nor report.json here; not an export-skip artifact folder")
     return manifest, report
@@ -114,7 +110,7 @@ def render(folder: Path, console) -> None:
 
     if report and "parameters" in report:
         dtype = (manifest or report)["recipe"]["resolved"]["model"]["dtype"] if "recipe" in (manifest or report) else "float32"
-        itemsize = _BYTES.get(dtype, 4)
+        itemsize = ITEMSIZE.get(dtype, 4)
         p, kv = report["parameters"], report["kv_cache"]
         table = Table(title="Size", title_justify="left")
         for col in ("", "full", "skipped", "change"):

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from exporter.errors import UserError
-from exporter.report import tool_versions
+from exporter.errors import CheckFailed, UserError
+from exporter.files import describe_file, sha256_file
+from exporter.onnx.contract import onnx_signature
+from exporter.report import Report
+from exporter.recipe import load_recipe
+from exporter.versions import tool_versions
 
 MANIFEST = "manifest.json"
 RECIPE_COPY = "recipe.yaml"
@@ -70,8 +74,6 @@ def _walk(folder: Path) -> list[Path]:
 
 def list_files(folder: Path, known: dict[str, dict] | None = None) -> list[dict]:
     """Every file under `folder` except the manifest itself, with kind, bytes and sha256."""
-    from exporter.report import describe_file
-
     files = []
     for path in _walk(folder):
         rel = path.relative_to(folder).as_posix()
@@ -86,33 +88,31 @@ def list_files(folder: Path, known: dict[str, dict] | None = None) -> list[dict]
     return files
 
 
-def build_manifest(folder: Path, recipe, report: dict) -> dict:
-    from exporter.onnx_export import onnx_signature
-
+def build_manifest(folder: Path, recipe, report: Report) -> dict:
     resolved = resolved_recipe(recipe)
-    known = {a["path"]: a for a in report.get("artifacts", [])}
+    known = {a["path"]: a for a in report.artifacts}
     files = list_files(folder, known)
     onnx = {f["path"]: {"signature": onnx_signature(folder / f["path"])} for f in files if f["path"].endswith(".onnx")}
     return {
         "format": FORMAT,
-        "name": report.get("name", folder.name),
+        "name": report.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "passed": report.get("passed"),
+        "passed": report.passed,
         "recipe": {"source": str(recipe.source_path) if recipe.source_path else None, "copy": RECIPE_COPY
                    if (folder / RECIPE_COPY).is_file() else None, "sha256": canonical_hash(resolved),
                    "resolved": resolved},
-        "model": report.get("model", {}),  # hub id + revision + commit, or file hashes
-        "architecture": report.get("architecture"),
-        "num_layers": report.get("num_layers"),
-        "mask": report.get("mask"),
-        "kept_attention_layers": report.get("kept_attention_layers"),
+        "model": report.model,  # hub id + revision + commit, or file hashes
+        "architecture": report.architecture,
+        "num_layers": report.num_layers,
+        "mask": report.mask,
+        "kept_attention_layers": report.kept_attention_layers,
         "onnx": onnx,
         "files": files,
         "versions": tool_versions(),  # every package that reads or writes the files
     }
 
 
-def write_manifest(folder: Path, recipe, report: dict) -> Path:
+def write_manifest(folder: Path, recipe, report: Report) -> Path:
     """Write manifest.json; call it last, when every other file in the folder is final."""
     path = folder / MANIFEST
     path.write_text(json.dumps(build_manifest(folder, recipe, report), indent=2) + "\n", encoding="utf-8")
@@ -146,8 +146,6 @@ class Problem:
 
 
 def _check_files(folder: Path, manifest: dict) -> list[Problem]:
-    from exporter.models import file_sha256
-
     problems = []
     listed = {f["path"]: f for f in manifest["files"]}
     for rel, entry in listed.items():
@@ -156,7 +154,7 @@ def _check_files(folder: Path, manifest: dict) -> list[Problem]:
             problems.append(Problem(rel, "missing"))
         elif path.stat().st_size != entry["bytes"]:
             problems.append(Problem(rel, f"size changed: {path.stat().st_size:,} bytes, manifest says {entry['bytes']:,}"))
-        elif file_sha256(path) != entry["sha256"]:
+        elif sha256_file(path) != entry["sha256"]:
             problems.append(Problem(rel, f"content changed: sha256 differs from the manifest's {entry['sha256'][:16]}…"))
     for path in _walk(folder):
         rel = path.relative_to(folder).as_posix()
@@ -192,8 +190,6 @@ def _check_recipe(folder: Path, manifest: dict, recipe_path: Path | None) -> lis
             changed = ", ".join(_diff_keys(rec["resolved"], data)) if isinstance(data, dict) else "unreadable"
             problems.append(Problem(RECIPE_COPY, f"differs from the recipe the artifact was built from ({changed})"))
     if recipe_path is not None:
-        from exporter.recipe import load_recipe
-
         given = resolved_recipe(load_recipe(recipe_path))
         if canonical_hash(given) != rec["sha256"]:
             changed = ", ".join(_diff_keys(rec["resolved"], given))
@@ -204,8 +200,6 @@ def _check_recipe(folder: Path, manifest: dict, recipe_path: Path | None) -> lis
 def _check_onnx(folder: Path, manifest: dict, with_ort: bool) -> list[Problem]:
     """Each graph loads (protobuf), matches its recorded signature, and its external data is in place."""
     import onnx
-
-    from exporter.onnx_export import onnx_signature
 
     problems = []
     listed = {f["path"] for f in manifest["files"]}
@@ -252,8 +246,6 @@ def record_files(folder: Path, paths: list[str]) -> Path:
     Every other file must still match the manifest first: this records a known change, it never
     launders an unknown one.
     """
-    from exporter.errors import CheckFailed
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     changed = {Path(p).as_posix() for p in paths}

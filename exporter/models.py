@@ -10,41 +10,19 @@ import hashlib
 import json
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from exporter.architectures import layout_for
+from exporter.checkpoint import is_checkpoint, load_base_config, load_checkpoint
+from exporter.dtypes import torch_dtype
 from exporter.errors import UserError
+from exporter.files import publish_folder, sha256_file
+from exporter.prompts import ByteTokenizer
 from exporter.recipe import ModelSource, PackageFile
-
-DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EXPORT_SKIP_CACHE", Path.home() / ".cache" / "export-skip"))
-
-
-@dataclass
-class ByteTokenizer:
-    """Stand-in tokenizer for random-weight models: one token per UTF-8 byte, modulo the vocabulary."""
-
-    vocab_size: int
-    pad_token_id: int = 0
-
-    def encode(self, text: str) -> list[int]:
-        return [b % self.vocab_size for b in text.encode("utf-8")] or [1 % self.vocab_size]
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return " ".join(str(int(i)) for i in ids)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gguf_path(source: ModelSource) -> Path:
@@ -60,10 +38,10 @@ def describe_source(source: ModelSource) -> dict:
         patterns = ("config.json", "*.safetensors", "*.bin", "*.pt", "*.gguf")
         found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
         return {"kind": "path", "path": str(source.path),
-                "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in found}}
+                "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in found}}
     if source.kind == "gguf":
         path = gguf_path(source)
-        return {"kind": "gguf", "path": str(path), "sha256": file_sha256(path)}
+        return {"kind": "gguf", "path": str(path), "sha256": sha256_file(path)}
     blob = json.dumps(source.config, sort_keys=True)
     return {"kind": "config", "config_sha256": hashlib.sha256(blob.encode()).hexdigest(), "seed": source.seed}
 
@@ -105,8 +83,6 @@ def _from_hub(loader, source: ModelSource, **kwargs):
 
 def _is_serving_checkpoint(folder: Path) -> bool:
     """A Nemotron-NAS / DeciLM folder (`export.checkpoint`): read by exporter/checkpoint.py."""
-    from exporter.checkpoint import is_checkpoint
-
     return is_checkpoint(folder)
 
 
@@ -124,8 +100,6 @@ def load_config(source: ModelSource):
     elif source.kind == "hub":
         config = _from_hub(AutoConfig.from_pretrained, source)
     elif source.kind == "path" and _is_serving_checkpoint(source.path):
-        from exporter.checkpoint import load_base_config
-
         config = load_base_config(source.path)
     elif source.kind == "path":
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
@@ -138,12 +112,6 @@ def load_config(source: ModelSource):
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     layout_for(config.model_type)
     return config
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def _converted_gguf_folder(source: ModelSource) -> Path:
@@ -176,19 +144,6 @@ def _convert_gguf(source: ModelSource) -> Path:
     return folder
 
 
-def publish_folder(tmp: Path, folder: Path) -> None:
-    """Rename a finished cache folder into place: atomic, so a half-written folder is never mistaken
-    for a finished one; when another process published the same entry first, keep theirs."""
-    import shutil
-
-    try:
-        tmp.rename(folder)
-    except OSError:
-        if not folder.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -208,7 +163,7 @@ def load_model(source: ModelSource):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _torch_dtype(source.dtype)
+    dtype = torch_dtype(source.dtype)
     if source.kind == "config":
         config = load_config(source)
         torch.manual_seed(source.seed)
@@ -220,8 +175,6 @@ def load_model(source: ModelSource):
                           use_safetensors=None if source.allow_pickle else True)
         tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
     elif source.kind == "path" and _is_serving_checkpoint(source.path):
-        from exporter.checkpoint import load_checkpoint
-
         model, tokenizer = load_checkpoint(source.path, dtype)
     else:
         folder = _convert_gguf(source) if source.kind == "gguf" else source.path

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from exporter.backends.pytorch import HFRunner
+from exporter.surgery import masked
+
 
 @dataclass
 class PhaseResult:
@@ -89,3 +92,15 @@ def greedy_tokens(runner, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         for b, t in enumerate(tokens[:, 0]):
             out[b].append(int(t))
     return out
+
+
+def check_batches(model, mask, candidate, batches, steps: int, atol_prefill: float, atol_decode: float,
+                  artifact: str) -> list[dict]:
+    """`check_parity` of `candidate` on each (input_ids, attention_mask) batch against the masked reference
+    (`model` run by its own code with the mask's sub-layers zeroed); one report row per phase and batch."""
+    rows = []
+    for ids, attn in batches:
+        with masked(model, mask):
+            phases, _ = check_parity(HFRunner(model), candidate, ids, attn, steps, atol_prefill, atol_decode, artifact)
+        rows += [p.as_dict() for p in phases]
+    return rows

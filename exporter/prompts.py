@@ -1,6 +1,23 @@
-"""Turn prompt strings into left-padded token batches (the layout every runner takes)."""
+"""Tokens: the byte tokenizer fallback, prompt strings as left-padded batches (the layout every runner
+takes), their positions, and generated ids back to text."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ByteTokenizer:
+    """Stand-in tokenizer for random-weight models: one token per UTF-8 byte, modulo the vocabulary."""
+
+    vocab_size: int
+    pad_token_id: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [b % self.vocab_size for b in text.encode("utf-8")] or [1 % self.vocab_size]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join(str(int(i)) for i in ids)
 
 
 def encode(tokenizer, text: str, chat: bool = False) -> list[int]:
@@ -9,6 +26,19 @@ def encode(tokenizer, text: str, chat: bool = False) -> list[int]:
                                              add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(text))
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """Token ids with no BOS/EOS added (the evaluation data's convention)."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:  # the byte tokenizer of random-weight models adds nothing anyway
+        return list(tokenizer.encode(text))
+
+
+def position_ids(attention_mask):
+    """Positions of a left-padded batch [B, T]: the first real token is 0 (padding gets 0 too)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def pad_token_id(tokenizer) -> int:

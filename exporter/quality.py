@@ -19,60 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from exporter.surgery import SkipMask, apply_skip
+from exporter import data
+from exporter.backends.ort import OrtRunner
+from exporter.errors import UserError
+from exporter.manifest import record_files
+from exporter.mask import SkipMask, resolve_mask
+from exporter.models import describe_source, load_config, load_model
+from exporter.onnx.contract import ONNX_FILE
+from exporter.progress import progress_bar
+from exporter.report import REPORT_JSON, Report
+from exporter.prompts import encode_plain, pad_token_id
+from exporter.surgery import apply_skip
 
 FULL = "full"
-
-
-# ---------------------------------------------------------------- forward pieces over a SkippedModel
-
-@dataclass
-class Batch:
-    """What every layer of a no-cache forward over one batch needs (rotary tables, masks, empty past)."""
-
-    cos: torch.Tensor  # [B, T, D]
-    sin: torch.Tensor
-    biases: dict  # window -> additive mask [B, 1, T, T]
-    empty_kv: torch.Tensor  # [B, H_kv, 0, D]
-
-
-def embed(skipped, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, Batch]:
-    from exporter.architectures import sliding_window_for
-    from exporter.onnx_export import kv_shape
-    from exporter.surgery import attention_bias
-
-    config = skipped.config
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: first real token is position 0
-    h = skipped.model.embed_tokens(ids)  # [B, T, C]
-    cos, sin = skipped.model.rotary_emb(h, positions)
-    windows = {sliding_window_for(config, i) for i in range(config.num_hidden_layers)}
-    biases = {w: attention_bias(attn, ids.shape[1], w, h.dtype) for w in windows}
-    empty = torch.zeros(kv_shape(config, ids.shape[0], 0), dtype=h.dtype)
-    return h, Batch(cos, sin, biases, empty)
-
-
-def run_layers(skipped, h: torch.Tensor, batch: Batch, start: int = 0, trace: list | None = None,
-               end: int | None = None) -> torch.Tensor:
-    """Layers start..end-1 of a SkippedModel; `trace` collects each layer's input (the residual stream)."""
-    for layer in skipped.model.layers[start:end]:
-        if trace is not None:
-            trace.append(h)
-        past = (batch.empty_kv, batch.empty_kv) if layer.has_attention else None
-        h, _ = layer(h, batch.cos, batch.sin, batch.biases, past)
-    return h
-
-
-def head(skipped, h: torch.Tensor, select=None) -> torch.Tensor:
-    """fp32 logits [B, T, V], or [N, V] at the (batch, position) index pair `select`."""
-    if select is not None:
-        h = h[select]
-    return skipped.lm_head(skipped.model.norm(h)).float()
-
-
-def first_removed(mask: SkipMask, num_layers: int) -> int:
-    return min((*mask.attention, *mask.mlp), default=num_layers)
 
 
 class TorchScorer:
@@ -88,14 +48,14 @@ class TorchScorer:
 
     @torch.no_grad()
     def __call__(self, ids, attn, select=None) -> dict[str, torch.Tensor]:
-        h, batch = embed(self.full, ids, attn)
+        h, ctx = self.full.embed(ids, attn)
         trace: list[torch.Tensor] = []
-        h_full = run_layers(self.full, h, batch, trace=trace)
-        out = {FULL: head(self.full, h_full, select)}
+        h_full, _ = self.full.run_layers(h, ctx, trace=trace)
+        out = {FULL: self.full.head(h_full, select)}
         for name, skipped in self.skipped.items():
-            start = first_removed(self.masks[name], self.num_layers)
-            h_s = run_layers(skipped, trace[start], batch, start) if start < self.num_layers else h_full
-            out[name] = head(skipped, h_s, select)
+            start = self.masks[name].first_removed(self.num_layers)
+            h_s = skipped.run_layers(trace[start], ctx, start=start)[0] if start < self.num_layers else h_full
+            out[name] = skipped.head(h_s, select)
         return out
 
 
@@ -188,8 +148,6 @@ def score_windows(scorer, chunks: list[list[int]], tallies: dict[str, Tally], ad
 
 def lambada_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """(context ids, target ids): the target is " word", tokenised separately so its tokens are exact."""
-    from exporter.data import encode_plain
-
     return [(encode_plain(tokenizer, context), encode_plain(tokenizer, " " + target)) for context, target in pairs]
 
 
@@ -265,14 +223,11 @@ class Settings:
 
 def evaluate(scorer, tokenizer, settings: Settings, console=None) -> dict:
     """Score every model of `scorer` on the data; returns {task: {...}, model name: metrics} (JSON-ready)."""
-    from exporter import data
-    from exporter.prompts import pad_token_id
-
     started = time.perf_counter()
     result: dict = {"data": str(settings.data), "window": settings.window}
     wiki: dict[str, Tally] = {}
     lamb: dict[str, Tally] = {}
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         if "wikitext" in settings.tasks:
             ids = data.encode_plain(tokenizer, data.read_wikitext(settings.data))
             chunks = windows(ids, settings.window, settings.windows)
@@ -304,49 +259,6 @@ def evaluate(scorer, tokenizer, settings: Settings, console=None) -> dict:
     return result
 
 
-class _progress:
-    """A rich progress bar on a terminal; in a log (no terminal) a plain line per task every 30 s and at
-    its end, so long runs under nohup or CI still show where they are; silent without a console."""
-
-    def __init__(self, console):
-        logged = console is not None and not console.is_terminal
-        self.bar = (_LoggedProgress if logged else Progress)(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, disable=console is None or logged)
-
-    def __enter__(self):
-        return self.bar.__enter__()
-
-    def __exit__(self, *exc):
-        if isinstance(self.bar, _LoggedProgress) and exc[0] is None:
-            self.bar.log_all(final=True)
-        return self.bar.__exit__(*exc)
-
-
-class _LoggedProgress(Progress):
-    """rich's Progress that prints a plain line per unfinished task at most every INTERVAL seconds."""
-
-    INTERVAL = 30.0
-    _last_line = 0.0
-
-    def advance(self, task_id, advance: float = 1) -> None:
-        super().advance(task_id, advance)
-        self.log_all()
-
-    def log_all(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last_line < self.INTERVAL:
-            return
-        self._last_line = now
-        for task in self.tasks:
-            if task.finished and not final:
-                continue
-            eta = f", about {task.time_remaining:.0f} s left" if task.time_remaining and not task.finished else ""
-            total = f"/{task.total:.0f}" if task.total is not None else ""
-            self.console.print(f"{task.description}: {task.completed:.0f}{total} ({task.elapsed or 0.0:.0f} s{eta})",
-                               highlight=False)
-
-
 def write_json(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -360,27 +272,21 @@ ONNX_REL_TOLERANCE = 0.005  # the exported graph's perplexity must be within 0.5
 def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path | None = None,
              console=None) -> tuple[dict, Path]:
     """Evaluate a recipe's mask (and, with `artifact`, its exported ONNX in ONNX Runtime); write eval.json."""
-    from exporter.models import describe_source, load_config, load_model
-    from exporter.recipe import resolve_mask
-
     config = load_config(recipe.model)
     mask = resolve_mask(recipe, config.num_hidden_layers)
     onnx_path = None
     if artifact is not None:
         onnx_path = _artifact_onnx(artifact, mask)
     for name in settings.tasks:  # fail on missing data before loading anything heavy
-        from exporter import data
 
         data.data_file(settings.data, data.WIKITEXT if name == "wikitext" else data.LAMBADA)
     model, tokenizer = load_model(recipe.model)
     scorer = TorchScorer(model, {"skipped": mask})
     if onnx_path is not None:
-        from exporter.runners import OrtRunner
-
         scorer = WithRunners(scorer, {"onnx": OrtRunner(onnx_path)})
     result = evaluate(scorer, tokenizer, settings, console)
     result = {"recipe": str(recipe.source_path), "model": describe_source(recipe.model),
-              "mask": {"attention": list(mask.attention), "mlp": list(mask.mlp), "blocks": list(mask.blocks)},
+              "mask": mask.describe(),
               "backends": {"full": "pytorch", "skipped": "pytorch (physically skipped model)",
                            **({"onnx": f"onnxruntime ({onnx_path})"} if onnx_path else {})},
               **result}
@@ -392,13 +298,11 @@ def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path
     path = out or (artifact / "eval.json" if artifact else Path("artifacts") / f"eval-{recipe.source_path.stem}" / "eval.json")
     write_json(result, path)
     touched = []
-    if artifact is not None and (artifact / "report.json").is_file():  # the pipeline's report gains the numbers
-        report = json.loads((artifact / "report.json").read_text(encoding="utf-8"))
-        report["quality"] = result
-        write_json(report, artifact / "report.json")
-        touched.append("report.json")
+    report = Report.load(artifact) if artifact is not None else None
+    if report is not None:  # the pipeline's report gains the numbers
+        report.add_section(artifact, "quality", result)
+        touched.append(REPORT_JSON)
     if artifact is not None and (artifact / "manifest.json").is_file():  # a published folder: record what changed
-        from exporter.manifest import record_files
 
         if path.resolve().parent == artifact.resolve():
             touched.append(path.name)
@@ -410,15 +314,12 @@ def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path
 
 
 def _artifact_onnx(artifact: Path, mask: SkipMask) -> Path:
-    from exporter.errors import UserError
-    from exporter.onnx_export import ONNX_FILE
-
     path = artifact / ONNX_FILE
     if not path.is_file():
         raise UserError(f"--artifact {artifact}: no {ONNX_FILE} there (run export-skip RECIPE --out {artifact} first)")
-    report = artifact / "report.json"
-    if report.is_file():
-        got = json.loads(report.read_text(encoding="utf-8")).get("mask", {})
+    report = Report.load(artifact)
+    if report is not None:
+        got = report.mask
         if (tuple(got.get("attention", ())), tuple(got.get("mlp", ()))) != (mask.attention, mask.mlp):
             raise UserError(f"--artifact {artifact}: it was exported with mask {got}, not the recipe's "
                             f"attention {list(mask.attention)}, mlp {list(mask.mlp)}")

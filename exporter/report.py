@@ -1,40 +1,106 @@
-"""report.json (the record of checks) and report.md (the same, for people)."""
+"""The report of a run: report.json (the record of checks, a typed structure) and report.md (the same, for people).
+
+`Report` is the one definition of report.json's sections: the pipeline builds it, and manifest, inspect and eval
+read it. Sections other commands add later (eval's `quality`) are kept as extra keys.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-PACKAGES = ("export-skip", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt-rtx",
-            "tensorrt", "polygraphy", "onnxruntime-genai", "safetensors", "tokenizers")
+from pydantic import BaseModel, ConfigDict
+
+from exporter.cost import render_prediction
+from exporter.errors import UserError
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
 
 
-def tool_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
+class Report(BaseModel):
+    """report.json. Nested records stay plain JSON (artifacts, parity rows, checks) as the stages write them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    passed: bool
+    created: str
+    recipe: dict
+    model: dict  # the base model's identity (models.describe_source)
+    architecture: str
+    num_layers: int
+    mask: dict  # SkipMask.describe()
+    kept_attention_layers: list[int]
+    parameters: dict
+    kv_cache: dict
+    artifacts: list[dict]  # files.describe_file records
+    onnx: dict  # the plain graph's I/O signature
+    parity: list[dict]  # parity.PhaseResult rows
+    samples: list[dict]
+    checks: list[dict]  # {name, value, limit, passed}
+    not_run: list[dict]  # checks that could not run here, with the reason; never passed
+    half_precision_greedy: dict
+    engines: dict | None
+    optimized_graph: dict | None
+    speed: dict
+    stages: list[dict]
+    wall_seconds: float | None
+    versions: dict
+
+    def __getitem__(self, key: str) -> Any:
+        """A section as report.json has it (`report["parity"]`)."""
+        return self.to_json()[key]
+
+    def get(self, key: str, default=None) -> Any:
+        return self.to_json().get(key, default)
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def write(self, folder: Path) -> None:
+        """report.json and report.md into `folder`."""
+        (folder / REPORT_JSON).write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        (folder / REPORT_MD).write_text(render_markdown(self.to_json()), encoding="utf-8")
+
+    def add_section(self, folder: Path, key: str, value: dict) -> None:
+        """Another command's results (eval's quality) as a section of a folder's report.json."""
+        data = self.to_json() | {key: value}
+        (folder / REPORT_JSON).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> Report | None:
+        """The folder's report.json, None when there is none; a file that is not a report is a user error."""
+        path = Path(folder) / REPORT_JSON
+        if not path.is_file():
+            return None
         try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        except ValueError as exc:
+            raise UserError(f"{path}: not a report.json of export-skip ({str(exc).splitlines()[0]})") from None
 
 
-def describe_file(path: Path, root: Path, kind: str, precision: str | None = None) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return {"kind": kind, "precision": precision, "path": str(path.relative_to(root)),
-            "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+@dataclass
+class Findings:
+    """What the stages found, accumulated in stage order: files, parity rows, checks and checks not run."""
 
+    artifacts: list[dict] = field(default_factory=list)
+    parity: list[dict] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    not_run: list[dict] = field(default_factory=list)
 
-def write_json(report: dict, out_dir: Path) -> Path:
-    path = out_dir / "report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return path
+    def add(self, result: dict) -> dict:
+        for key in ("artifacts", "parity", "checks", "not_run"):
+            getattr(self, key).extend(result.get(key) or [])
+        return result
+
+    @property
+    def passed(self) -> bool:
+        return all(p["passed"] for p in self.parity) and all(c["passed"] for c in self.checks)
 
 
 def _mb(n: int) -> str:
@@ -101,15 +167,7 @@ def render_markdown(r: dict) -> str:
     for a in r["artifacts"]:
         lines.append(f"| {a['kind']} | {a['precision'] or ''} | `{a['path']}` | {_mb(a['bytes'])} | `{a['sha256'][:16]}…` |")
     lines += engines_markdown(r)
-    if r.get("speed") and r["speed"]["measured"] is None:
-        from exporter.cost import render_prediction
-
-        lines += ["", "## Speed", "", *render_prediction(r["speed"]["prediction"]), "",
-                  "Not measured in this run (`validate.speed: false`); `export-skip bench RECIPE` measures it."]
-    else:
-        from exporter.bench import speed_markdown
-
-        lines += speed_markdown(r)
+    lines += speed_markdown(r)
     lines += ["", "## Stages", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s['peak_rss_mb']:,.0f} |")
@@ -139,7 +197,25 @@ def engines_markdown(r: dict) -> list[str]:
     return lines
 
 
-def write_markdown(report: dict, out_dir: Path) -> Path:
-    path = out_dir / "report.md"
-    path.write_text(render_markdown(report), encoding="utf-8")
-    return path
+def speed_markdown(report: dict) -> list[str]:
+    """report.md's speed section: the cost model's table and the short measured ratio."""
+    speed = report.get("speed")
+    if not speed:
+        return []
+    m = speed["measured"]
+    if m is None:
+        return ["", "## Speed", "", *render_prediction(speed["prediction"]), "",
+                "Not measured in this run (`validate.speed: false`); `export-skip bench RECIPE` measures it."]
+    lines = ["", "## Speed", "", *render_prediction(speed["prediction"]), "",
+             f"Measured in ONNX Runtime (CPU, intra-op threads: {m['threads']}), decode at context {m['context']}, batch 1, "
+             "full and skipped graphs interleaved for a few seconds (`export-skip bench` measures more):", "",
+             "| graph | full ms | skipped ms | measured speedup | predicted | removal efficiency |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for variant in ("plain", "optimized"):
+        if variant in m:
+            c = m[variant]
+            within = "" if c.get("resolved", True) else f" (within noise, ±{c['noise']:.0%})"
+            lines.append(f"| {variant} | {c['full']['median_ms']:.2f} | {c['skipped']['median_ms']:.2f} | "
+                         f"{c['measured_speedup']:.3f}x{within} | {c['predicted_speedup']:.3f}x | "
+                         f"{c.get('removal_efficiency')} |")
+    return lines

@@ -24,9 +24,17 @@ from pathlib import Path
 
 import torch
 
+from exporter import data
+from exporter.cost import predicted_decode_speedup
 from exporter.errors import UserError
-from exporter.quality import embed, head, lambada_batch, lambada_batches, lambada_hits, run_layers
-from exporter.surgery import SkipMask, apply_skip
+from exporter.importance import calibration_windows, measure_importance
+from exporter.mask import SkipMask
+from exporter.models import load_config, load_model
+from exporter.progress import progress_bar
+from exporter.prompts import pad_token_id
+from exporter.quality import lambada_batch, lambada_batches, lambada_examples, lambada_hits
+from exporter.recipe import load_recipe
+from exporter.surgery import apply_skip
 
 KINDS = ("attention", "mlp", "block", "any")
 METRICS = ("kl", "ppl", "lambada")
@@ -130,8 +138,8 @@ class Calibrator:
         attn = torch.ones_like(self.ids)
         full = apply_skip(model, SkipMask())
         with torch.no_grad():
-            self.h0, self.batch = embed(full, self.ids, attn)
-            logits = head(full, run_layers(full, self.h0, self.batch))
+            self.h0, self.ctx = full.embed(self.ids, attn)
+            logits = full.head(full.run_layers(self.h0, self.ctx)[0])
         self.full_logp = torch.log_softmax(logits, dim=-1)  # [W, T, V]
         self.full_nll = self._nll(self.full_logp)
         self.full_top1 = self.full_logp.argmax(-1)
@@ -161,10 +169,10 @@ class Calibrator:
         start = min(_first_difference(mask, base, self.num_layers), len(trace) - 1) if trace else 0
         h = trace[start] if trace else self.h0
         new_trace: list[torch.Tensor] | None = [] if keep_trace else None
-        h = run_layers(skipped, h, self.batch, start, new_trace)
+        h, _ = skipped.run_layers(h, self.ctx, start=start, trace=new_trace)
         if keep_trace:
             self.traces[mask] = (trace[:start] if trace else []) + new_trace
-        logp = torch.log_softmax(head(skipped, h), dim=-1)  # [W, T, V]
+        logp = torch.log_softmax(skipped.head(h), dim=-1)  # [W, T, V]
         kl = float((self.full_logp.exp() * (self.full_logp - logp)).sum(-1).double().mean())
         nll = self._nll(logp)
         self.evaluations += 1
@@ -204,16 +212,16 @@ class LambadaCalibrator:
             rows = ids.shape[0]
 
             def tally(key, h, skipped):
-                logits = head(skipped, h, select)  # [N, V] at the target positions
+                logits = skipped.head(h, select)  # [N, V] at the target positions
                 tok_nll = -torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
                 hits[key] += int(lambada_hits(logits, target, select[0], rows).sum())
                 nll[key] += float(tok_nll.double().sum())  # summed over each passage's final-word tokens
 
-            h, batch = embed(base_model, ids, attn)
+            h, ctx = base_model.embed(ids, attn)
             for i in range(self.num_layers):
                 for key in branch_at.get(i, ()):
-                    tally(key, run_layers(models[key], h, batch, i), models[key])
-                h = run_layers(base_model, h, batch, i, end=i + 1)
+                    tally(key, models[key].run_layers(h, ctx, start=i)[0], models[key])
+                h, _ = base_model.run_layers(h, ctx, start=i, end=i + 1)
             tally(None, h, base_model)
             for key in branch_at.get(self.num_layers, ()):  # the same mask as the base
                 tally(key, h, base_model)
@@ -244,9 +252,6 @@ def calibration_passages(tokenizer, folder, count: int, seed: int) -> tuple[list
     """`count` LAMBADA passages drawn with `seed` from those after the first 1,000 (after the first half of
     a shorter file), so an `eval --limit` subset of up to 1,000 passages stays held out; and where the
     drawn-from range starts."""
-    from exporter import data
-    from exporter.quality import lambada_examples
-
     pairs = data.read_lambada(folder)
     start = LAMBADA_HELD_OUT if len(pairs) >= 2 * LAMBADA_HELD_OUT else len(pairs) // 2
     pool = range(start, len(pairs))
@@ -296,9 +301,6 @@ def oneshot(cal, pool: list[Candidate], budget: Budget, scores, advance=None) ->
 
 def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
     """Run the search; returns the mask, the steps with their calibration metrics, and the settings."""
-    from exporter.importance import calibration_windows, measure_importance
-    from exporter.quality import _progress
-
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     n = model.config.num_hidden_layers
@@ -309,8 +311,6 @@ def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
     chunks = calibration_windows(tokenizer, settings.data, settings.windows, settings.length, settings.seed)
     scores = measure_importance(apply_skip(model, SkipMask()), chunks)
     if settings.metric == "lambada":
-        from exporter.prompts import pad_token_id
-
         examples, start = calibration_passages(tokenizer, settings.data, settings.passages, settings.seed)
         cal = LambadaCalibrator(model, examples, pad_token_id(tokenizer))
         calibration = {"passages": settings.passages, "seed": settings.seed,
@@ -319,7 +319,7 @@ def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
         cal = Calibrator(model, chunks)
         calibration = {"windows": settings.windows, "length": settings.length, "seed": settings.seed,
                        "data": "WikiText-2 raw test split"}
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         if settings.strategy == "greedy":
             total = sum(len(pool) - s for s in range(settings.budget.count or len(pool)))
             task = progress.add_task(f"greedy search ({settings.budget.describe()})", total=total)
@@ -344,8 +344,6 @@ def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
 def write_recipe(source: Path, out: Path, result: dict, settings: SearchSettings, config, argv: list[str]) -> None:
     """The source recipe with the found mask, and the search's evidence in comments."""
     import yaml
-
-    from exporter.cost import predicted_decode_speedup
 
     raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     model = raw.get("model", {})
@@ -404,11 +402,7 @@ def _importance_lines(imp: dict | None) -> list[str]:
 
 
 def run_search(recipe, source: Path, settings: SearchSettings, out: Path, console=None, argv=None) -> dict:
-    from exporter.models import load_config, load_model
-    from exporter.recipe import load_recipe
-
     config = load_config(recipe.model)
-    from exporter import data
 
     data.data_file(settings.data, data.WIKITEXT)  # fail before loading the model
     if settings.metric == "lambada":

@@ -19,25 +19,10 @@ import torch
 from torch import nn
 
 from exporter.architectures import Layout, layout_for, sliding_window_for
-
-
-@dataclass(frozen=True)
-class SkipMask:
-    """Sorted 0-based layer indices whose attention / MLP sub-layer is skipped."""
-
-    attention: tuple[int, ...] = ()
-    mlp: tuple[int, ...] = ()
-
-    @property
-    def blocks(self) -> tuple[int, ...]:
-        """Layers whose attention and MLP are both skipped: the whole block is gone."""
-        return tuple(sorted(set(self.attention) & set(self.mlp)))
-
-    def kept_attention(self, num_layers: int) -> list[int]:
-        return [i for i in range(num_layers) if i not in self.attention]
-
-    def is_empty(self) -> bool:
-        return not self.attention and not self.mlp
+from exporter.errors import UserError
+from exporter.mask import SkipMask
+from exporter.onnx.contract import kv_shape
+from exporter.prompts import position_ids
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +114,15 @@ def attention_bias(attention_mask: torch.Tensor, seq_len: int, window: int | Non
     return torch.where(allowed, zero, neg)
 
 
+@dataclass
+class LayerInputs:
+    """What every layer of one forward needs besides the residual stream."""
+
+    cos: torch.Tensor  # [B, T, D]
+    sin: torch.Tensor
+    biases: dict  # sliding window (None: full) -> additive fp32 mask [B, 1, T, P+T]
+
+
 class SkippedModel(nn.Module):
     """The decode graph of a skipped model: flat per-layer KV tensors in, logits and presents out.
 
@@ -158,19 +152,52 @@ class SkippedModel(nn.Module):
                               key=lambda w: (w is not None, w or 0))
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
+        h, ctx = self.embed(input_ids, attention_mask, position_ids)
+        h, presents = self.run_layers(h, ctx, past)
+        return (self.head(h), *presents)
+
+    # The pieces of `forward`, also used on their own by quality / search / importance (no KV cache,
+    # layers run from a shared residual stream).
+
+    def embed(self, input_ids, attention_mask, positions=None) -> tuple[torch.Tensor, LayerInputs]:
+        """The residual stream entering layer 0 [B, T, C] and what every layer needs; positions default to
+        the left-padded layout's (first real token is 0)."""
+        if positions is None:
+            positions = position_ids(attention_mask)
         h = self.model.embed_tokens(input_ids)  # [B, T, C]
-        cos, sin = self.model.rotary_emb(h, position_ids)  # [B, T, D]
+        cos, sin = self.model.rotary_emb(h, positions)  # [B, T, D]
         biases = {w: attention_bias(attention_mask, input_ids.shape[1], w, torch.float32) for w in self.windows}
+        return h, LayerInputs(cos, sin, biases)
+
+    def run_layers(self, h, ctx: LayerInputs, past=None, start: int = 0, end: int | None = None,
+                   trace: list | None = None):
+        """Layers start..end-1 -> (h, presents). `past`: flat (key, value) per kept attention layer from
+        layer 0 on, or None for an empty cache; `trace` collects each layer's input (the residual stream)."""
         presents = []
-        slot = 0
-        for layer in self.model.layers:
-            layer_past = past[2 * slot: 2 * slot + 2] if layer.has_attention else None
-            h, present = layer(h, cos, sin, biases, layer_past)
+        slot = sum(layer.has_attention for layer in self.model.layers[:start])
+        empty = None
+        for layer in self.model.layers[start:end]:
+            if trace is not None:
+                trace.append(h)
+            layer_past = None
+            if layer.has_attention:
+                if past is None:
+                    if empty is None:  # [B, H_kv, 0, D]
+                        empty = h.new_zeros(kv_shape(self.config, h.shape[0], 0))
+                    layer_past = (empty, empty)
+                else:
+                    layer_past = past[2 * slot: 2 * slot + 2]
+                slot += 1
+            h, present = layer(h, ctx.cos, ctx.sin, ctx.biases, layer_past)
             if present is not None:
                 presents.extend(present)
-                slot += 1
-        logits = self.lm_head(self.model.norm(h)).float()  # [B, T, V], fp32 for every precision
-        return (logits, *presents)
+        return h, presents
+
+    def head(self, h, select=None) -> torch.Tensor:
+        """fp32 logits [B, T, V] for every precision, or [N, V] at the (batch, position) index pair `select`."""
+        if select is not None:
+            h = h[select]
+        return self.lm_head(self.model.norm(h)).float()
 
 
 def apply_skip(model: nn.Module, mask: SkipMask) -> SkippedModel:
@@ -178,8 +205,6 @@ def apply_skip(model: nn.Module, mask: SkipMask) -> SkippedModel:
     num_layers = model.config.num_hidden_layers
     bad = [i for i in (*mask.attention, *mask.mlp) if not 0 <= i < num_layers]
     if bad:
-        from exporter.errors import UserError
-
         raise UserError(f"skip mask names layer(s) {bad} but the model has {num_layers} layers (0-{num_layers - 1})")
     return SkippedModel(model, mask).eval()
 

@@ -28,7 +28,7 @@ RTX_CCS = {(7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1)}
 def pick_backend() -> tuple[str | None, str]:
     import torch
 
-    from exporter.tensorrt import missing_reason
+    from exporter.backends.trt import missing_reason
 
     major, minor = torch.cuda.get_device_capability()
     if missing_reason("tensorrt") is None:
@@ -59,13 +59,16 @@ def check_recipe(path: Path, backend: str, cc: str, work: Path, context: int, st
     import torch
 
     from exporter.models import load_model
-    from exporter.onnx_export import export_onnx, model_in_precision
+    from exporter.onnx.export import export_onnx, model_in_precision
     from exporter.parity import check_parity
-    from exporter.pipeline import validation_batches
-    from exporter.recipe import load_recipe, resolve_mask
-    from exporter.runners import HFRunner, TrtRunner
-    from exporter.surgery import SkipMask, apply_skip, masked
-    from exporter.tensorrt import BuildOptions, build_engine
+    from exporter.stages.validate import validation_batches
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
+    from exporter.backends.pytorch import HFRunner
+    from exporter.backends.trt import TrtRunner
+    from exporter.mask import SkipMask
+    from exporter.surgery import apply_skip, masked
+    from exporter.backends.trt import BuildOptions, build_engine
 
     recipe = load_recipe(path)
     model, tokenizer = load_model(recipe.model)

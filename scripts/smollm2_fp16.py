@@ -30,11 +30,14 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="smollm2-fp16-"))
 
     from exporter.models import load_model
-    from exporter.onnx_export import export_onnx, model_in_precision
-    from exporter.pipeline import removed_parameters, validation_batches
-    from exporter.precision import check_half_parity
-    from exporter.recipe import TensorRT, load_recipe, resolve_mask
-    from exporter.surgery import SkipMask, apply_skip
+    from exporter.onnx.export import export_onnx, model_in_precision
+    from exporter.stages.remove import removed_parameters
+    from exporter.stages.validate import validation_batches
+    from exporter.stages.precisions import check_half_parity
+    from exporter.mask import resolve_mask
+    from exporter.recipe import TensorRT, load_recipe
+    from exporter.mask import SkipMask
+    from exporter.surgery import apply_skip
 
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
     model, tokenizer = load_model(recipe.model)
@@ -58,7 +61,7 @@ def main() -> int:
     summary["ort_fp16"] = {"parity": parity, "not_run": not_run, "greedy": greedy}
 
     if not args.no_engines:
-        from exporter.tensorrt import BuildOptions, build_engine, missing_reason
+        from exporter.backends.trt import BuildOptions, build_engine, missing_reason
 
         reason = missing_reason("tensorrt-rtx")
         if reason:

@@ -28,7 +28,7 @@ KINDS = ("attention", "mlp", "block")
 
 def sweep_masks(num_layers: int, kinds=KINDS, ks=KS) -> dict:
     """k deepest sub-layers of each kind, final layer kept: k=1 -> [28], k=9 -> [20..28] on 30 layers."""
-    from exporter.surgery import SkipMask
+    from exporter.mask import SkipMask
 
     masks = {}
     for kind in kinds:
@@ -46,7 +46,8 @@ def run(args) -> None:
     from exporter.data import data_dir
     from exporter.models import load_model
     from exporter.quality import Settings, TorchScorer, evaluate, write_json
-    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
 
     base = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
     model, tokenizer = load_model(base.model)

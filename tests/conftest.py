@@ -48,7 +48,7 @@ def build_model(arch: str, seed: int = 0):
 
 
 def make_mask(name: str):
-    from exporter.surgery import SkipMask
+    from exporter.mask import SkipMask
 
     return SkipMask(**MASKS[name])
 

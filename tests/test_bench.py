@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from exporter import bench
+from exporter.bench import command
+from exporter.bench import full_graph as full_graphs
+from exporter.backends import ort
+from exporter.bench import timing
+from exporter.bench import worker
 from exporter.cost import kv_bytes_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_artifact(tmp_path_factory):
     """The tiny-llama recipe's skipped graph (plain + optimized) in an artifact-like folder, and the recipe."""
     from exporter.models import load_model
-    from exporter.onnx_export import export_onnx
-    from exporter.optimize import optimize_onnx
-    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.onnx.export import export_onnx
+    from exporter.onnx.optimize import optimize_onnx
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
     from exporter.surgery import apply_skip
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
@@ -36,14 +41,14 @@ def tiny_artifact(tmp_path_factory):
 def test_time_interleaved_alternates_and_pairs():
     order = []
     calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
-    times = bench.time_interleaved(calls, warmup=1, rounds=4)
+    times = timing.time_interleaved(calls, warmup=1, rounds=4)
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then A B, B A, ...
     assert len(times["a"]) == len(times["b"]) == 4 and all(t >= 0 for t in times["a"])
 
 
 def test_compare_arithmetic():
     times = {"full": [2.0, 2.0, 2.0], "skipped": [1.5, 1.5, 1.5]}
-    c = bench.compare(times, "full", "skipped", predicted_speedup=1.25)
+    c = timing.compare(times, "full", "skipped", predicted_speedup=1.25)
     assert c["measured_speedup"] == pytest.approx(4 / 3, abs=1e-4)
     assert c["measured_saving"] == pytest.approx(0.25)
     assert c["predicted_saving"] == pytest.approx(0.2)
@@ -54,13 +59,13 @@ def test_compare_arithmetic():
 def test_measured_kv_bytes_match_the_cost_model(tiny_artifact):
     recipe, model, mask, out = tiny_artifact
     for name in ("model.onnx", "model.opt.onnx"):
-        session = bench.session_for(out / name)
-        assert bench.measured_kv_bytes_per_token(session) == kv_bytes_per_token(model.config, mask)
+        session = ort.open_session(out / name)
+        assert worker.measured_kv_bytes_per_token(session) == kv_bytes_per_token(model.config, mask)
 
 
 def test_peak_memory_runs_in_a_fresh_process(tiny_artifact):
     _, _, _, out = tiny_artifact
-    peak = bench.peak_memory(out / "model.opt.onnx", context=256)
+    peak = worker.peak_memory(out / "model.opt.onnx", context=256)
     assert "error" not in peak, peak
     assert peak["context"] == 256 and peak["peak_rss_mb"] >= peak["after_load_rss_mb"] > 0
 
@@ -68,7 +73,7 @@ def test_peak_memory_runs_in_a_fresh_process(tiny_artifact):
 def test_bench_quick_writes_json_and_table(tiny_artifact, monkeypatch, tmp_path):
     monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))  # the full graph is exported into it
     recipe, model, mask, out = tiny_artifact
-    assert bench.run_bench(recipe, out, console=None, quick=True) == 0
+    assert command.run_bench(recipe, out, console=None, quick=True) == 0
     r = json.loads((out / "bench.json").read_text())
     assert set(r["graphs"]) == {"full:plain", "skipped:plain", "full:optimized", "skipped:optimized"}
     (case,) = r["decode"]
@@ -101,8 +106,8 @@ def test_bench_with_a_peer_measures_it_alike(tiny_artifact, monkeypatch, tmp_pat
     monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("EXPORT_SKIP_BENCH_ROUNDS", "12")
     recipe, model, mask, out = tiny_artifact
-    peer = bench.full_graph(recipe, model=model)
-    assert bench.run_bench(recipe, out, console=None, quick=True, threads=1, extra={"twin": peer}) == 0
+    peer = full_graphs.full_graph(recipe, model=model)
+    assert command.run_bench(recipe, out, console=None, quick=True, threads=1, extra={"twin": peer}) == 0
     r = json.loads((out / "bench.json").read_text())
     (case,) = r["decode"]
     assert case["median_ms"]["peer:twin"]["n"] == case["median_ms"]["full:plain"]["n"] == 12
@@ -121,16 +126,16 @@ def test_rounds_from_the_environment_are_checked(monkeypatch):
 
     monkeypatch.setenv("EXPORT_SKIP_BENCH_ROUNDS", "0")
     with pytest.raises(UserError, match="EXPORT_SKIP_BENCH_ROUNDS"):
-        bench.decode_rounds()
+        command.decode_rounds()
     monkeypatch.delenv("EXPORT_SKIP_BENCH_ROUNDS")
-    assert bench.decode_rounds() == bench.DECODE_ROUNDS
+    assert command.decode_rounds() == command.DECODE_ROUNDS
 
 
 def test_graphs_built_differently_are_flagged():
     same = {"full:optimized": {"MatMul": 9, "GQA": 3}, "skipped:optimized": {"MatMul": 7, "GQA": 2}}
-    assert bench._variant_warnings(same) == []
+    assert command._variant_warnings(same) == []
     stale = {"full:optimized": {"MatMul": 9, "GQA": 3}, "skipped:optimized": {"MatMul": 7, "Split": 2, "GQA": 2}}
-    (warning,) = bench._variant_warnings(stale)
+    (warning,) = command._variant_warnings(stale)
     assert "skipped only: ['Split']" in warning
 
 
@@ -146,24 +151,24 @@ def test_a_worker_reports_a_graph_it_cannot_feed(tmp_path):
     path = tmp_path / "odd.onnx"
     onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["foo"], ["bar"])], "g", [x], [y]),
                                 opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    worker = bench.GraphWorker(path, threads=1)
+    graph_worker = worker.GraphWorker(path, threads=1)
     try:
         with pytest.raises(UserError, match="cannot feed graph input 'foo'"):
-            worker.prepare(1, 1, 0)
+            graph_worker.prepare(1, 1, 0)
     finally:
-        worker.close()
-    assert worker.proc.poll() is not None  # the process is gone
+        graph_worker.close()
+    assert graph_worker.proc.poll() is not None  # the process is gone
 
 
 def test_workers_time_themselves(tiny_artifact):
     _, _, _, out = tiny_artifact
-    workers = bench.open_workers({"a": out / "model.onnx", "b": out / "model.opt.onnx"}, threads=1)
+    workers = worker.open_workers({"a": out / "model.onnx", "b": out / "model.opt.onnx"}, threads=1)
     try:
         for w in workers.values():
             w.prepare(1, 1, 8)
-        times = bench.time_interleaved({n: w.run for n, w in workers.items()}, warmup=1, rounds=3)
+        times = timing.time_interleaved({n: w.run for n, w in workers.items()}, warmup=1, rounds=3)
     finally:
-        bench.close_workers(workers)
+        worker.close_workers(workers)
     assert all(len(t) == 3 and all(isinstance(x, float) and x > 0 for x in t) for t in times.values())
 
 
@@ -172,11 +177,11 @@ def test_feeds_start_on_64_byte_boundaries_like_ort_outputs(tiny_artifact):
     import numpy as np
 
     _, _, _, out = tiny_artifact
-    session = bench.session_for(out / "model.onnx")
-    feeds = bench.make_feeds(session, 2, 1, 37)
+    session = ort.open_session(out / "model.onnx")
+    feeds = worker.make_feeds(session, 2, 1, 37)
     assert {n for n in feeds if n.startswith("past_key_values.")}
     for name, value in feeds.items():
-        assert value.ctypes.data % bench.ALIGNMENT == 0, name
+        assert value.ctypes.data % worker.ALIGNMENT == 0, name
         assert value.flags["C_CONTIGUOUS"]
     assert np.all(feeds["position_ids"] == 37) and feeds["attention_mask"].shape == (2, 38)
     outputs = session.run(None, feeds)  # the graph takes them as they are

@@ -12,8 +12,9 @@ from exporter.errors import UserError
 from exporter.models import load_config, load_model
 from exporter.prompts import left_padded
 from exporter.recipe import ModelSource
-from exporter.runners import HFRunner, TorchRunner
-from exporter.surgery import SkipMask, apply_skip, masked
+from exporter.backends.pytorch import HFRunner, TorchRunner
+from exporter.mask import SkipMask
+from exporter.surgery import apply_skip, masked
 
 MASK = SkipMask(attention=(1, 2), mlp=(2,))  # layer 2 loses its whole block
 

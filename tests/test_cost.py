@@ -10,7 +10,8 @@ import pytest
 
 from conftest import CONFIGS, MASKS, make_mask
 from exporter import cost
-from exporter.surgery import SkipMask, apply_skip, count_parameters
+from exporter.mask import SkipMask
+from exporter.surgery import apply_skip, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def test_kept_parameters_match_the_skipped_model(tiny_models, arch, mask_name):
 def test_kv_bytes_match_the_skipped_models_cache(tiny_models, arch):
     import torch
 
-    from exporter.runners import TorchRunner
+    from exporter.backends.pytorch import TorchRunner
 
     model, _ = tiny_models[arch]
     mask = make_mask("attention")

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from exporter.genai import CONFIG_FILE, genai_greedy, write_genai_config
-from exporter.onnx_export import export_onnx
-from exporter.optimize import OPT_FILE, optimize_onnx
+from exporter.backends.genai import CONFIG_FILE, genai_greedy, write_genai_config
+from exporter.onnx.export import export_onnx
+from exporter.onnx.contract import OPT_FILE
+from exporter.onnx.optimize import optimize_onnx
 from exporter.parity import greedy_tokens
-from exporter.runners import HFRunner
-from exporter.surgery import SkipMask, apply_skip, masked
+from exporter.backends.pytorch import HFRunner
+from exporter.mask import SkipMask
+from exporter.surgery import apply_skip, masked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +81,8 @@ def test_genai_greedy_text_equals_pytorch_on_smollm2(tmp_path):
     pytest.importorskip("gguf")
     from exporter import prompts as P
     from exporter.pipeline import run
-    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
     from exporter.models import load_model
 
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")

@@ -40,7 +40,7 @@ def copy(artifact, tmp_path):
 
 
 def test_manifest_lists_every_file_with_size_and_hash(artifact):
-    from exporter.models import file_sha256
+    from exporter.files import sha256_file
     from exporter.recipe import load_recipe
     from exporter.manifest import resolved_recipe
 
@@ -50,7 +50,7 @@ def test_manifest_lists_every_file_with_size_and_hash(artifact):
     assert {"model.onnx", "model.onnx.data", "report.json", "report.md", RECIPE_COPY} <= set(on_disk)
     for f in m["files"]:
         assert f["bytes"] == (artifact / f["path"]).stat().st_size
-        assert f["sha256"] == file_sha256(artifact / f["path"])
+        assert f["sha256"] == sha256_file(artifact / f["path"])
     kinds = {f["path"]: f["kind"] for f in m["files"]}
     assert kinds["model.onnx"] == "onnx" and kinds["model.onnx.data"] == "onnx-external-data"
     assert m["recipe"]["sha256"] == canonical_hash(resolved_recipe(load_recipe(TINY)))
@@ -146,8 +146,9 @@ def test_inspect_draws_the_mask_as_a_layer_map(artifact):
 def test_generate_streams_the_masked_models_greedy_tokens(artifact, graph):
     from exporter.generate import _onnx_file, generate
     from exporter.parity import greedy_tokens
-    from exporter.runners import HFRunner
-    from exporter.surgery import SkipMask, masked
+    from exporter.backends.pytorch import HFRunner
+    from exporter.mask import SkipMask
+    from exporter.surgery import masked
     from exporter.models import load_model
     from exporter.recipe import load_recipe
 

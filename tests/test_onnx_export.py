@@ -4,11 +4,15 @@ import onnx
 import pytest
 
 from conftest import CONFIGS, MASKS, PROMPTS, make_mask
-from exporter.onnx_export import export_onnx, onnx_signature, onnx_weight_elements
+from exporter.onnx.contract import onnx_signature
+from exporter.onnx.export import export_onnx
+from exporter.onnx.graph import onnx_weight_elements
 from exporter.parity import check_parity
 from exporter.prompts import left_padded
-from exporter.runners import HFRunner, OrtRunner
-from exporter.surgery import SkipMask, apply_skip, count_parameters, masked
+from exporter.backends.ort import OrtRunner
+from exporter.backends.pytorch import HFRunner
+from exporter.mask import SkipMask
+from exporter.surgery import apply_skip, count_parameters, masked
 
 
 @pytest.mark.parametrize("mask_name", MASKS)

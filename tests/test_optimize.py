@@ -6,12 +6,16 @@ import onnx
 import pytest
 
 from conftest import CONFIGS, PROMPTS, make_mask
-from exporter.gemv import ROW, body_graph
-from exporter.onnx_export import export_onnx, onnx_signature
-from exporter.optimize import OPT_FILE, NotOptimizable, optimize_onnx, rotary_caches
+from exporter.onnx.gemv import ROW
+from exporter.onnx.graph import body_graph
+from exporter.onnx.contract import onnx_signature
+from exporter.onnx.export import export_onnx
+from exporter.onnx.contract import OPT_FILE
+from exporter.onnx.optimize import NotOptimizable, optimize_onnx, rotary_caches
 from exporter.parity import check_parity
 from exporter.prompts import left_padded
-from exporter.runners import HFRunner, OrtRunner
+from exporter.backends.ort import OrtRunner
+from exporter.backends.pytorch import HFRunner
 from exporter.surgery import apply_skip, masked
 
 # every architecture with attention skipped (mistral: sliding window), plus a whole block gone
@@ -142,7 +146,7 @@ def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported,
 
     import onnxruntime as ort
 
-    from exporter import bench
+    from exporter.bench import worker
 
     _, opt, _ = exported[("llama", "attention")]
     ran = {}
@@ -151,7 +155,7 @@ def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported,
         options.enable_profiling = True
         options.profile_file_prefix = str(tmp_path / f"b{batch}n{new}")
         session = ort.InferenceSession(str(opt), options, providers=["CPUExecutionProvider"])
-        session.run(None, bench.make_feeds(session, batch, new, 3))
+        session.run(None, worker.make_feeds(session, batch, new, 3))
         events = json.loads(Path(session.end_profiling()).read_text())
         # FusedMatMul nodes keep their MatMul names
         ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}

@@ -5,8 +5,11 @@ import pytest
 
 from conftest import PROMPTS, make_mask
 from exporter.errors import UserError
-from exporter.onnx_export import export_onnx, model_in_precision, onnx_signature, ort_unsupported_op, precision_of
-from exporter.precision import check_half_parity
+from exporter.backends.ort import ort_unsupported_op
+from exporter.dtypes import precision_of
+from exporter.onnx.contract import onnx_signature
+from exporter.onnx.export import export_onnx, model_in_precision
+from exporter.stages.precisions import check_half_parity
 from exporter.prompts import left_padded
 from exporter.recipe import Atol, Recipe
 from exporter.surgery import apply_skip

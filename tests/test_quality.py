@@ -12,7 +12,9 @@ import torch
 
 from exporter import quality as Q
 from exporter.data import read_lambada
-from exporter.surgery import SkipMask, masked
+from exporter.mask import SkipMask
+from exporter.progress import progress_bar
+from exporter.surgery import masked
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building .\n"
@@ -158,8 +160,9 @@ def test_missing_data_is_a_one_line_user_error(tmp_path, capsys):
 def test_eval_of_the_exported_onnx_matches_pytorch(tmp_path, data_folder):
     """The exported graph in ONNX Runtime scores like the PyTorch skipped model; results land in both files."""
     from exporter.models import load_model
-    from exporter.onnx_export import export_onnx
-    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.onnx.export import export_onnx
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
     from exporter.surgery import apply_skip
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
@@ -186,8 +189,9 @@ def test_eval_of_a_published_folder_keeps_its_manifest_valid(tmp_path, data_fold
     `export-skip verify` failed on every folder that had been evaluated."""
     from exporter.manifest import verify, write_manifest
     from exporter.models import load_model
-    from exporter.onnx_export import export_onnx
-    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.onnx.export import export_onnx
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
     from exporter.surgery import apply_skip
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
@@ -236,13 +240,13 @@ def test_progress_in_a_log_prints_plain_lines(capsys):
 
     out = io.StringIO()
     console = Console(file=out, force_terminal=False)
-    with Q._progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("LAMBADA, 7 passages", total=7)
         for _ in range(7):
             progress.advance(task, 1)
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("LAMBADA, 7 passages: 1/7 (") and lines[-1].startswith("LAMBADA, 7 passages: 7/7 (")
     assert len(lines) == 2  # the 30 s interval holds back the five in between
-    with Q._progress(None) as progress:  # no console: nothing anywhere
+    with progress_bar(None) as progress:  # no console: nothing anywhere
         progress.advance(progress.add_task("x", total=1), 1)
     assert capsys.readouterr() == ("", "")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from exporter.errors import UserError
-from exporter.recipe import deepest_layers, expand_layers, load_recipe, resolve_mask
+from exporter.mask import deepest_layers, expand_layers, resolve_mask
+from exporter.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

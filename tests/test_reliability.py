@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.errors import UserError
-from exporter.recipe import load_recipe, resolve_mask
+from exporter.mask import resolve_mask
+from exporter.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS: list[dict] = []

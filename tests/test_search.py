@@ -8,7 +8,8 @@ import torch
 from exporter import search as S
 from exporter.errors import UserError
 from exporter.importance import calibration_windows, measure_importance
-from exporter.surgery import SkipMask, apply_skip
+from exporter.mask import SkipMask
+from exporter.surgery import apply_skip
 from tests.conftest import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,8 +133,10 @@ def test_greedy_picks_the_least_harmful_candidate_first(llama, data_folder):
 
 def test_emitted_recipe_loads_and_exports(tmp_path, data_folder):
     from exporter.models import load_model
-    from exporter.onnx_export import export_onnx, onnx_signature
-    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.onnx.contract import onnx_signature
+    from exporter.onnx.export import export_onnx
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
 
     source = ROOT / "recipes" / "tiny-llama.yaml"
     out = tmp_path / "sub" / "found.yaml"
@@ -252,7 +255,8 @@ def test_lambada_budget_and_metric_must_agree(lambada_folder):
 
 def test_search_cli_with_a_lambada_budget_writes_a_recipe(tmp_path, lambada_folder):
     from exporter.cli import main
-    from exporter.recipe import load_recipe, resolve_mask
+    from exporter.mask import resolve_mask
+    from exporter.recipe import load_recipe
 
     out = tmp_path / "found.yaml"
     argv = ["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--max-lambada-drop", "5",

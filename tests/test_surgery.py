@@ -5,10 +5,11 @@ from conftest import CONFIGS, MASKS, PROMPTS, make_mask
 from exporter.architectures import layout_for
 from exporter.errors import UserError
 from exporter.parity import check_parity
-from exporter.pipeline import removed_parameters
+from exporter.stages.remove import removed_parameters
 from exporter.prompts import left_padded
-from exporter.runners import HFRunner, TorchRunner
-from exporter.surgery import SkipMask, apply_skip, count_parameters, masked
+from exporter.backends.pytorch import HFRunner, TorchRunner
+from exporter.mask import SkipMask
+from exporter.surgery import apply_skip, count_parameters, masked
 
 
 @pytest.mark.parametrize("mask_name", MASKS)

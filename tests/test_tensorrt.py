@@ -17,10 +17,11 @@ import torch
 
 from conftest import PROMPTS, make_mask
 from exporter.errors import UserError
-from exporter.onnx_export import export_onnx, model_in_precision
+from exporter.onnx.export import export_onnx, model_in_precision
 from exporter.surgery import apply_skip
-from exporter.tensorrt import (BackendMissing, BuildOptions, ParseError, build_engine, check_sidecar, engine_profiles,
-                               import_backend, missing_reason, profile_shapes, sha256, sidecar_path)
+from exporter.backends.trt import (BackendMissing, BuildOptions, ParseError, build_engine, check_sidecar, engine_profiles,
+                                  import_backend, missing_reason, profile_shapes, sidecar_path)
+from exporter.files import sha256_file as sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -175,7 +176,8 @@ def test_tiny_mistral_recipe_builds_engines_and_reports_missing_backends(tmp_pat
 
 def test_pipeline_without_tensorrt_still_exports_and_says_why(tmp_path, monkeypatch):
     """No TensorRT at all: ONNX is exported and validated, the report lists engines not built and why."""
-    from exporter import pipeline, tensorrt
+    from exporter import pipeline
+    from exporter.backends import trt as tensorrt
     from exporter.recipe import TensorRT, load_recipe
 
     for backend, (_, extra, how) in list(tensorrt.BACKENDS.items()):  # point both at modules that do not exist
@@ -208,7 +210,8 @@ def _gpu_backend():
 def test_trt_runner_parity_against_masked_reference(tiny_models, tiny_graphs, tmp_path, precision):
     from exporter.parity import check_parity
     from exporter.prompts import left_padded
-    from exporter.runners import HFRunner, TrtRunner
+    from exporter.backends.pytorch import HFRunner
+    from exporter.backends.trt import TrtRunner
     from exporter.surgery import masked
 
     backend, cc = _gpu_backend()

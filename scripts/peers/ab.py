@@ -10,7 +10,8 @@ docs/results/speed.md uses it for the bar cases (decode, batch 1, contexts 512 a
 import statistics
 import sys
 
-from exporter import bench
+from exporter.bench import timing as bench_timing
+from exporter.bench import worker as bench_worker
 
 
 def main(argv: list[str]) -> None:
@@ -22,13 +23,13 @@ def main(argv: list[str]) -> None:
     per_set = []
     for r in range(sets):
         order = names[r % len(names):] + names[:r % len(names)]
-        workers = bench.open_workers({n: paths[n] for n in order}, threads=threads, head_dim=64)
+        workers = bench_worker.open_workers({n: paths[n] for n in order}, threads=threads, head_dim=64)
         try:
             for w in workers.values():
                 w.prepare(batch, 1, context)
-            times = bench.time_interleaved({n: workers[n].run for n in names}, warmup=3, rounds=rounds)
+            times = bench_timing.time_interleaved({n: workers[n].run for n in names}, warmup=3, rounds=rounds)
         finally:
-            bench.close_workers(workers)
+            bench_worker.close_workers(workers)
         per_set.append({n: round(statistics.median(t) * 1e3, 2) for n, t in times.items()})
         for n in names:
             pooled[n] += times[n]
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> None:
     print(f"pooled medians (ms): { {n: round(v, 2) for n, v in medians.items()} }")
     print(f"ratio {names[0]}/{names[1]}: pooled {medians[names[0]] / medians[names[1]]:.3f}, "
           f"median of sets {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
-    print(f"load average: {bench.load_average()}")
+    print(f"load average: {bench_timing.load_average()}")
 
 
 if __name__ == "__main__":

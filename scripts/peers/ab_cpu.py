@@ -7,7 +7,7 @@ uses more CPU per call (docs/results/speed.md); name the same graph twice for a 
     .venv/bin/python scripts/peers/ab_cpu.py A=PATH,B=PATH[,C=PATH...] BATCH CONTEXT ROUNDS SETS
 
 One process per graph, opening order rotated per set, calls interleaved (order alternating per round),
-3 warmup calls; the past KV inputs are random (bench.make_feeds; ZERO_PAST=1 for zeros,
+3 warmup calls; the past KV inputs are random (bench_worker.make_feeds; ZERO_PAST=1 for zeros,
 which the bench used before it fed random values) and 64-byte aligned (UNALIGNED=1: numpy's own copies). AB_PIN=N pins every worker to CPU N (they never run at the same time, so sharing a CPU
 costs them nothing; it rules out a slower vCPU - it did not remove the penalty). Prints per set and pooled
 medians (ms) of wall and CPU time, and each graph's ratio to the last one named: of the pooled medians, and the geometric mean of the per-set ratios (with as many sets
@@ -24,7 +24,7 @@ def worker(path: str, batch: int, context: int) -> None:
 
     import onnxruntime as ort
 
-    from exporter import bench
+    from exporter.bench import worker as bench_worker
 
     if os.environ.get("AB_PIN"):  # pin this worker to one CPU (both graphs' workers to the same one)
         os.sched_setaffinity(0, {int(os.environ["AB_PIN"])})
@@ -32,7 +32,7 @@ def worker(path: str, batch: int, context: int) -> None:
     o.intra_op_num_threads = 1
     o.log_severity_level = 3
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
-    feeds = bench.make_feeds(s, batch, 1, context, head_dim=64, zero_past=bool(os.environ.get("ZERO_PAST")))
+    feeds = bench_worker.make_feeds(s, batch, 1, context, head_dim=64, zero_past=bool(os.environ.get("ZERO_PAST")))
     if os.environ.get("UNALIGNED"):  # numpy's own allocation, as the bench fed before it aligned its feeds
         feeds = {name: value.copy() for name, value in feeds.items()}
     print("ready", flush=True)
@@ -43,7 +43,7 @@ def worker(path: str, batch: int, context: int) -> None:
 
 
 def main(argv) -> None:
-    from exporter import bench
+    from exporter.bench import timing as bench_timing
 
     paths = dict(a.split("=", 1) for a in argv[0].split(","))
     batch, context, rounds, sets = (int(x) for x in argv[1:5])
@@ -51,7 +51,7 @@ def main(argv) -> None:
     ref = names[-1]
     pooled = {n: ([], []) for n in names}
     set_ratios = {n: ([], []) for n in names[:-1]}  # per set: wall, cpu ratio to ref
-    print(f"batch {batch}, context {context}, {rounds} rounds x {sets} sets, load average {bench.load_average()}")
+    print(f"batch {batch}, context {context}, {rounds} rounds x {sets} sets, load average {bench_timing.load_average()}")
     for r in range(sets):
         order = names[r % len(names):] + names[:r % len(names)]
         procs = {}
@@ -94,7 +94,7 @@ def main(argv) -> None:
         geo = [statistics.geometric_mean(x) for x in set_ratios[n]]
         print(f"ratio {n}/{ref}: pooled wall {med[n][0] / med[ref][0]:.3f}, cpu {med[n][1] / med[ref][1]:.3f}; "
               f"geometric mean of the sets' ratios wall {geo[0]:.3f}, cpu {geo[1]:.3f}")
-    print(f"load average: {bench.load_average()}")
+    print(f"load average: {bench_timing.load_average()}")
 
 
 if __name__ == "__main__":

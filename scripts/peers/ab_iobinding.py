@@ -7,10 +7,10 @@ import sys, time, statistics, subprocess
 # worker mode
 if sys.argv[1] == "w":
     import onnxruntime as ort
-    from exporter import bench
+    from exporter.bench import worker as bench_worker
     o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.log_severity_level = 3
     s = ort.InferenceSession(sys.argv[2], o, providers=["CPUExecutionProvider"])
-    f = bench.make_feeds(s, 1, 1, int(sys.argv[3]), head_dim=64)
+    f = bench_worker.make_feeds(s, 1, 1, int(sys.argv[3]), head_dim=64)
     b = s.io_binding()
     for k, v in f.items(): b.bind_cpu_input(k, v)
     for out in s.get_outputs(): b.bind_output(out.name, "cpu")

@@ -6,7 +6,7 @@ kernel time and the rest (executor/framework overhead), for one or more graphs (
 
 Batch 1 decode by default, 1 intra-op thread, default graph optimizations (ab.py's settings). Graphs are
 profiled one after another, in the order given, then again in reverse (two runs each).
-Past KV inputs random (bench.make_feeds; ZERO_PAST=1 for zeros, as in the runs before it).
+Past KV inputs random (bench_worker.make_feeds; ZERO_PAST=1 for zeros, as in the runs before it).
 PROFILE_BIND_OUTPUTS=1: io-binding, inputs bound once and every output written into the same preallocated
 buffer each step (so the graphs' present outputs sit at fixed addresses, not wherever ORT's arena puts them).
 """
@@ -22,7 +22,7 @@ from collections import defaultdict
 def worker(path: str, context: int, steps: int, batch: int, prefix: str) -> None:
     import onnxruntime as ort
 
-    from exporter import bench
+    from exporter.bench import worker as bench_worker
 
     o = ort.SessionOptions()
     o.intra_op_num_threads = 1
@@ -30,7 +30,7 @@ def worker(path: str, context: int, steps: int, batch: int, prefix: str) -> None
     o.enable_profiling = True
     o.profile_file_prefix = prefix
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
-    feeds = bench.make_feeds(s, batch, 1, context, head_dim=64, zero_past=bool(os.environ.get("ZERO_PAST")))
+    feeds = bench_worker.make_feeds(s, batch, 1, context, head_dim=64, zero_past=bool(os.environ.get("ZERO_PAST")))
     run = lambda: s.run(None, feeds)  # noqa: E731
     if os.environ.get("PROFILE_BIND_OUTPUTS"):  # outputs written into the same preallocated buffers every step
         import numpy as np
@@ -95,8 +95,8 @@ def main(argv):
     for op in ops:
         print(f"  {op:36s} " + " | ".join(" ".join(f"{r['per_op_ms_per_step'].get(op, 0):7.3f}" for r in results[n])
                                           for n in names))
-    from exporter import bench
-    print("load average:", bench.load_average())
+    from exporter.bench import timing as bench_timing
+    print("load average:", bench_timing.load_average())
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Two optimization profiles: `prefill` (past_sequence 0, sequence 1..max_context) 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -21,7 +20,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from exporter.backends.base import DecodeRunner
+from exporter.dtypes import dtype_name, torch_dtype
 from exporter.errors import UserError
+from exporter.files import sha256_file
+from exporter.onnx.contract import is_past, is_present, past_for
 
 # backend -> (python module, extra that installs it, what to run)
 BACKENDS = {
@@ -96,14 +99,6 @@ def import_backend(backend: str):
     return module
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def profile_shapes(inputs: dict[str, tuple], opts: BuildOptions) -> dict[str, dict[str, list[list[int]]]]:
     """{profile: {input: [min, opt, max]}} for the contract's inputs (name -> static dims or None).
 
@@ -122,7 +117,7 @@ def profile_shapes(inputs: dict[str, tuple], opts: BuildOptions) -> dict[str, di
                 shapes[name] = [[batch[k], seq[k]] for k in range(3)]
             elif name == "attention_mask":
                 shapes[name] = [[batch[k], past[k] + seq[k]] for k in range(3)]
-            elif name.startswith("past_key_values."):
+            elif is_past(name):
                 _, heads, _, dim = dims
                 shapes[name] = [[batch[k], heads, past[k], dim] for k in range(3)]
             else:
@@ -191,8 +186,8 @@ def build_engine(onnx_path: Path, engine_path: Path, backend: str, precision: st
 
     sidecar = Sidecar(
         backend=backend, backend_version=trt.__version__, precision=precision,
-        onnx=os.path.relpath(onnx_path, engine_path.parent), onnx_sha256=sha256(onnx_path),
-        engine_bytes=engine_path.stat().st_size, engine_sha256=sha256(engine_path),
+        onnx=os.path.relpath(onnx_path, engine_path.parent), onnx_sha256=sha256_file(onnx_path),
+        engine_bytes=engine_path.stat().st_size, engine_sha256=sha256_file(engine_path),
         profiles=shapes, compute_capabilities=list(opts.compute_capabilities) if backend == "tensorrt-rtx" else ["current"],
         hardware_compatibility=opts.hardware_compatibility, version_compatible=opts.version_compatible,
         optimization_level=opts.optimization_level, timing_cache=str(cache_path) if cache_path else None,
@@ -226,9 +221,9 @@ def check_sidecar(engine_path: Path, onnx_path: Path | None = None) -> list[str]
     problems = []
     if meta["engine_bytes"] != engine_path.stat().st_size:
         problems.append(f"engine is {engine_path.stat().st_size} bytes, sidecar says {meta['engine_bytes']}")
-    if meta["engine_sha256"] != sha256(engine_path):
+    if meta["engine_sha256"] != sha256_file(engine_path):
         problems.append("engine sha256 differs from the sidecar's")
-    if onnx_path is not None and meta["onnx_sha256"] != sha256(onnx_path):
+    if onnx_path is not None and meta["onnx_sha256"] != sha256_file(onnx_path):
         problems.append(f"{onnx_path.name} sha256 differs from the sidecar's (engine built from another graph)")
     return problems
 
@@ -270,3 +265,48 @@ def open_runner(engine_path: Path, backend: str):
     runner = TrtRunner(EngineFromBytes(engine_path.read_bytes()))
     runner.activate()
     return runner
+
+
+class TrtRunner(DecodeRunner):
+    """A TensorRT / TensorRT-RTX engine through Polygraphy's TrtRunner; the KV cache stays on the GPU.
+
+    Profile 0 (`prefill`, empty past) serves prefill and profile 1 (`decode`, one token) serves steps,
+    as `build_engine` builds them. Needs a CUDA GPU the engine was built for; not run in this
+    project's CI (no GPU), so it is checked by `pytest -m gpu` / scripts/gpu_check.sh on users' GPUs.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path, backend: str = "tensorrt"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"running {engine_path} needs a CUDA GPU; none is visible to PyTorch")
+        self.runner = open_runner(Path(engine_path), backend)
+        self.device = torch.device("cuda")
+        self.past_meta = {}  # name -> (heads, head_dim, dtype)
+        for name, (dtype, shape) in self.runner.get_input_metadata().items():
+            if is_past(name):
+                self.past_meta[name] = (shape[1], shape[3], torch_dtype(dtype_name(dtype)))  # Polygraphy DataType: 'float16'
+        self.profile = 0
+
+    def reset(self, batch: int) -> None:
+        import torch
+
+        self.past = {name: torch.zeros((batch, heads, 0, dim), dtype=dtype, device=self.device)
+                     for name, (heads, dim, dtype) in self.past_meta.items()}
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        profile = 0 if input_ids.shape[1] > 1 or attention_mask.shape[1] == input_ids.shape[1] else 1
+        if profile != self.profile:
+            self.runner.set_profile(profile)
+            self.profile = profile
+        feeds = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
+                 "position_ids": position_ids.to(self.device), **self.past}
+        outputs = self.runner.infer(feeds, copy_outputs_to_host=False)
+        # Polygraphy reuses its output buffers between calls: copy the presents before feeding them back.
+        self.past = {past_for(name): value.clone() for name, value in outputs.items() if is_present(name)}
+        return outputs["logits"].float().cpu()
+
+    def close(self) -> None:
+        self.runner.deactivate()

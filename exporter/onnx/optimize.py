@@ -30,60 +30,24 @@ plain graph. Graphs whose pattern is not recognised are refused with a reason, n
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
-from exporter.gemv import add_batch1_path
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
-OPT_FILE = "model.opt.onnx"
+from exporter.architectures import head_dim as head_dim_of
+from exporter.onnx.contract import OPT_FILE, data_path as data_path_of, input_names, kept_layers
+from exporter.onnx.gemv import add_batch1_path
+from exporter.onnx.graph import (Graph, drop_dead_nodes, drop_unused_initializers, external_initializer,
+                                 initializer_array, topological_sort)
 MS = "com.microsoft"
 
 
 class NotOptimizable(Exception):
     """The graph (or its precision, or its RoPE type) is outside what this rewrite handles; the reason says why."""
 
-
-class _Graph:
-    """Producer/consumer indexes over an onnx GraphProto, and constant lookup."""
-
-    def __init__(self, graph):
-        self.graph = graph
-        self.reindex()
-
-    def reindex(self):
-        self.producer = {}
-        self.consumers = defaultdict(list)
-        for node in self.graph.node:
-            for o in node.output:
-                self.producer[o] = node
-            for i in node.input:
-                self.consumers[i].append(node)
-        self.inits = {t.name: t for t in self.graph.initializer}
-
-    def const(self, name):
-        """numpy value of an initializer or Constant output, else None."""
-        from onnx import numpy_helper
-
-        if name in self.inits:
-            t = self.inits[name]
-            if t.data_location == 1:  # external: a weight, never a small constant
-                return None
-            return numpy_helper.to_array(t)
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    def only_consumer(self, name, op_type=None):
-        users = self.consumers.get(name, [])
-        if len(users) != 1 or (op_type and users[0].op_type != op_type):
-            return None
-        return users[0]
-
-
-def _upstream(g: _Graph, name: str, op_type: str, depth: int = 6):
+def _upstream(g: Graph, name: str, op_type: str, depth: int = 6):
     """Nearest producer of `op_type` above tensor `name` (breadth first, at most `depth` hops)."""
     frontier, seen = [name], set()
     for _ in range(depth):
@@ -100,7 +64,7 @@ def _upstream(g: _Graph, name: str, op_type: str, depth: int = 6):
     return None
 
 
-def _downstream(g: _Graph, name: str, op_type: str, depth: int = 8):
+def _downstream(g: Graph, name: str, op_type: str, depth: int = 8):
     frontier, seen = [name], set()
     for _ in range(depth):
         nxt = []
@@ -136,7 +100,7 @@ def rotary_caches(config, max_positions: int):
     return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
 
 
-def _find_attention(g: _Graph, layer: int):
+def _find_attention(g: Graph, layer: int):
     """The tensors around layer `layer`'s attention in the plain graph (see surgery.SkippedLayer.attend)."""
     cat_k = g.producer.get(f"present.{layer}.key")
     cat_v = g.producer.get(f"present.{layer}.value")
@@ -170,7 +134,7 @@ def _find_attention(g: _Graph, layer: int):
     }
 
 
-def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict):
+def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict):
     """Layer `layer`'s attention as ORT contrib ops: q/k/v (one packed MatMul + Split where packable),
     `RotaryEmbedding` of q and k at `position_ids`, and one GroupQueryAttention node for cache append and
     attention.
@@ -182,7 +146,6 @@ def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: in
     gave onnxruntime-genai's right-padded rows wrong tokens). Padding is masked by our additive bias
     (`attention_bias`), which also carries sliding windows.
     """
-    from onnx import helper
 
     nodes = []
     q_raw, k_raw, v = (f"gqa{layer}_{key}" for key in ("q_raw", "k_raw", "v"))
@@ -213,7 +176,7 @@ def _add_gqa(g: _Graph, proto, layer: int, found: dict, heads: int, kv_heads: in
     return nodes
 
 
-def _plan_qkv_packing(g: _Graph, found: dict) -> dict | None:
+def _plan_qkv_packing(g: Graph, found: dict) -> dict | None:
     """q/k/v as three MatMuls of one input (each + an optional constant bias, Qwen2), each reshaped straight
     to [B, T, H, D]: packable into one MatMul (+ one Add). q/k norms (Qwen3) in between: not packable."""
     matmuls, biases = [], []
@@ -240,8 +203,6 @@ def _plan_qkv_packing(g: _Graph, found: dict) -> dict | None:
 def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) -> None:
     """Concatenate each layer's q/k/v weights ([C, out] each) into one initializer in `data_path` (biases,
     when there are any, into one small inline initializer); sets plan["weight"] and plan["bias"]."""
-    import numpy as np
-    from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
 
@@ -264,59 +225,9 @@ def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) 
                 proto.graph.initializer.append(numpy_helper.from_array(bias, plan["bias"]))
 
 
-def initializer_array(tensor, folder: Path):
-    """An initializer's values, reading external data from `folder` (the proto is left as it was).
-
-    onnx refuses external data behind a symbolic link or a file with several hard links (its
-    "hardlink attack" check); that is said as one line with the remedy, not as onnx's traceback.
-    """
-    import onnx
-    from onnx import TensorProto, numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor
-
-    from exporter.errors import UserError
-
-    copy = TensorProto()
-    copy.CopyFrom(tensor)
-    if copy.data_location == TensorProto.EXTERNAL:
-        try:
-            load_external_data_for_tensor(copy, str(folder))
-        except onnx.checker.ValidationError as exc:
-            if "link" not in str(exc):
-                raise
-            location = next(e.value for e in copy.external_data if e.key == "location")
-            raise UserError(f"{Path(folder) / location}: onnx reads external data only from a plain file (this "
-                            "one is a symbolic link or has several hard links); replace it with a copy "
-                            "(cp --remove-destination) or delete its folder to have it made again") from None
-    return numpy_helper.to_array(copy)
-
-
-def external_initializer(value, name: str, location: str, offset: int):
-    """A TensorProto for `value` (numpy) whose bytes sit at `offset` in the data file `location`."""
-    from onnx import TensorProto, numpy_helper
-
-    t = numpy_helper.from_array(value.reshape(-1)[:0], name)
-    t.ClearField("raw_data")
-    t.dims[:] = value.shape
-    t.data_location = TensorProto.EXTERNAL
-    for key, val in (("location", location), ("offset", str(offset)), ("length", str(value.nbytes))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, val
-    return t
-
-
-def _drop_unused_initializers(graph) -> None:
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
 def _shared_inputs(proto, cos, sin, np_dtype, qkv_split: tuple[int, int, int]):
     """seqlens_k (= total - 1 for every row: the bias does the padding), total length, rotary caches,
     and the sizes a packed q/k/v output splits into."""
-    from onnx import TensorProto, helper, numpy_helper
-    import numpy as np
 
     consts = {
         "opt_pack_shape": np.array([0, 0, -1], dtype=np.int64),
@@ -342,7 +253,7 @@ def _shared_inputs(proto, cos, sin, np_dtype, qkv_split: tuple[int, int, int]):
     return nodes, shared
 
 
-def _match_rmsnorm(g: _Graph, mul_weight):
+def _match_rmsnorm(g: Graph, mul_weight):
     """`weight * (x * 1/sqrt(mean(x^2) + eps))` ending at `mul_weight`: (x, weight, eps, nodes) or None."""
     inputs = list(mul_weight.input)
     for w_idx in (0, 1):
@@ -369,9 +280,8 @@ def _match_rmsnorm(g: _Graph, mul_weight):
     return None
 
 
-def _fuse_norms(g: _Graph) -> tuple[int, int]:
+def _fuse_norms(g: Graph) -> tuple[int, int]:
     """RMSNorm -> SimplifiedLayerNormalization; residual Add feeding it -> SkipSimplifiedLayerNormalization."""
-    from onnx import helper
 
     norms = skips = 0
     for node in list(g.graph.node):
@@ -407,57 +317,21 @@ def _fuse_norms(g: _Graph) -> tuple[int, int]:
     return norms, skips
 
 
-def _drop_dead_nodes(graph) -> int:
-    """Remove nodes none of whose outputs are used (to a fixpoint)."""
-    outputs = {o.name for o in graph.output}
-    removed = 0
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return removed
-        for n in dead:
-            graph.node.remove(n)
-        removed += len(dead)
-
-
-def _topological_sort(graph) -> None:
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise NotOptimizable("rewritten graph has a cycle or a dangling input")
-        done = {id(n) for n in ready}
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
-        pending = [n for n in pending if id(n) not in done]
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
 def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_positions: int | None = None,
                   batch1_path: bool = True) -> dict:
     """Write the optimized graph beside `plain_path` (sharing its external data); returns what was fused.
 
     Raises NotOptimizable with the reason when the graph cannot be rewritten safely.
     """
-    import numpy as np
-    import onnx
-    from onnx import helper
-
     plain_path = Path(plain_path)
     out_path = Path(out_path) if out_path else plain_path.with_name(OPT_FILE)
     if out_path.parent.resolve() != plain_path.parent.resolve():
         raise ValueError("the optimized graph must sit beside the plain one (it shares its external data)")
     proto = onnx.load(str(plain_path), load_external_data=False)
-    g = _Graph(proto.graph)
+    g = Graph(proto.graph)
     inputs = {i.name: i for i in proto.graph.input}
-    elem = inputs["past_key_values.0.key"].type.tensor_type.elem_type if "past_key_values.0.key" in inputs else None
-    kept = sorted(int(n.split(".")[1]) for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-    if kept:
-        elem = inputs[f"past_key_values.{kept[0]}.key"].type.tensor_type.elem_type
+    kept = kept_layers(inputs)
+    elem = inputs[input_names(kept)[3]].type.tensor_type.elem_type if kept else None
     np_dtypes = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
     if kept and elem not in np_dtypes:
         raise NotOptimizable(f"{onnx.TensorProto.DataType.Name(elem)} graphs: ONNX Runtime's CPU "
@@ -466,11 +340,11 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     found = {i: _find_attention(g, i) for i in kept}  # all or nothing: raises before any change
     plans = {i: plan for i in kept if (plan := _plan_qkv_packing(g, found[i])) is not None}
     if kept:  # checked before anything is written
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         cos, sin = rotary_caches(config, max_positions or config.max_position_embeddings)
         if cos.shape[-1] * 2 != head_dim:
             raise NotOptimizable("partial rotary embeddings are not handled")
-    data_path = out_path.with_name(out_path.name + ".data")
+    data_path = data_path_of(out_path)
     data_path.unlink(missing_ok=True)
     out_path.unlink(missing_ok=True)  # a graph left from an earlier run reads the data file just removed
     try:
@@ -489,12 +363,15 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
                     proto.graph.node.remove(n)
                 new_nodes += _add_gqa(g, proto, i, found[i], heads, kv_heads, shared)
         proto.graph.node.extend(new_nodes)
-        _drop_dead_nodes(proto.graph)
+        drop_dead_nodes(proto.graph)
         g.reindex()
         norms, skips = _fuse_norms(g)
-        _drop_dead_nodes(proto.graph)
-        _drop_unused_initializers(proto.graph)
-        _topological_sort(proto.graph)
+        drop_dead_nodes(proto.graph)
+        drop_unused_initializers(proto.graph)
+        try:
+            topological_sort(proto.graph)
+        except ValueError as exc:
+            raise NotOptimizable(f"rewritten graph: {exc}") from None
         if not any(o.domain == MS for o in proto.opset_import):
             proto.opset_import.append(helper.make_opsetid(MS, 1))
         nodes = len(proto.graph.node)
@@ -513,36 +390,3 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
             "skip_simplified_layer_norm": skips, "nodes": nodes, "batch1_unpacked_matmuls": gemv}
 
 
-def optimize_stage(model, mask, plain_path: Path, batches: list, steps: int, atol_prefill: float,
-                   atol_decode: float, batch1_path: bool = True) -> dict:
-    """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
-
-    `batches` are (input_ids, attention_mask) pairs (the validation's). A graph this rewrite does not
-    handle is reported under not_run with the reason; the plain graph is then the only ONNX artifact.
-    """
-    from exporter import report as reports
-    from exporter.parity import check_parity
-    from exporter.runners import HFRunner, OrtRunner
-    from exporter.surgery import masked
-
-    out_dir = plain_path.parent
-    try:
-        fused = optimize_onnx(plain_path, model.config, batch1_path=batch1_path)
-    except NotOptimizable as exc:
-        return {"artifacts": [], "parity": [], "fused": None,
-                "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
-    opt = out_dir / fused["path"]
-    precision = {"torch.float32": "fp32", "torch.float16": "fp16"}.get(str(next(model.parameters()).dtype), "fp32")
-    parity = []
-    runner = OrtRunner(opt)
-    for ids, attn in batches:
-        with masked(model, mask):
-            phases, _ = check_parity(HFRunner(model), runner, ids, attn, steps, atol_prefill, atol_decode,
-                                     f"onnx:{precision}:optimized")
-        parity += [p.as_dict() for p in phases]
-    artifact = reports.describe_file(opt, out_dir, "onnx-optimized", precision)
-    artifact["shares_external_data_with"] = plain_path.name
-    artifacts = [artifact]
-    if fused["data"]:  # the fused q/k/v weights (the other weights are read from the plain graph's file)
-        artifacts.append(reports.describe_file(out_dir / fused["data"], out_dir, "onnx-external-data", precision))
-    return {"artifacts": artifacts, "parity": parity, "not_run": [], "fused": fused}

@@ -31,28 +31,21 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter.onnx.graph import drop_dead_nodes, external_initializer, initializer_array
+
 ROW = "m1/"  # prefix of the batch-1 branch's value and node names (values must be unique across branches)
 GENERAL = "general/"  # prefix of the else branch's output names (they cannot reuse the If's output names)
 ALIGN = 4096  # new tensors in the data file start on a page boundary (where a memory mapping can start)
-
-
-def body_graph(proto):
-    """The graph a reader should look at for the model's structure: the general branch of the dispatch when
-    the graph has one, else the graph itself."""
-    top = proto.graph
-    if len(top.node) and top.node[-1].op_type == "If" and top.node[-1].name == "batch1_dispatch":
-        return next(a.g for a in top.node[-1].attribute if a.name == "else_branch")
-    return top
 
 
 def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     """Rewrite `proto` (fp32) into the If dispatch above; returns how many MatMuls the batch-1 branch reads
     unpacked (0: nothing to gain, `proto` left as it was). New transposed weights are appended to
     `data_path` (created if missing); `model_dir` is where the external data of `proto` lives."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
 
-    from exporter.optimize import _drop_dead_nodes, initializer_array
 
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
@@ -133,7 +126,7 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     then_g = helper.make_graph(then_nodes, "batch1_unpacked_weights", [], branch_outputs(ROW))
     else_g = helper.make_graph(else_nodes, "general_packed_weights", [], branch_outputs(GENERAL))
     else_g.value_info.extend(v for v in g.value_info if v.name not in outputs)
-    _drop_dead_nodes(then_g)  # the Transpose the LM head no longer reads (the body was sorted: order kept)
+    drop_dead_nodes(then_g)  # the Transpose the LM head no longer reads (the body was sorted: order kept)
 
     one = "batch1_dispatch/one"
     g.initializer.extend(new_inits)
@@ -151,8 +144,6 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
 
 def _append_external(value, name: str, data_path: Path, new_inits: list) -> None:
     """Append `value` to `data_path` at a page-aligned offset as external initializer `name`."""
-    from exporter.optimize import external_initializer
-
     data_path.touch()
     with open(data_path, "r+b") as fh:
         fh.seek(0, 2)

@@ -11,15 +11,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter import report as reports
+from exporter.backends.ort import OrtRunner, ort_unsupported_op
+from exporter.backends.pytorch import HFRunner
+from exporter.dtypes import model_precision
+from exporter.files import describe_file
+from exporter.onnx.contract import data_path
+from exporter.onnx.export import export_onnx, model_in_precision
+from exporter.parity import check_parity, greedy_tokens
+from exporter.recipe import Recipe
+from exporter.stages.validate import validation_batches
+from exporter.surgery import apply_skip, masked
+
+
+def precisions_stage(recipe: Recipe, model, mask, tokenizer, out_dir: Path) -> dict:
+    """Graphs in the recipe's other precisions, and their parity against the reference in ORT (CPU)."""
+    graphs = export_precisions(model, mask, out_dir, recipe.precisions, recipe.export.opset)
+    batches = [pair for _, pair in validation_batches(recipe, tokenizer)]
+    v = recipe.validation
+    parity, not_run, greedy = check_half_parity(model, mask, graphs, batches, v.decode_steps, v.half_atol)
+    artifacts = [a for g in graphs.values() for a in g["artifacts"]]
+    return {"artifacts": artifacts, "parity": parity, "not_run": not_run, "greedy": greedy}
 
 
 def export_precisions(model, mask, out_dir: Path, precisions: list[str], opset: int) -> dict[str, dict]:
     """{precision: {"onnx": path, "artifacts": [...]}} for each precision other than the model's dtype."""
-    from exporter.onnx_export import export_onnx, model_in_precision, precision_of
-    from exporter.surgery import apply_skip
-
-    own = precision_of(next(model.parameters()).dtype)
+    own = model_precision(model)
     out = {}
     for precision in precisions:
         if precision == own:
@@ -27,10 +43,9 @@ def export_precisions(model, mask, out_dir: Path, precisions: list[str], opset: 
         cast = model_in_precision(model, precision)
         path = export_onnx(apply_skip(cast, mask), out_dir / precision, opset=opset)
         del cast  # a copy of the weights; free it before the next one
-        data = path.with_name(path.name + ".data")
         out[precision] = {"onnx": path, "artifacts": [
-            reports.describe_file(path, out_dir, "onnx", precision),
-            reports.describe_file(data, out_dir, "onnx-external-data", precision)]}
+            describe_file(path, out_dir, "onnx", precision),
+            describe_file(data_path(path), out_dir, "onnx-external-data", precision)]}
     return out
 
 
@@ -39,11 +54,6 @@ def check_half_parity(model, mask, graphs: dict[str, dict], batches, steps: int,
 
     `batches` are (input_ids, attention_mask) pairs; the first is batch 1 (the default prompt).
     """
-    from exporter.onnx_export import ort_unsupported_op
-    from exporter.parity import check_parity, greedy_tokens
-    from exporter.runners import HFRunner, OrtRunner
-    from exporter.surgery import masked
-
     parity, not_run, greedy = [], [], {}
     reference = HFRunner(model)
     for precision, graph in graphs.items():

@@ -1,0 +1,56 @@
+"""ONNX Runtime: sessions (CPU by default) and the runner that drives an exported graph."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from exporter.backends.base import DecodeRunner
+from exporter.onnx.contract import is_past, is_present, past_for
+
+
+def open_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """An InferenceSession with quiet logging and, when given, `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def ort_unsupported_op(error: Exception) -> str | None:
+    """'Where(16) node node_where' when ONNX Runtime has no kernel for a node on this provider, else None."""
+    match = re.search(r"Could not find an implementation for (\S+?\(\d+\)) node with name '([^']*)'", str(error))
+    return f"{match[1]} node {match[2]}" if match else None
+
+
+class OrtRunner(DecodeRunner):
+    """An exported ONNX graph in ONNX Runtime (CPU by default); presents are fed back as pasts."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None):
+        self.session = open_session(onnx_path, threads, providers)
+        self.past_inputs = [i for i in self.session.get_inputs() if is_past(i.name)]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def reset(self, batch: int) -> None:
+        import numpy as np
+
+        dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        self.past = {}
+        for inp in self.past_inputs:
+            _, heads, _, dim = inp.shape
+            # bfloat16 pasts have no numpy dtype; such graphs are run through OrtValue elsewhere
+            self.past[inp.name] = np.zeros((batch, heads, 0, dim), dtype=dtypes.get(inp.type, np.float32))
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                 "position_ids": position_ids.numpy(), **self.past}
+        outputs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        self.past = {past_for(name): value for name, value in outputs.items() if is_present(name)}
+        return torch.from_numpy(outputs["logits"]).float()

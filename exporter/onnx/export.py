@@ -1,0 +1,97 @@
+"""export_onnx(skipped_model, out_dir) -> path: the decode graph under the ONNX contract (onnx/contract.py).
+
+One graph serves prefill (past_sequence 0) and decode; weights are stored as external data beside the .onnx.
+A graph in another precision is exported from a cast copy of the model (`model_in_precision`), so what stays
+fp32 in a half graph is decided in the modules: RMSNorm variance (Hugging Face's norms upcast), rotary
+cos/sin (computed in fp32), the attention bias, scaling and softmax, and the logits (surgery.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+from exporter.dtypes import torch_dtype
+from exporter.onnx.contract import ONNX_FILE, data_path, input_names, is_present, kv_shape, output_names
+
+
+def example_inputs(model, batch: int = 2, seq: int = 3, past: int = 2):
+    """Tracing inputs; batch, sequence and past are at least 2 so export keeps them symbolic."""
+    import torch
+
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = tuple(torch.zeros(kv_shape(config, batch, past), dtype=dtype) for _ in range(2 * len(model.kept_attention)))
+    return (ids, mask, pos, *kv)
+
+
+def _name_dims(model_proto) -> None:
+    """Give the graph's dynamic dims the contract's names (export leaves e.g. 's53' for the mask)."""
+    for value in list(model_proto.graph.input) + list(model_proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        name = value.name
+        if name == "attention_mask":
+            dims[1].dim_param = "total_sequence"
+        elif is_present(name):
+            dims[2].dim_param = "total_sequence"
+        elif name == "logits":
+            dims[0].dim_param, dims[1].dim_param = "batch", "sequence"
+
+
+def export_onnx(model, out_dir: Path, opset: int = 18) -> Path:
+    """Export a SkippedModel; returns the .onnx path. Raises on checker failure."""
+    import onnx
+    import torch
+    from torch.export import Dim
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = model.kept_attention
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    dynamic_shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: Dim.AUTO},  # = past + sequence; export infers the relation
+        {0: batch, 1: seq},
+    )
+    if kept:  # *past is one tuple argument to torch.export
+        dynamic_shapes += (tuple({0: batch, 2: past} for _ in range(2 * len(kept))),)
+    # torch.onnx is chatty (progress lines, deprecation warnings); our own progress is shown instead.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            example_inputs(model),
+            dynamo=True,
+            input_names=input_names(kept),
+            output_names=output_names(kept),
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            verbose=False,
+        )
+    tmp = out_dir / "_export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    program.save(str(tmp / ONNX_FILE), external_data=True)
+    proto = onnx.load(str(tmp / ONNX_FILE), load_external_data=False)
+    _name_dims(proto)
+    path = out_dir / ONNX_FILE
+    onnx.save(proto, str(path))
+    data_path(tmp / ONNX_FILE).replace(data_path(out_dir / ONNX_FILE))
+    shutil.rmtree(tmp)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def model_in_precision(model, precision: str):
+    """`model` itself if it is already in `precision`, else a cast copy (the original stays as it is)."""
+    import copy
+
+    dtype = torch_dtype(precision)
+    if next(model.parameters()).dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)

@@ -1,0 +1,53 @@
+"""What each cached stage's key hashes: everything the stage reads (recipe sections, the base model's
+identity, the source of the modules it runs, tool versions, and the key of the stage whose files it reads).
+A changed input changes the key of exactly the stages that read it (exporter/cache.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exporter.cache import code_fingerprint, stage_key
+from exporter.files import optional_sha256
+from exporter.recipe import Recipe
+from exporter.versions import tool_versions
+
+# The modules each stage runs (dotted names under exporter/): editing one redoes the stages that list it.
+EXPORT_CODE = ("models", "architectures", "surgery", "mask", "onnx.contract", "onnx.export")
+CHECKS_CODE = ("parity", "backends.base", "backends.pytorch", "backends.ort", "prompts", "stages.validate")
+PRECISIONS_CODE = ("stages.precisions",)
+REWRITE_CODE = ("onnx.optimize", "onnx.gemv", "onnx.graph")  # what model.opt.onnx depends on
+OPTIMIZE_CODE = (*REWRITE_CODE, "stages.optimize")
+ENGINES_CODE = ("backends.trt", "stages.engines")
+
+
+@dataclass(frozen=True)
+class StageKeys:
+    export: str
+    validate: str
+    precisions: str
+    optimize: str
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, model_info: dict, mask) -> StageKeys:
+        export = stage_key({"model": model_info, "dtype": recipe.model.dtype, "mask": [mask.attention, mask.mlp],
+                            "export": recipe.export.model_dump(mode="json", exclude={"batch1_decode_path"}),
+                            "code": code_fingerprint(*EXPORT_CODE), "versions": tool_versions()})
+        checks = code_fingerprint(*CHECKS_CODE)
+        checked_with = recipe.validation.model_dump(mode="json", exclude={"speed"})  # speed is timing, not a check
+        return cls(
+            export=export,
+            validate=stage_key({"export": export, "validate": checked_with, "code": checks}),
+            precisions=stage_key({"export": export, "precisions": recipe.precisions, "validate": checked_with,
+                                  "code": [checks, code_fingerprint(*PRECISIONS_CODE)]}),
+            optimize=stage_key({"export": export, "validate": checked_with,
+                                "batch1_decode_path": recipe.export.batch1_decode_path,
+                                "code": [checks, code_fingerprint(*OPTIMIZE_CODE)]}),
+        )
+
+
+def engines_key(recipe: Recipe, graphs: dict[str, str]) -> str:
+    """Engines read the graph files, not the checks: keyed by those files' hashes, so changed prompts do not
+    rebuild them, while a re-exported graph that differs by one byte does."""
+    return stage_key({"graphs": graphs, "tensorrt": recipe.tensorrt.model_dump(mode="json"),
+                      "timing_cache": optional_sha256(recipe.tensorrt.timing_cache),
+                      "code": code_fingerprint(*ENGINES_CODE)})

@@ -1,0 +1,20 @@
+"""Load the base model (hub / folder / GGUF / random config) and resolve the mask against its config."""
+
+from __future__ import annotations
+
+from exporter.checkpoint import check_supported, merge_removed
+from exporter.mask import resolve_mask
+from exporter.models import describe_source, load_config, load_model
+from exporter.recipe import Recipe
+
+
+def load_stage(recipe: Recipe):
+    config = load_config(recipe.model)  # validate the mask against the model before loading weights
+    mask = merge_removed(resolve_mask(recipe, config.num_hidden_layers), config)  # a serving checkpoint's no_ops
+    if recipe.export.checkpoint:
+        check_supported(config)  # before any work, not after the export
+    model, tokenizer = load_model(recipe.model)
+    info = describe_source(recipe.model)
+    if info["kind"] == "hub":  # the commit the revision resolved to: a moved branch invalidates the cache
+        info["commit"] = getattr(model.config, "_commit_hash", None)
+    return info, config, mask, model, tokenizer

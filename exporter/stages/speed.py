@@ -1,0 +1,48 @@
+"""The run's speed figure: the cost model's prediction and a few seconds of interleaved ONNX Runtime timing,
+full vs skipped (`export-skip bench` measures properly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporter.bench.full_graph import full_graph, graph_pairs
+from exporter.bench.timing import compare, time_interleaved
+from exporter.bench.worker import close_workers, open_workers
+from exporter.cost import predict, predicted_decode_speedup
+
+
+def quick_ratio(config, mask, full_plain: Path, skipped_plain: Path, context: int = 512, budget_s: float = 4.0,
+                precision: str = "float32") -> dict:
+    """Decode at `context`, batch 1, full vs skipped, interleaved for about `budget_s` seconds per variant."""
+    context = min(context, config.max_position_embeddings - 2)
+    predicted = predicted_decode_speedup(config, mask, context, 1, precision)
+    out = {"context": context, "batch": 1, "threads": 1}  # 1 thread: steadier on shared cores (speed.md)
+    for variant, (full, skipped) in graph_pairs(full_plain, skipped_plain).items():
+        workers = open_workers({"full": full, "skipped": skipped}, threads=1)
+        try:
+            for worker in workers.values():
+                worker.prepare(1, 1, context)
+            times = time_interleaved({n: w.run for n, w in workers.items()}, warmup=2, rounds=200, budget_s=budget_s)
+        finally:
+            close_workers(workers)
+        out[variant] = compare(times, "full", "skipped", predicted)
+        # A few seconds cannot resolve a saving smaller than the calls' own spread: say so, not a number alone.
+        full_stats = out[variant]["full"]
+        noise = (full_stats["p90_ms"] - full_stats["p10_ms"]) / (2 * full_stats["median_ms"])
+        out[variant]["noise"] = round(noise, 4)
+        out[variant]["resolved"] = noise < abs(1 - 1 / predicted)
+    return out
+
+
+def speed_stage(recipe, model, mask, skipped_plain: Path, console=None, budget_s: float = 3.0) -> dict:
+    """For the pipeline's report: the cost model's prediction and, with `validate.speed`, a short measured ORT
+    ratio, full vs skipped."""
+    config = model.config
+    precision = recipe.model.dtype
+    if not recipe.validation.speed:
+        return {"prediction": predict(config, mask, precision=precision), "measured": None}
+    contexts = [c for c in (128, 512, 2048) if c <= config.max_position_embeddings - 2] or [config.max_position_embeddings // 2]
+    prediction = predict(config, mask, contexts=contexts, precision=precision)
+    full_plain = full_graph(recipe, model=model, console=console)
+    measured = quick_ratio(config, mask, full_plain, skipped_plain, context=512, budget_s=budget_s, precision=precision)
+    return {"prediction": prediction, "measured": measured, "full_graph": str(full_plain)}
