@@ -47,9 +47,10 @@ USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
                                             find a mask under a quality budget; writes a recipe"""
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+def _parser(prog: str, first: str = "recipe", first_help: str = "recipe YAML file") -> argparse.ArgumentParser:
+    """A command's parser: its one positional argument (a recipe, or an artifact folder) and --debug."""
     parser = argparse.ArgumentParser(prog=prog, usage=USAGE)
-    parser.add_argument("recipe", type=Path, help="recipe YAML file")
+    parser.add_argument(first, type=Path, help=first_help)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return parser
 
@@ -90,10 +91,9 @@ def _check(argv: list[str], console) -> int:
 def _plan(argv: list[str], console) -> int:
     import json
 
-    parser = _parser("export-skip plan")
-    parser.add_argument("--config", type=Path, help="a config.json to plan from (default: the recipe's model)")
-    parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
-    args = parser.parse_args(argv)
+    args = _parse(_parser("export-skip plan"), argv,
+                  ("--config", dict(type=Path, help="a config.json to plan from (default: the recipe's model)")),
+                  ("--json", dict(action="store_true", help="print the prediction as JSON")))
     result = plan(load_recipe(args.recipe), args.config)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -134,11 +134,15 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str], *options: tuple[str, dict]) -> argparse.Namespace:
+    """Parse `argv` after adding `options` ((flag, add_argument keywords) pairs) to `parser`."""
+    for flag, kwargs in options:
+        parser.add_argument(flag, **kwargs)
+    return parser.parse_args(argv)
+
+
 def _folder_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, usage=USAGE)
-    parser.add_argument("folder", type=Path, help="artifact folder (e.g. artifacts/smollm2-135m)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    return parser
+    return _parser(prog, "folder", "artifact folder (e.g. artifacts/smollm2-135m)")
 
 
 def _inspect(argv: list[str], console) -> int:
@@ -150,18 +154,16 @@ def _inspect(argv: list[str], console) -> int:
 
 
 def _verify(argv: list[str], console) -> int:
-    parser = _folder_parser("export-skip verify")
-    parser.add_argument("--recipe", type=Path, help="also check the artifact was built from this recipe")
-    parser.add_argument("--ort", action="store_true", help="also open every ONNX graph in ONNX Runtime")
-    args = parser.parse_args(argv)
+    args = _parse(_folder_parser("export-skip verify"), argv,
+                  ("--recipe", dict(type=Path, help="also check the artifact was built from this recipe")),
+                  ("--ort", dict(action="store_true", help="also open every ONNX graph in ONNX Runtime")))
     problems = verify(args.folder, args.recipe, with_ort=args.ort)
     for problem in problems:
         console.print(f"[red]MISMATCH[/] {problem}", soft_wrap=True, highlight=False)
-    if problems:
-        console.print(f"[red bold]FAILED[/] {args.folder}: {len(problems)} problem(s)")
-        return 1
-    console.print(f"[green bold]OK[/] {args.folder}: every file matches manifest.json")
-    return 0
+    verdict = (f"[red bold]FAILED[/] {args.folder}: {len(problems)} problem(s)" if problems else
+               f"[green bold]OK[/] {args.folder}: every file matches manifest.json")
+    console.print(verdict)
+    return 1 if problems else 0
 
 
 def _generate(argv: list[str], console) -> int:

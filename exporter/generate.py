@@ -100,4 +100,3 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, chat: bool | N
     out.write("\n")
     out.flush()
     return tokens
-

@@ -21,6 +21,7 @@ from exporter.files import publish_folder, sha256_file
 from exporter.prompts import ByteTokenizer
 from exporter.recipe import ModelSource, PackageFile
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EXPORT_SKIP_CACHE", Path.home() / ".cache" / "export-skip"))
 

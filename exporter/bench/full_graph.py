@@ -19,7 +19,6 @@ from exporter.stages.keys import EXPORT_CODE, REWRITE_CODE
 from exporter.versions import tool_versions
 
 
-
 def full_graph(recipe, model=None, console=None) -> Path:
     """The unskipped model's plain graph (and model.opt.onnx beside it), exported once into the cache."""
     key = stage_key({"model": describe_source(recipe.model), "dtype": recipe.model.dtype, "opset": recipe.export.opset,

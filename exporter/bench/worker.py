@@ -215,5 +215,3 @@ if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak":
     _peak_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
     _worker_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-
-

@@ -45,8 +45,6 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     """Rewrite `proto` (fp32) into the If dispatch above; returns how many MatMuls the batch-1 branch reads
     unpacked (0: nothing to gain, `proto` left as it was). New transposed weights are appended to
     `data_path` (created if missing); `model_dir` is where the external data of `proto` lives."""
-
-
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     outer = set(inits) | {i.name for i in g.input} | {""}
@@ -152,4 +150,3 @@ def _append_external(value, name: str, data_path: Path, new_inits: list) -> None
         fh.seek(offset)
         fh.write(value.tobytes())
     new_inits.append(external_initializer(value, name, data_path.name, offset))
-

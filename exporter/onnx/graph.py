@@ -148,7 +148,6 @@ def onnx_weight_elements(path: Path) -> int:
     return total
 
 
-
 def op_counts(path: Path) -> dict[str, int]:
     """{op type: nodes} of a graph (domain-qualified for contrib ops): what a peer's graph has that ours lacks."""
     proto = onnx.load(str(path), load_external_data=False)

@@ -47,37 +47,32 @@ MS = "com.microsoft"
 class NotOptimizable(Exception):
     """The graph (or its precision, or its RoPE type) is outside what this rewrite handles; the reason says why."""
 
-def _upstream(g: Graph, name: str, op_type: str, depth: int = 6):
-    """Nearest producer of `op_type` above tensor `name` (breadth first, at most `depth` hops)."""
+
+def _nearest(g: Graph, name: str, op_type: str, depth: int, upstream: bool):
+    """Nearest node of `op_type` above (producers) or below (consumers) tensor `name`, breadth first,
+    at most `depth` hops."""
     frontier, seen = [name], set()
     for _ in range(depth):
         nxt = []
         for t in frontier:
-            node = g.producer.get(t)
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type == op_type:
-                return node
-            nxt += list(node.input)
-        frontier = nxt
-    return None
-
-
-def _downstream(g: Graph, name: str, op_type: str, depth: int = 8):
-    frontier, seen = [name], set()
-    for _ in range(depth):
-        nxt = []
-        for t in frontier:
-            for node in g.consumers.get(t, []):
+            nodes = [g.producer[t]] if upstream and t in g.producer else [] if upstream else g.consumers.get(t, [])
+            for node in nodes:
                 if id(node) in seen:
                     continue
                 seen.add(id(node))
                 if node.op_type == op_type:
                     return node
-                nxt += list(node.output)
+                nxt += list(node.input if upstream else node.output)
         frontier = nxt
     return None
+
+
+def _upstream(g: Graph, name: str, op_type: str, depth: int = 6):
+    return _nearest(g, name, op_type, depth, upstream=True)
+
+
+def _downstream(g: Graph, name: str, op_type: str, depth: int = 8):
+    return _nearest(g, name, op_type, depth, upstream=False)
 
 
 def rotary_caches(config, max_positions: int):
@@ -388,5 +383,3 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     return {"path": out_path.name, "data": data_path.name if data_path.exists() else None,
             "group_query_attention": len(kept), "packed_qkv": len(plans), "simplified_layer_norm": norms,
             "skip_simplified_layer_norm": skips, "nodes": nodes, "batch1_unpacked_matmuls": gemv}
-
-

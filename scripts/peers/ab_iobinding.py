@@ -23,6 +23,7 @@ names = list(paths); pooled = {n: [] for n in names}; per = []
 for r in range(sets):
     order = names[r % 2:] + names[:r % 2]
     W = {n: subprocess.Popen([sys.executable, __file__, "w", paths[n], str(ctx)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for n in order}
+
     def call(n):
         W[n].stdin.write("r\n"); W[n].stdin.flush(); return float(W[n].stdout.readline())
     for _ in range(3):
