@@ -20,12 +20,13 @@ import torch
 from exporter import data
 from exporter.errors import UserError
 from exporter.onnx.contract import kv_shape
+from exporter.prompts import encode_plain
 from exporter.quality import windows
 
 
 def calibration_windows(tokenizer, folder, count: int, length: int, seed: int) -> list[list[int]]:
     """`count` non-overlapping WikiText-2 windows of `length` tokens, drawn with `seed` (deterministic)."""
-    ids = data.encode_plain(tokenizer, data.read_wikitext(folder))
+    ids = encode_plain(tokenizer, data.read_wikitext(folder))
     pool = [w for w in windows(ids, length) if len(w) == length]
     if count < 1 or length < 2 or count > len(pool):
         raise UserError(f"calibration: cannot draw {count} windows of {length} tokens from WikiText-2 "

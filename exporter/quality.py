@@ -229,7 +229,7 @@ def evaluate(scorer, tokenizer, settings: Settings, console=None) -> dict:
     lamb: dict[str, Tally] = {}
     with progress_bar(console) as progress:
         if "wikitext" in settings.tasks:
-            ids = data.encode_plain(tokenizer, data.read_wikitext(settings.data))
+            ids = encode_plain(tokenizer, data.read_wikitext(settings.data))
             chunks = windows(ids, settings.window, settings.windows)
             all_chunks = len(windows(ids, settings.window))
             task = progress.add_task(f"WikiText-2, {len(chunks)} windows of {settings.window}", total=len(chunks))

@@ -13,7 +13,9 @@ from exporter.recipe import Recipe
 from exporter.surgery import masked
 
 
-def validate_stage(recipe: Recipe, model, skipped, tokenizer, mask, onnx_path: Path):
+def validate_stage(recipe: Recipe, model, skipped, tokenizer, mask, onnx_path: Path) -> dict:
+    """Parity rows of the ONNX graph and of the skipped PyTorch model per validation batch, and the full and
+    skipped models' greedy answers to the first prompt."""
     v = recipe.validation
     ort = OrtRunner(onnx_path)
     reference = HFRunner(model)
@@ -28,7 +30,7 @@ def validate_stage(recipe: Recipe, model, skipped, tokenizer, mask, onnx_path: P
             full = greedy_tokens(HFRunner(model), ids, attn, v.decode_steps)
             samples.append({"prompt": texts[0], "full": prompts.decode(tokenizer, full[0]),
                             "skipped": prompts.decode(tokenizer, trace.tokens[0])})
-    return parity, samples
+    return {"parity": parity, "samples": samples}
 
 
 def validation_batches(recipe: Recipe, tokenizer) -> list[tuple[list[str], tuple]]:
