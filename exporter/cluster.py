@@ -33,10 +33,14 @@ def package_fingerprint() -> str:
 
 
 def where_am_i() -> dict:
-    """What a worker reports about itself: the exporter it imported, its code fingerprint, host and pid."""
+    """What a worker reports about itself: the exporter it imported, its code fingerprint, host, pid and Ray node."""
     import socket
+    import sys
 
-    return {"exporter": str(PACKAGE), "code": package_fingerprint(), "host": socket.gethostname(), "pid": os.getpid()}
+    ray = sys.modules.get("ray")  # only where ray is already loaded (a Ray worker); never imported here
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    return {"exporter": str(PACKAGE), "code": package_fingerprint(), "host": socket.gethostname(), "pid": os.getpid(),
+            "node": node}
 
 
 def check_code(reported: dict) -> None:
@@ -158,7 +162,7 @@ class RayCalibrator:
         reports = _get([a.where.remote() for a in self.actors], "starting the search workers")
         for report in reports:
             check_code(report)
-        self.hosts = [r["host"] for r in reports]
+        self.nodes = len({r["node"] for r in reports})
         self.counts = [0] * count
         self.running = 0
 
@@ -167,7 +171,7 @@ class RayCalibrator:
         return sum(self.counts)
 
     def status(self) -> str:
-        return f"{self.running} running on {len(self.actors)} Ray worker(s)"
+        return f"{self.running} running on {len(self.actors)} Ray worker(s), {self.nodes} node(s)"
 
     def trials(self, chosen: list, pool: list, advance=None) -> dict:
         import ray

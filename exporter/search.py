@@ -498,6 +498,8 @@ def _search_on_ray(recipe, settings: SearchSettings, config, options: RayOptions
         def remote(inputs: dict) -> RayCalibrator:
             actors.append(RayCalibrator(CalibrationWorker, (recipe.model, inputs), workers, resources,
                                         config.num_hidden_layers))
+            if console is not None:
+                console.print(f"{workers} search worker(s) ready on {actors[-1].nodes} Ray node(s), each with the model loaded")
             return actors[-1]
 
         return search(None, tokenizer, settings, console, config=config, remote=remote)
