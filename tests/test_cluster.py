@@ -1,9 +1,8 @@
 """Search and sweeps on a real 2-node Ray cluster on this machine, and the sweep's pieces without one.
 
-The cluster fixture runs `ray start --head` and a second `ray start --address` (two raylets, one CPU each, their
-own temp dir, ports and auth token), each in its own process session, and stops both in its teardown, with any
-process still naming its temp dir. Ray registers both nodes under the host's address (it resolves 127.0.0.1 to
-it); the drivers join through 127.0.0.1:PORT. The CLI runs as a subprocess, as a user runs it.
+The cluster fixture (tests/ray_cluster.py) runs `ray start --head` and a second `ray start --address`: two
+separate raylets of one CPU each, with their own temp dir, ports and auth token, stopped in the teardown. The CLI
+runs as a subprocess, as a user runs it, joining through 127.0.0.1:PORT.
 """
 
 from __future__ import annotations
@@ -11,13 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -27,97 +22,21 @@ import pytest
 from exporter import cluster, sweep
 from exporter.errors import UserError
 from exporter.manifest import verify
+from tests.ray_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EXPORT_SKIP_DATA", ROOT.parent / "shared" / "data"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_naming(text: str) -> list[int]:
-    """PIDs whose command line contains `text` (this cluster's temp dir): what the teardown must not leave."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _stop(procs: list[subprocess.Popen], temp: str) -> None:
-    for proc in procs:  # each `ray start --block` leads its own session: its daemons are in its process group
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 3  # a graceful stop takes Ray longer than a test should wait
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    deadline = time.monotonic() + 20  # Ray workers run in sessions of their own: find them by the temp dir
-    while (left := _processes_naming(temp)) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
     pytest.importorskip("ray")
-    ray_cli = Path(sys.executable).with_name("ray")
-    temp = tempfile.mkdtemp(prefix="es-ray-", dir="/tmp")  # short: Ray's unix sockets live under it
-    token = Path(temp) / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    port = _free_port()
-    common = ["--block", "--temp-dir", temp, "--num-cpus", "1", "--object-store-memory", str(128 << 20),
-              "--disable-usage-stats"]
-    procs = []
+    cluster = LocalCluster(nodes=2, cpus=1).start()
     try:
-        procs.append(subprocess.Popen(
-            [ray_cli, "start", "--head", "--port", str(port), "--include-dashboard=false",
-             "--dashboard-agent-listen-port", str(_free_port()), *common],
-            env=env, start_new_session=True, stdout=open(Path(temp) / "head.log", "w"), stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (Path(temp) / "head.log").read_text()
-                time.sleep(0.5)
-        procs.append(subprocess.Popen(
-            [ray_cli, "start", "--address", f"127.0.0.1:{port}", "--dashboard-agent-listen-port", str(_free_port()),
-             *common],
-            env=env, start_new_session=True, stdout=open(Path(temp) / "node.log", "w"), stderr=subprocess.STDOUT))
-        wait = ("import ray, time, sys; ray.init(address=sys.argv[1], log_to_driver=False); t = time.monotonic()\n"
-                "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.monotonic() - t < 60: time.sleep(0.5)\n"
-                "print(sum(n['Alive'] for n in ray.nodes()))")
-        out = subprocess.run([sys.executable, "-c", wait, f"127.0.0.1:{port}"], env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert out.stdout.strip() == "2", out.stderr[-2000:]
-        yield {"address": f"127.0.0.1:{port}", "env": env, "temp": temp}
+        yield {"address": cluster.address, "env": cluster.env, "temp": cluster.temp}
     finally:
-        _stop(procs, temp)
-        assert not _processes_naming(temp), "Ray processes outlived the fixture"
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster.stop()
+        assert not cluster.leftover, f"Ray processes outlived the fixture: {cluster.leftover}"
 
 
 def _cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
