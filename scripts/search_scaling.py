@@ -2,9 +2,12 @@
 (tests/ray_cluster.py: two raylets of one CPU each) with 1 and with 2 search workers; wall time of each command and
 whether every run wrote the same recipe bytes. Prints one JSON object.
 
-    .venv/bin/python scripts/search_scaling.py [RECIPE] [-- SEARCH ARGS...]
+    .venv/bin/python scripts/search_scaling.py [RECIPE] [--repeats N] [-- SEARCH ARGS...]
 
-Default: recipes/smollm2-135m.yaml with --count 2 --calibration-windows 2 --calibration-length 128 (KL on WikiText-2).
+Default: recipes/smollm2-135m.yaml with --count 2 --calibration-windows 2 --calibration-length 128 (KL on WikiText-2),
+one local run, then N (default 2) rounds of 1 worker / 2 workers in alternating order. On a shared machine each run
+is preceded by `parallel_cpus`: the work two busy processes got done side by side, over the work of one alone
+(2.0 on two idle cores, about 1.0 when other jobs hold one core): the speedup 2 workers can show is bounded by it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,32 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def _spin(seconds: float, result) -> None:
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        n += 1
+    result.put(n)
+
+
+def parallel_cpus(seconds: float = 2.0) -> float:
+    """Work of two spinning processes side by side over the work of one alone."""
+    import multiprocessing as mp
+
+    def run(k: int) -> int:
+        queue = mp.Queue()
+        procs = [mp.Process(target=_spin, args=(seconds, queue)) for _ in range(k)]
+        for p in procs:
+            p.start()
+        total = sum(queue.get() for _ in procs)
+        for p in procs:
+            p.join()
+        return total
+
+    return round(run(2) / run(1), 2)
+
+
 def timed(cmd: list[str], env: dict) -> dict:
-    load = os.getloadavg()[0]
+    load, cpus = os.getloadavg()[0], parallel_cpus()
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -43,28 +70,38 @@ def timed(cmd: list[str], env: dict) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     found = re.search(r"\((\d+) evaluations, (\d+) s\)", done.stderr)
     return {"wall_s": round(wall, 1), "search_s": int(found.group(2)) if found else None,
-            "evaluations": int(found.group(1)) if found else None, "load_1min_before": round(load, 2)}
+            "evaluations": int(found.group(1)) if found else None, "load_1min_before": round(load, 2),
+            "parallel_cpus_before": cpus}
 
 
 def main(argv: list[str]) -> None:
-    recipe = argv[0] if argv and argv[0] != "--" else "recipes/smollm2-135m.yaml"
     extra = argv[argv.index("--") + 1:] if "--" in argv else DEFAULT_ARGS
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    repeats = int(argv[argv.index("--repeats") + 1]) if "--repeats" in argv else 2
+    positional = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--repeats")]
+    recipe = positional[0] if positional else "recipes/smollm2-135m.yaml"
     out = Path(tempfile.mkdtemp(prefix="es-scaling-")) / "searched.yaml"
     base = [sys.executable, "-m", "exporter.cli", "search", recipe, *extra, "--out", str(out)]
-    runs, recipes = {}, {}
+    runs: list[dict] = []
+    recipes = set()
     with LocalCluster(nodes=2, cpus=1) as cluster:
-        for name, flags in (("local (torch on both cores)", []),
-                            ("ray, 1 worker of 1 CPU", ["--ray", cluster.address, "--workers", "1"]),
-                            ("ray, 2 workers of 1 CPU", ["--ray", cluster.address, "--workers", "2"])):
-            runs[name] = timed(base + flags, cluster.env)
-            recipes[name] = out.read_bytes()
+        plan = [("local", [])]
+        for k in range(repeats):
+            pair = [("1 worker", ["--workers", "1"]), ("2 workers", ["--workers", "2"])]
+            plan += pair if k % 2 == 0 else pair[::-1]
+        for name, flags in plan:
+            ray = ["--ray", cluster.address] if name != "local" else []
+            runs.append({"run": name, **timed(base + ray + flags, cluster.env)})
+            recipes.add(out.read_bytes())
             out.unlink()
-    one, two = runs["ray, 1 worker of 1 CPU"]["wall_s"], runs["ray, 2 workers of 1 CPU"]["wall_s"]
+    mean = {n: sum(r["wall_s"] for r in runs if r["run"] == n) / repeats for n in ("1 worker", "2 workers")}
+    text = next(iter(recipes)).decode()
     print(json.dumps({"cpu": cpu_model(), "cores": os.cpu_count(), "recipe": recipe, "search_args": extra,
-                      "runs": runs, "two_over_one_wall": round(two / one, 3),
-                      "same_recipe_bytes": len(set(recipes.values())) == 1,
-                      "mask": next(line for line in recipes["local (torch on both cores)"].decode().splitlines()
-                                   if line.startswith("  attention:"))}, indent=2))
+                      "runs": runs, "mean_wall_s": {n: round(v, 1) for n, v in mean.items()},
+                      "two_over_one_wall": round(mean["2 workers"] / mean["1 worker"], 3),
+                      "same_recipe_bytes": len(recipes) == 1,
+                      "mask": next(line.strip() for line in text.splitlines() if line.startswith("  attention:"))},
+                     indent=2))
 
 
 if __name__ == "__main__":

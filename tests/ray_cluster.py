@@ -2,8 +2,8 @@
 
 `ray start --head` and `ray start --address` for each further node: each with `--num-cpus`, the cluster's own temp
 dir, GCS and dashboard-agent ports and auth token (RAY_AUTH_TOKEN_PATH, so nothing is read from or written to
-~/.ray), each in its own process session. `stop()` ends those sessions and then any process still naming the temp
-dir (Ray's workers run in sessions of their own), by PID. Ray registers every node under the host's address (it
+~/.ray), each in its own process session. `stop()` ends those sessions, then every process that was below them
+(Ray's workers run in sessions of their own) or still names the temp dir, by PID. Ray registers every node under the host's address (it
 resolves 127.0.0.1 to it); drivers join through 127.0.0.1:PORT with `env` (the token) in their environment.
 """
 
@@ -27,17 +27,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process, None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in "ZX" else (fields[0], int(fields[1]))
+
+
 def processes_naming(text: str) -> list[int]:
-    """PIDs whose command line contains `text` (a cluster's temp dir)."""
+    """Live PIDs whose command line contains `text` (a cluster's temp dir)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace") and _stat(int(entry.name)):
                     pids.append(int(entry.name))
             except OSError:
                 pass
     return pids
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Live PIDs below `roots` (Ray's workers and agents rename themselves and leave the session, not the tree)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))):
+            children.setdefault(st[1], []).append(int(entry.name))
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 class LocalCluster:
@@ -89,6 +112,7 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
+        tree = descendants([p.pid for p in self.procs])  # before the raylets die and their children are orphaned
         for proc in self.procs:  # each `ray start --block` leads its own session: its daemons share its group
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -106,15 +130,18 @@ class LocalCluster:
                 pass
             proc.wait()
         deadline = time.monotonic() + 20
-        while (left := processes_naming(self.temp)) and time.monotonic() < deadline:
+        while (left := self._alive(tree)) and time.monotonic() < deadline:
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             time.sleep(0.5)
-        self.leftover = processes_naming(self.temp)
+        self.leftover = self._alive(tree)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+    def _alive(self, tree: list[int]) -> list[int]:
+        return sorted({pid for pid in tree if _stat(pid)} | set(processes_naming(self.temp)))
 
     def __enter__(self) -> LocalCluster:
         return self.start()
