@@ -489,6 +489,9 @@ def _search_on_ray(recipe, settings: SearchSettings, config, options: RayOptions
         first_step = len(candidates(settings.kind, config.num_hidden_layers, settings.keep_final_layer))
         cpus = sum(n.get("CPU", 0) for n in alive_nodes())
         workers = min(options.workers or max(1, int(cpus // options.cpus)), first_step)
+        if workers * options.cpus > cpus:  # Ray would wait for CPUs that are not there
+            raise UserError(f"--workers {workers} x --worker-cpus {options.cpus:g} needs {workers * options.cpus:g} "
+                            f"CPUs; the cluster has {cpus:g}")
         memory = memory_estimate(kept_parameters(config, SkipMask()), itemsize(recipe.model.dtype))
         resources = Resources(num_cpus=options.cpus, memory=memory)
         if console is not None:

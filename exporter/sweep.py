@@ -167,17 +167,17 @@ def run_sweep(patterns: list[str], out: Path, console=None, ray: str | None = No
     cluster = None
     with progress_bar(console) as progress:
         task = progress.add_task("sweep", total=len(items))
-        state = {"running": 0}
+        running: set[str] = set()  # on Ray: submitted and not finished (running, or queued for resources)
 
         def show(advance: int = 0) -> None:
             rows = [i.row for i in items if i.row is not None]
             failed = sum(not r["passed"] for r in rows)
             progress.update(task, advance=advance, description=f"sweep: {len(rows) - failed} passed, {failed} failed, "
-                                                               f"{state['running']} {'in flight' if ray else 'running'}")
+                                                               f"{len(running)} {'in flight' if ray else 'running'}")
 
         def done(item: Item, result: dict) -> None:
             item.row = finish(item, result)
-            state["running"] = max(0, state["running"] - 1)
+            running.discard(item.name)
             show(1)
             if console is not None:
                 console.print(_line(item.row), highlight=False, soft_wrap=True)
@@ -188,7 +188,7 @@ def run_sweep(patterns: list[str], out: Path, console=None, ray: str | None = No
         show(len(items) - len(todo))
         if ray is None:
             for item in todo:
-                state["running"] = 1
+                running.add(item.name)
                 show()
                 done(item, run_item(item.recipe, str(out / item.name), force))
         elif todo:
@@ -201,7 +201,7 @@ def run_sweep(patterns: list[str], out: Path, console=None, ray: str | None = No
                 by_name = {i.name: i for i in todo}
 
                 def submitted(job: Job) -> None:
-                    state["running"] += 1
+                    running.add(job.name)
                     show()
 
                 run_tasks(run_item, jobs, lambda job, result: done(by_name[job.name], result), submitted)

@@ -69,11 +69,15 @@ def _tiny(folder: Path, stem: str, layer: int, name: str | None = None) -> Path:
 
 # ---------------------------------------------------------------- on the 2-node cluster
 
-def test_search_on_ray_writes_the_local_recipe(ray_cluster, tmp_path):
-    """Greedy on recipes/tiny-llama.yaml (6 layers): local, then on 2 workers on 2 nodes; same bytes, same mask."""
+@pytest.mark.parametrize("metric", ["kl", pytest.param("lambada", marks=pytest.mark.slow)])
+def test_search_on_ray_writes_the_local_recipe(ray_cluster, tmp_path, metric):
+    """Greedy on recipes/tiny-llama.yaml (6 layers): local, then on 2 workers on 2 nodes; same bytes, same mask.
+    KL keeps each actor's base residual stream; LAMBADA runs each actor's branched pass over its candidates."""
     out = tmp_path / "searched.yaml"
-    args = ["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--count", "3", "--calibration-windows", "3",
-            "--calibration-length", "64", "--data", str(DATA), "--out", str(out)]
+    calibration = (["--calibration-windows", "3", "--calibration-length", "64"] if metric == "kl"
+                   else ["--metric", "lambada", "--calibration-passages", "40"])
+    args = ["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--count", "3", *calibration, "--data", str(DATA),
+            "--out", str(out)]
     local = _cli(args, ray_cluster["env"])
     assert local.returncode == 0, local.stderr[-3000:]
     expected = out.read_bytes()
@@ -83,6 +87,24 @@ def test_search_on_ray_writes_the_local_recipe(ray_cluster, tmp_path):
     assert "2 search worker(s) ready on 2 Ray node(s)" in remote.stderr
     assert out.read_bytes() == expected
     assert "skip:\n  attention: [" in expected.decode()
+
+
+@pytest.mark.slow
+def test_search_on_ray_writes_the_local_recipe_for_smollm2(ray_cluster, tmp_path):
+    """Real SmolLM2-135M weights, a small calibration set (KL on 1 window of 64 tokens), one removal out of 29
+    candidates: local and on 2 workers write the same bytes."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "searched.yaml"
+    args = ["search", str(ROOT / "recipes" / "smollm2-135m.yaml"), "--count", "1", "--calibration-windows", "1",
+            "--calibration-length", "64", "--data", str(DATA), "--out", str(out)]
+    local = _cli(args, ray_cluster["env"])
+    assert local.returncode == 0, local.stderr[-3000:]
+    expected = out.read_bytes()
+    out.unlink()
+    remote = _cli([*args, "--ray", ray_cluster["address"]], ray_cluster["env"])
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert "2 search worker(s) ready on 2 Ray node(s)" in remote.stderr
+    assert out.read_bytes() == expected
 
 
 @pytest.mark.slow
