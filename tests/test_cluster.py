@@ -22,7 +22,7 @@ import pytest
 from exporter import cluster, sweep
 from exporter.errors import UserError
 from exporter.manifest import verify
-from tests.ray_cluster import LocalCluster
+from tests.ray_cluster import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EXPORT_SKIP_DATA", ROOT.parent / "shared" / "data"))
@@ -212,6 +212,14 @@ def test_the_recorded_command_drops_where_it_ran():
     assert _without(["r.yaml", "--ray", "--count", "2"], opts) == ["r.yaml", "--count", "2"]
     assert _without(["r.yaml", "--ray", "auto", "--workers", "2", "--count", "2"], opts) == ["r.yaml", "--count", "2"]
     assert _without(["r.yaml", "--ray=auto", "--worker-cpus=2", "--count", "2"], opts) == ["r.yaml", "--count", "2"]
+
+
+def test_an_address_nobody_answers_fails_in_seconds():
+    pytest.importorskip("ray")
+    with pytest.raises(UserError, match="nothing answers there"):
+        cluster.connect(f"127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match="expected HOST:PORT"):
+        cluster.connect("nonsense")
 
 
 def test_local_commands_do_not_import_ray():
