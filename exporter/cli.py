@@ -7,6 +7,7 @@ Exit codes: 0 every check passed; 1 a check failed or an internal error (log pat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import traceback
@@ -252,11 +253,23 @@ COMMANDS = {"check": _check, "plan": _plan, "bench": _bench, "inspect": _inspect
             "generate": _generate, "eval": _eval, "search": _search}
 
 
+def quiet_progress_bars() -> None:
+    """Silence tqdm bars of huggingface_hub / transformers (GGUF conversion, "Loading weights") and any other
+    tqdm user; set before those libraries are imported."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    console = Console(stderr=True, highlight=False)
+    logged = not sys.stderr.isatty()
+    # In a log (CI, `| tee`, nohup): one unwrapped line per message, and no third-party progress bars (they
+    # print carriage-return streams there); our own progress prints plain lines (exporter/progress.py).
+    console = Console(stderr=True, highlight=False, soft_wrap=logged)
+    if logged:
+        quiet_progress_bars()
     debug = "--debug" in argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: " + USAGE)

@@ -204,8 +204,9 @@ def speed_markdown(report: dict) -> list[str]:
         return []
     m = speed["measured"]
     if m is None:
+        why = speed.get("not_measured") or "validate.speed: false"
         return ["", "## Speed", "", *render_prediction(speed["prediction"]), "",
-                "Not measured in this run (`validate.speed: false`); `export-skip bench RECIPE` measures it."]
+                f"Not measured in this run: {why}."]
     lines = ["", "## Speed", "", *render_prediction(speed["prediction"]), "",
              f"Measured in ONNX Runtime (CPU, intra-op threads: {m['threads']}), decode at context {m['context']}, batch 1, "
              "full and skipped graphs interleaved for a few seconds (`export-skip bench` measures more):", "",

@@ -72,11 +72,9 @@ def save_tokenizer(tokenizer, folder: Path) -> list[Path]:
     return [Path(p) for p in tokenizer.save_pretrained(str(folder)) if Path(p).is_file()]
 
 
-def write_genai_config(model, folder: Path, onnx_file: str, context_length: int) -> Path:
-    config = model.config
+def write_genai_config(config, generation_config, folder: Path, onnx_file: str, context_length: int) -> Path:
     path = folder / CONFIG_FILE
-    data = genai_config(config, getattr(model, "generation_config", None), onnx_file, context_length,
-                        config.num_hidden_layers)
+    data = genai_config(config, generation_config, onnx_file, context_length, config.num_hidden_layers)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 

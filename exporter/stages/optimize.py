@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.backends.ort import OrtRunner
-from exporter.dtypes import model_precision
 from exporter.files import describe_file
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
-from exporter.parity import check_batches
+from exporter.parity import check_recorded
 from exporter.recipe import Recipe
-from exporter.stages.validate import validation_batches
+from exporter.reference import REFERENCE_FILE, load_reference
 
 
-def optimize_stage(recipe: Recipe, model, mask, tokenizer, plain_path: Path) -> dict:
+def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str) -> dict:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
     A graph this rewrite does not handle is reported under not_run with the reason; the plain graph is then
@@ -21,16 +20,15 @@ def optimize_stage(recipe: Recipe, model, mask, tokenizer, plain_path: Path) -> 
     """
     out_dir = plain_path.parent
     try:
-        fused = optimize_onnx(plain_path, model.config, batch1_path=recipe.export.batch1_decode_path)
+        fused = optimize_onnx(plain_path, config, batch1_path=recipe.export.batch1_decode_path)
     except NotOptimizable as exc:
         return {"artifacts": [], "parity": [], "fused": None,
                 "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
     opt = out_dir / fused["path"]
-    precision = model_precision(model)
     v = recipe.validation
-    batches = [pair for _, pair in validation_batches(recipe, tokenizer)]
-    parity = check_batches(model, mask, OrtRunner(opt), batches, v.decode_steps, v.atol.prefill, v.atol.decode,
-                           f"onnx:{precision}:optimized")
+    recorded = load_reference(out_dir / REFERENCE_FILE)
+    parity = check_recorded(recorded, OrtRunner(opt, check=True), v.decode_steps, v.atol.prefill, v.atol.decode,
+                            f"onnx:{precision}:optimized")
     artifact = describe_file(opt, out_dir, "onnx-optimized", precision)
     artifact["shares_external_data_with"] = plain_path.name
     artifacts = [artifact]
