@@ -96,8 +96,10 @@ def load_config(source: ModelSource):
         layout_for(source.config["model_type"])
         try:
             config = AutoConfig.for_model(source.config["model_type"], **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"model.config: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - transformers' strict config fields raise their own error kinds
+            if not isinstance(exc, (ValueError, TypeError)) and "Validation" not in type(exc).__name__:
+                raise
+            raise UserError("model.config: " + " ".join(str(exc).split())) from None
     elif source.kind == "hub":
         config = _from_hub(AutoConfig.from_pretrained, source)
     elif source.kind == "path" and _is_serving_checkpoint(source.path):
