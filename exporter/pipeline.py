@@ -59,7 +59,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
         plain = work.path / ONNX_FILE
         with log.stage("validate", "checking parity in ONNX Runtime") as rec:
             validated = cached("validate", keys.validate, rec,
-                               lambda: validate_stage(recipe, work.path, graph_paths(recipe, own, work.path), own))
+                               lambda: validate_stage(recipe.validation, work.path,
+                                                      graph_paths(recipe, own, work.path), own))
             rec.done(_parity_line(validated["parity"]) + "".join(f"; not run: {n['reason']}" for n in validated["not_run"]))
         engines = None
         if recipe.tensorrt is not None:
@@ -69,7 +70,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                 rec.done(", ".join(e["path"] for e in engines["artifacts"] if e["kind"] == "engine")
                          or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
         with log.stage("optimize", "writing and checking the optimized ONNX Runtime graph") as rec:
-            optimized = cached("optimize", keys.optimize, rec, lambda: optimize_stage(recipe, config, plain, own))
+            optimized = cached("optimize", keys.optimize, rec, lambda: optimize_stage(recipe, config, plain, own, loaded.weight_bytes))
             rec.done(", ".join(a["path"] for a in optimized["artifacts"])
                      or "not written: " + "; ".join(n["reason"] for n in optimized["not_run"]))
         with log.stage("speed", "measuring decode speed, full vs skipped (ONNX Runtime)") as rec:

@@ -136,7 +136,9 @@ class Export(_Strict):
     checkpoint: bool = False  # also a Nemotron-NAS / DeciLM-style HF checkpoint in checkpoint/ (vLLM, TRT-LLM)
     # optimized fp32 graph: batch-1 decode steps read unpacked weights (ONNX Runtime's one-row kernel, faster);
     # costs about the weights' size in resident memory once such a step has run (exporter/gemv.py)
-    batch1_decode_path: bool = True
+    # fp32 model.opt.onnx: a batch-1 decode branch reading unpacked weights (faster on some CPUs, a second layout
+    # of the weights resident); "auto": on for models of at most 2 GiB of kept weights (stages/optimize.py)
+    batch1_decode_path: bool | Literal["auto"] = "auto"
 
 
 class Validate(_Strict):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import PROMPTS, build_model, make_mask
 from exporter.backends.pytorch import TorchRunner
-from exporter.parity import check_batches, check_parity
+from exporter.parity import check_parity, check_recorded
 from exporter.prompts import left_padded
 from exporter.surgery import apply_skip
 
@@ -146,16 +146,22 @@ def test_a_near_tie_with_logits_beyond_atol_still_fails():
     assert not dec.passed and dec.max_abs_diff == pytest.approx(2.2 * ATOL, rel=1e-3)
 
 
-def test_check_batches_gives_one_row_per_phase_and_batch(tiny_models):
+def test_check_recorded_gives_one_row_per_phase_and_batch(tiny_models, tmp_path):
+    from exporter.backends.pytorch import HFRunner
+    from exporter.reference import load_reference, record_batch, save_reference
+    from exporter.surgery import masked
+
     model, tok = tiny_models["llama"]
     mask = make_mask("both")
-    batches = [left_padded(tok, PROMPTS[:1]), left_padded(tok, PROMPTS)]
-    rows = check_batches(model, mask, TorchRunner(apply_skip(model, mask)), batches, 4, 1e-4, 1e-4, "pytorch:skipped")
+    with masked(model, mask):
+        recorded = [record_batch(HFRunner(model), *left_padded(tok, texts), 4) for texts in (PROMPTS[:1], PROMPTS)]
+    recorded = load_reference(save_reference(recorded, tmp_path / "reference.npz"))  # as a later stage reads it
+    rows = check_recorded(recorded, TorchRunner(apply_skip(model, mask)), 4, 1e-4, 1e-4, "pytorch:skipped")
     assert [(r["phase"], r["batch"]) for r in rows] == [("prefill", 1), ("decode", 1), ("prefill", 2), ("decode", 2)]
     assert all(r["passed"] and r["artifact"] == "pytorch:skipped" and r["max_abs_diff"] <= 1e-4 for r in rows), rows
     assert [r["steps"] for r in rows] == [1, 4, 1, 4]
     # the same weights with nothing skipped are not the masked reference: every phase fails
     full, _ = build_model("llama")
-    unmasked = check_batches(model, mask, TorchRunner(apply_skip(full, make_mask("none"))), batches, 4, 1e-4, 1e-4, "full")
+    unmasked = check_recorded(recorded, TorchRunner(apply_skip(full, make_mask("none"))), 4, 1e-4, 1e-4, "full")
     assert len(unmasked) == 4 and not any(r["passed"] for r in unmasked)
     assert all(r["max_abs_diff"] > 1e-4 for r in unmasked)

@@ -33,7 +33,8 @@ def test_report_json_contents(tiny_artifact):
     assert {("onnx:fp32:optimized", ph, b) for ph in ("prefill", "decode") for b in (1, 2)} <= combos
     for p in r["parity"]:
         assert p["passed"] and p["greedy_match"] and p["max_abs_diff"] <= p["atol"]
-    assert [s["name"] for s in r["stages"]] == ["load", "remove", "export", "validate", "optimize", "speed", "package"]
+    assert [s["name"] for s in r["stages"]] == ["load", "remove", "reference", "export", "validate", "optimize", "speed",
+                                                 "package"]
     # the cost model's prediction and a short measured ratio, full vs skipped, for both ONNX graphs
     speed = r["speed"]
     assert speed["prediction"]["attention_layers_kept"] == 4 and speed["prediction"]["decode"]

@@ -12,7 +12,19 @@ from exporter.recipe import Recipe
 from exporter.reference import REFERENCE_FILE, load_reference
 
 
-def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str) -> dict:
+# The batch-1 branch keeps a second layout of the weights resident (ONNX Runtime's one-row kernels read them
+# unpacked): on SmolLM2 it made batch-1 decode 0.86x the builder's time for +0.5 GiB. On a 7B-class model that
+# second layout is gigabytes at inference and pushed the run's own parity check past 1.7x the weights
+# (docs/results/scale.md), so "auto" keeps it for small models only.
+BATCH1_MAX_WEIGHT_BYTES = 2 << 30
+
+
+def batch1_path(setting, weight_bytes: int) -> bool:
+    """The recipe's `export.batch1_decode_path` for a model with `weight_bytes` of kept weights."""
+    return weight_bytes <= BATCH1_MAX_WEIGHT_BYTES if setting == "auto" else bool(setting)
+
+
+def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int) -> dict:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
     A graph this rewrite does not handle is reported under not_run with the reason; the plain graph is then
@@ -20,7 +32,8 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str) -> 
     """
     out_dir = plain_path.parent
     try:
-        fused = optimize_onnx(plain_path, config, batch1_path=recipe.export.batch1_decode_path)
+        fused = optimize_onnx(plain_path, config,
+                              batch1_path=batch1_path(recipe.export.batch1_decode_path, weight_bytes))
     except NotOptimizable as exc:
         return {"artifacts": [], "parity": [], "fused": None,
                 "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}

@@ -13,13 +13,13 @@ import torch
 from exporter import prompts
 from exporter.backends.ort import OrtRunner, ort_unsupported_op
 from exporter.parity import check_recorded, greedy_tokens
-from exporter.recipe import Recipe
+from exporter.recipe import Recipe, Validate
 from exporter.reference import REFERENCE_FILE, load_reference
 
 
-def validate_stage(recipe: Recipe, out_dir: Path, graphs: dict[str, Path], own: str) -> dict:
-    """Parity rows per graph and batch, checks not run, and half graphs' greedy agreement."""
-    v = recipe.validation
+def validate_stage(v: Validate, out_dir: Path, graphs: dict[str, Path], own: str) -> dict:
+    """Parity rows per graph and batch (`v`: the recipe's validate section), checks not run, and half graphs'
+    greedy agreement; `own` is the precision of the recorded reference (the model's)."""
     recorded = load_reference(out_dir / REFERENCE_FILE)
     parity, not_run, greedy = [], [], {}
     for precision, path in graphs.items():
