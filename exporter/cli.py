@@ -13,20 +13,18 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from exporter.bench.command import run_bench
 from exporter.cost import plan, render_prediction
 from exporter.data import data_dir
 from exporter.errors import UserError
-from exporter.generate import generate
 from exporter.inspect import render
-from exporter.manifest import verify
+from exporter.manifest import read_manifest, verify
 from exporter.mask import resolve_mask
 from exporter.models import load_config
-from exporter.pipeline import run
-from exporter.quality import Settings, run_eval
 from exporter.recipe import load_recipe
-from exporter.search import Budget, SearchSettings, run_search
 from exporter.workdir import raise_on_sigterm
+
+# The commands that run models import their modules (and so torch, onnx, onnxruntime) when they run, so
+# `check`, `plan`, `inspect` and `verify` start in a fraction of a second.
 
 USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
                                             export, validate and report (the main job)
@@ -57,6 +55,8 @@ def _parser(prog: str, first: str = "recipe", first_help: str = "recipe YAML fil
 
 
 def _run(argv: list[str], console) -> int:
+    from exporter.pipeline import run
+
     parser = _parser("export-skip")
     parser.add_argument("--out", type=Path, help="artifact folder (default: artifacts/<recipe file stem>)")
     parser.add_argument("--force", action="store_true", help="redo every stage (ignore the stage cache)")
@@ -106,6 +106,8 @@ def _plan(argv: list[str], console) -> int:
 
 
 def _bench(argv: list[str], console) -> int:
+    from exporter.bench.command import run_bench
+
     parser = _parser("export-skip bench")
     parser.add_argument("--out", type=Path, help="artifact folder holding the skipped model.onnx "
                                                  "(default: artifacts/<recipe file stem>)")
@@ -157,17 +159,40 @@ def _inspect(argv: list[str], console) -> int:
 def _verify(argv: list[str], console) -> int:
     args = _parse(_folder_parser("export-skip verify"), argv,
                   ("--recipe", dict(type=Path, help="also check the artifact was built from this recipe")),
-                  ("--ort", dict(action="store_true", help="also open every ONNX graph in ONNX Runtime")))
+                  ("--ort", dict(action="store_true", help="also open every ONNX graph in ONNX Runtime")),
+                  ("--parity", dict(action="store_true", help="also check every graph's parity in ONNX Runtime "
+                                                              "against the folder's recorded reference")))
     problems = verify(args.folder, args.recipe, with_ort=args.ort)
     for problem in problems:
         console.print(f"[red]MISMATCH[/] {problem}", soft_wrap=True, highlight=False)
+    if args.parity and not problems:
+        problems += _verify_parity(args.folder, console)
     verdict = (f"[red bold]FAILED[/] {args.folder}: {len(problems)} problem(s)" if problems else
                f"[green bold]OK[/] {args.folder}: every file matches manifest.json")
     console.print(verdict)
     return 1 if problems else 0
 
 
+def _verify_parity(folder: Path, console) -> list[str]:
+    """Print each graph's parity rows against the recorded reference; return the failures."""
+    from exporter.stages.validate import verify_parity
+
+    checked = verify_parity(folder, read_manifest(folder))
+    failures = []
+    for p in checked["parity"]:
+        ok = "ok" if p["passed"] else "[red]FAILED[/]"
+        console.print(f"parity {p['artifact']} {p['phase']} batch {p['batch']}: max|Δlogit| {p['max_abs_diff']:.2e} "
+                      f"(atol {p['atol']:.0e}), greedy {'match' if p['greedy_match'] else 'MISMATCH'} {ok}", soft_wrap=True)
+        if not p["passed"]:
+            failures.append(f"{p['artifact']} {p['phase']} batch {p['batch']}")
+    for n in checked["not_run"]:
+        console.print(f"not run: {n['check']}: {n['reason']}", soft_wrap=True)
+    return failures
+
+
 def _generate(argv: list[str], console) -> int:
+    from exporter.generate import generate
+
     parser = _folder_parser("export-skip generate")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -186,6 +211,8 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str], console) -> int:
+    from exporter.quality import Settings, run_eval
+
     parser = _parser("export-skip eval")
     parser.add_argument("--artifact", type=Path, help="also evaluate this exported folder's model.onnx in ONNX Runtime")
     _data_args(parser)
@@ -213,6 +240,8 @@ def _eval(argv: list[str], console) -> int:
 
 
 def _search(argv: list[str], console) -> int:
+    from exporter.search import Budget, SearchSettings, run_search
+
     parser = _parser("export-skip search")
     parser.add_argument("--strategy", choices=("greedy", "oneshot"), default="greedy",
                         help="greedy: remove the least harmful sub-layer, re-measure, repeat; oneshot: by importance score")

@@ -12,7 +12,7 @@ def test_tiny_recipe_passes_and_writes_the_artifact(tmp_path):
     result = cli(TINY_RECIPE, "--out", out)
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "model.opt.onnx", "model.opt.onnx.data", "report.json",
-                                               "report.md", "manifest.json", "recipe.yaml", "genai_config.json"}
+                                               "report.md", "manifest.json", "recipe.yaml", "genai_config.json", "reference.npz"}
 
 
 def test_report_json_contents(tiny_artifact):
@@ -24,7 +24,7 @@ def test_report_json_contents(tiny_artifact):
     params = r["parameters"]
     assert params["full"] - params["skipped"] == params["removed"] == params["removed_modules"] > 0
     kinds = {a["kind"]: a for a in r["artifacts"]}
-    assert set(kinds) == {"onnx", "onnx-external-data", "onnx-optimized", "recipe", "genai-config"}
+    assert set(kinds) == {"onnx", "onnx-external-data", "onnx-optimized", "recipe", "genai-config", "reference"}
     for a in r["artifacts"]:
         assert (out / a["path"]).stat().st_size == a["bytes"] and len(a["sha256"]) == 64
     # parity: ONNX and the skipped torch model, batch 1 and a left-padded batch 2, prefill and decode

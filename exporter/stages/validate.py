@@ -13,6 +13,7 @@ import torch
 from exporter import prompts
 from exporter.backends.ort import OrtRunner, ort_unsupported_op
 from exporter.parity import check_recorded, greedy_tokens
+from exporter.dtypes import PRECISION_OF
 from exporter.recipe import Recipe, Validate
 from exporter.reference import REFERENCE_FILE, load_reference
 
@@ -60,4 +61,20 @@ def validation_batches(recipe: Recipe, tokenizer) -> list[tuple[list[str], tuple
             ids, attn = ids.clone(), attn.clone()
             ids[1, 1:], attn[1, 0] = ids[1, :-1].clone(), 0
         out.append((texts, (ids, attn)))
+    return out
+
+
+def verify_parity(folder: Path, manifest: dict) -> dict:
+    """`export-skip verify DIR --parity`: every graph the manifest lists (plain, each half precision, optimized)
+    checked in ONNX Runtime against the folder's recorded reference, with the folder's own recipe tolerances:
+    the same checks as the run, on any machine, without the model."""
+    resolved = manifest["recipe"]["resolved"]
+    v = Validate.model_validate(resolved["validate"])
+    own = PRECISION_OF[resolved["model"]["dtype"]]
+    graphs = {f["precision"]: folder / f["path"] for f in manifest["files"] if f["kind"] == "onnx"}
+    out = validate_stage(v, folder, graphs, own)
+    for f in manifest["files"]:
+        if f["kind"] == "onnx-optimized":
+            out["parity"] += check_recorded(load_reference(folder / REFERENCE_FILE), OrtRunner(folder / f["path"], check=True),
+                                            v.decode_steps, v.atol.prefill, v.atol.decode, f"onnx:{f['precision']}:optimized")
     return out
