@@ -19,11 +19,11 @@ from exporter.recipe import Recipe, Validate
 from exporter.reference import REFERENCE_FILE, load_reference
 
 
-# ONNX Runtime's CPU provider keeps more than a half graph's own bytes resident: measured on a 2-layer
-# Mistral-7B-shaped fp16 graph (1.22 GiB of weights), a parity session held 1.65x the weights after loading
-# (docs/results/scale.md). A graph whose session would not fit in the memory available is not checked here:
-# it is recorded as not run, with the figures, never as passed.
-HALF_SESSION_FACTOR = 1.65
+# ONNX Runtime's CPU provider keeps more than a half graph's own bytes resident: on Mistral-7B-shaped fp16
+# graphs a parity session held 1.65x (2 layers) to 1.9x (4 layers) the graph's weights (docs/results/scale.md).
+# A graph whose session would not fit in the memory available is not checked here: it is recorded as not run,
+# with the figures, never as passed.
+HALF_SESSION_FACTOR = 2.0
 SESSION_HEADROOM = 1 << 30
 
 
