@@ -43,7 +43,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
     with WorkDir(out_dir, wait=wait, on_wait=log.say) as work:
         with log.stage("load", "loading the base model") as rec:
             model_info, config, mask, model, tokenizer = load_stage(recipe)
-            rec.done(model_info.get("id") or model_info.get("path") or model_info["kind"])
+            rec.done((model_info.get("id") or model_info.get("path") or model_info["kind"])
+                     + (f"; byte tokenizer: {model_info['tokenizer']['fallback']}" if "tokenizer" in model_info else ""))
         with log.stage("remove") as rec:
             skipped, size = remove_stage(model, mask)
             rec.done(f"{size['parameters']['full']:,} -> {size['parameters']['skipped']:,} parameters")
@@ -94,9 +95,9 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
             # onnxruntime-genai runs the optimized graph where there is one (same contract, parity-checked
             # above, faster on CPU: docs/serving.md); TensorRT and other runtimes keep model.onnx
             genai_graph = next((a["path"] for a in optimized["artifacts"] if a["kind"] == "onnx-optimized"), ONNX_FILE)
-            packaged = found.add({"artifacts": package_stage(recipe, model, skipped, tokenizer, mask, work.path,
-                                                             genai_graph)})
-            rec.done(", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add")
+            packaged = found.add(package_stage(recipe, model, skipped, tokenizer, mask, work.path, genai_graph))
+            rec.done(", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add"
+                     + "".join(f"; not written: {n['reason']}" for n in packaged["not_run"]))
 
         report = Report(
             name=out_dir.name, passed=found.passed, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

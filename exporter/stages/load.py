@@ -15,6 +15,8 @@ def load_stage(recipe: Recipe):
         check_supported(config)  # before any work, not after the export
     model, tokenizer = load_model(recipe.model)
     info = describe_source(recipe.model)
+    if getattr(tokenizer, "fallback", None):  # the folder had no usable tokenizer: the report says so
+        info["tokenizer"] = {"kind": "byte", "vocab_size": tokenizer.vocab_size, "fallback": tokenizer.fallback}
     if info["kind"] == "hub":  # the commit the revision resolved to: a moved branch invalidates the cache
         info["commit"] = getattr(model.config, "_commit_hash", None)
     return info, config, mask, model, tokenizer
