@@ -21,6 +21,15 @@ ONNX Runtime's one-row kernels run (exporter/gemv.py says why and what it costs 
 done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
 added the Split's time (docs/results/speed.md).
 
+The families' twists (exporter/architectures.py) map onto the same ops: fused q/k/v projections and q/k norms
+(per head or over all heads) feed the three-input form; Gemma 2's attention soft-capping is GroupQueryAttention's
+`softcap` (applied to the scaled scores before the bias, as Gemma does); each rotary kind gets its own cos/sin
+caches (Gemma 3's local and global bases) and a layer without rotary embedding (SmolLM3) gets no
+RotaryEmbedding node; multipliers and logit scaling stay the plain graph's own nodes. Refused, with the reason
+(the pipeline reports it under not_run and keeps the plain graph): RoPE types that depend on the sequence length
+(Phi-3's longrope, dynamic), partial rotary embeddings (some Phi-3 sizes), and any attention the pattern
+match does not recognise.
+
 Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
 The optimized graph is saved beside the plain one and reads its weights from the plain graph's external
 data file; only the concatenated q/k/v weights and the batch-1 branch's transposed copies are new, in
@@ -36,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.architectures import head_dim as head_dim_of, layout_for, rope_kind_for, scalar
+from exporter.architectures import head_dim as head_dim_of, rope_kind_for
 from exporter.onnx.contract import OPT_FILE, data_path as data_path_of, input_names, kept_layers
 from exporter.onnx.gemv import add_batch1_path
 from exporter.onnx.graph import (Graph, drop_dead_nodes, drop_unused_initializers, external_initializer,
@@ -111,13 +120,21 @@ def rotary_caches(config, max_positions: int, kind: str = "default"):
     return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
 
 
-def _refusal(config) -> str | None:
-    """A twist of the family this rewrite does not express, named; None when there is none."""
-    layout = layout_for(config.model_type)
-    if scalar(config, layout.attention_softcap) is not None:
-        return (f"attention logit soft-capping ({layout.attention_softcap}="
-                f"{getattr(config, layout.attention_softcap)}) is not rewritten into GroupQueryAttention")
-    return None
+def _match_softcap(g: Graph, scores: str) -> tuple[float, str]:
+    """`cap * tanh(scores / cap)` after the scaled scores (Gemma 2): (cap, its output), else (0.0, scores).
+    GroupQueryAttention's `softcap` applies it to the scaled scores before the attention bias, as Gemma 2 does."""
+    tanh = g.only_consumer(scores, "Tanh")
+    if tanh is not None:  # a cap of 1.0: the exporter folds the division and the product away
+        return 1.0, tanh.output[0]
+    div = g.only_consumer(scores, "Div")
+    tanh = g.only_consumer(div.output[0], "Tanh") if div is not None else None
+    mul = g.only_consumer(tanh.output[0], "Mul") if tanh is not None else None
+    if mul is None:
+        return 0.0, scores
+    cap, cap_again = g.const(div.input[1]), g.const(next(i for i in mul.input if i != tanh.output[0]))
+    if cap is None or cap_again is None or cap.size != 1 or float(cap.reshape(())) != float(cap_again.reshape(())):
+        return 0.0, scores
+    return float(cap.reshape(())), mul.output[0]
 
 
 def _find_attention(g: Graph, layer: int):
@@ -138,7 +155,8 @@ def _find_attention(g: Graph, layer: int):
     if q_transpose is None or scale_mul is None:
         raise NotOptimizable(f"layer {layer}: attention pattern not recognised (q or scale)")
     scale = g.const(scale_mul.input[1])
-    bias_add = g.only_consumer(scale_mul.output[0], "Add")
+    softcap, capped = _match_softcap(g, scale_mul.output[0])
+    bias_add = g.only_consumer(capped, "Add")
     if scale is None or scale.size != 1 or bias_add is None:
         raise NotOptimizable(f"layer {layer}: attention scale/bias not recognised")
     softmax = _downstream(g, bias_add.output[0], "Softmax", depth=2)
@@ -149,7 +167,7 @@ def _find_attention(g: Graph, layer: int):
         raise NotOptimizable(f"layer {layer}: attention output pattern not recognised")
     return {
         "q": q_transpose.input[0], "k": k_transpose.input[0], "v": v_transpose.input[0],  # [B, T, H, D]
-        "past_k": past_k, "past_v": past_v, "scale": float(scale.reshape(())),
+        "past_k": past_k, "past_v": past_v, "scale": float(scale.reshape(())), "softcap": softcap,
         "bias": bias_add.input[1], "out": out_reshape.output[0], "remove": [cat_k, cat_v, out_reshape],
     }
 
@@ -195,7 +213,7 @@ def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int
          "", "", "", found["bias"]],
         [found["out"], f"present.{layer}.key", f"present.{layer}.value"],
         name=f"GroupQueryAttention_{layer}", domain=MS, num_heads=heads, kv_num_heads=kv_heads,
-        do_rotary=0, scale=found["scale"], local_window_size=-1))
+        do_rotary=0, scale=found["scale"], softcap=found["softcap"], local_window_size=-1))
     return nodes
 
 
@@ -363,8 +381,6 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
         raise NotOptimizable(f"{onnx.TensorProto.DataType.Name(elem)} graphs: ONNX Runtime's CPU "
                              "GroupQueryAttention runs fp32 and fp16 only")
 
-    if kept and (reason := _refusal(config)) is not None:
-        raise NotOptimizable(reason)
     found = {i: _find_attention(g, i) for i in kept}  # all or nothing: raises before any change
     plans = {i: plan for i in kept if (plan := _plan_qkv_packing(g, found[i])) is not None}
     ropes = {i: rope_kind_for(config, i) for i in kept}
