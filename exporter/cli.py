@@ -25,6 +25,7 @@ from exporter.pipeline import run
 from exporter.quality import Settings, run_eval
 from exporter.recipe import load_recipe
 from exporter.search import Budget, SearchSettings, run_search
+from exporter.stages.load import require_supported
 from exporter.workdir import raise_on_sigterm
 
 USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
@@ -83,6 +84,7 @@ def _check(argv: list[str], console) -> int:
     recipe = load_recipe(args.recipe)
     config = load_config(recipe.model)
     mask = resolve_mask(recipe, config.num_hidden_layers)
+    require_supported(recipe)
     console.print(f"{args.recipe}: ok ({config.model_type}, {config.num_hidden_layers} layers; "
                   f"attention skipped {list(mask.attention) or 'none'}, MLP skipped {list(mask.mlp) or 'none'})")
     return 0

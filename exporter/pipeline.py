@@ -22,7 +22,7 @@ from exporter.report import Findings, Report
 from exporter.stages.engines import engines_stage, require_backends
 from exporter.stages.export import estimate_run_bytes, export_stage
 from exporter.stages.keys import StageKeys, engines_key
-from exporter.stages.load import load_stage
+from exporter.stages.load import load_stage, require_supported
 from exporter.stages.optimize import optimize_stage
 from exporter.stages.package import package_stage
 from exporter.stages.precisions import precisions_stage
@@ -37,6 +37,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
     """Load, remove, export, validate, (precisions, engines), optimize, speed, package; then the report and
     the manifest. `report.passed` says whether every check held; the folder is published only then."""
     require_backends(recipe)
+    require_supported(recipe)
     started = time.perf_counter()
     log, found = StageLog(console), Findings()
     cache = StageCache(out_dir.parent / ".stages" / out_dir.name, enabled=not force)
@@ -96,7 +97,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
             # above, faster on CPU: docs/serving.md); TensorRT and other runtimes keep model.onnx
             genai_graph = next((a["path"] for a in optimized["artifacts"] if a["kind"] == "onnx-optimized"), ONNX_FILE)
             packaged = found.add(package_stage(recipe, model, skipped, tokenizer, mask, work.path, genai_graph))
-            rec.done(", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add"
+            rec.done((", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add")
                      + "".join(f"; not written: {n['reason']}" for n in packaged["not_run"]))
 
         report = Report(

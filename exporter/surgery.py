@@ -33,14 +33,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, rope) -> torch.Tensor:
-    """x [B, H, T, D] rotated by (cos, sin) [B, T, D_rot]; with partial rotary (D_rot < D, Phi-3) the last
-    D - D_rot dims pass through unrotated."""
+    """x [B, H, T, D] rotated by (cos, sin) [B, T, D_rot], in x's dtype; with partial rotary (D_rot < D, Phi-3)
+    the last D - D_rot dims pass through unrotated. cos/sin may be fp32 for a half x (OLMo 2's rotary keeps
+    them fp32): the product is then fp32, cast back as Hugging Face does."""
     cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # [B, 1, T, D_rot]
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return (x * cos + rotate_half(x) * sin).to(x.dtype)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat(((x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype), x_pass), dim=-1)
 
 
 class SkippedLayer(nn.Module):
