@@ -75,6 +75,7 @@ def test_genai_greedy_equals_masked_pytorch_on_tiny_models(tiny_models, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.real_weights
 def test_genai_greedy_text_equals_pytorch_on_smollm2(tmp_path):
     """The bar: SmolLM2-135M, default mask, 3 chat prompts, 32 new tokens, identical tokens and text."""
     og = _og()
