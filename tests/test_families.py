@@ -13,14 +13,12 @@ branches' contributions zeroed by forward hooks (`surgery.masked`), never our su
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import cli
 from exporter.architectures import ARCHITECTURES
 from exporter.backends.ort import OrtRunner
 from exporter.backends.pytorch import HFRunner, TorchRunner
@@ -32,7 +30,6 @@ from exporter.prompts import ByteTokenizer, left_padded
 from exporter.recipe import ModelSource
 from exporter.surgery import apply_skip, count_parameters, masked
 
-ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 STEPS = 10
 PROMPTS = ["The capital of France is", "Hi there"]  # 24 and 8 byte tokens: batch 2, left-padded
@@ -359,8 +356,7 @@ def test_checkpoint_refused_before_any_work_or_written(family, folders, tmp_path
 def test_checkpoint_refusal_exits_2_with_one_line(folders, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"version: 1\nmodel: {{path: {folders('gemma2')}}}\nexport: {{checkpoint: true}}\n")
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", str(recipe), "--out", str(tmp_path / "a")],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = cli(recipe, "--out", tmp_path / "a", timeout=600)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # after the run's header
     assert result.returncode == 2 and len(lines) == 1 and "sandwich norms" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
@@ -416,8 +412,7 @@ def test_every_stage(family, tokenizer_files, folders, tmp_path):
     if tokenizer_files:
         byte_level_tokenizer().save_pretrained(folder)
     out = tmp_path / "art" / family
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", str(_recipe(tmp_path, folder)), "--out", str(out)],
-                            capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = cli(_recipe(tmp_path, folder), "--out", out, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"]
