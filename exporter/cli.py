@@ -21,6 +21,7 @@ from exporter.manifest import read_manifest, verify
 from exporter.mask import resolve_mask
 from exporter.models import load_config
 from exporter.recipe import load_recipe
+from exporter.stages.load import require_supported
 from exporter.workdir import raise_on_sigterm
 
 # The commands that run models import their modules (and so torch, onnx, onnxruntime) when they run, so
@@ -84,6 +85,7 @@ def _check(argv: list[str], console) -> int:
     recipe = load_recipe(args.recipe)
     config = load_config(recipe.model)
     mask = resolve_mask(recipe, config.num_hidden_layers)
+    require_supported(recipe)
     console.print(f"{args.recipe}: ok ({config.model_type}, {config.num_hidden_layers} layers; "
                   f"attention skipped {list(mask.attention) or 'none'}, MLP skipped {list(mask.mlp) or 'none'})")
     return 0

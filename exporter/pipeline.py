@@ -24,7 +24,7 @@ from exporter.report import Findings, Report
 from exporter.stages.engines import engines_stage, require_backends
 from exporter.stages.export import estimate_run_bytes, export_stage
 from exporter.stages.keys import StageKeys, engines_key
-from exporter.stages.load import load_stage
+from exporter.stages.load import load_stage, require_supported
 from exporter.stages.optimize import optimize_stage
 from exporter.reference import REFERENCE_FILE
 from exporter.stages.package import checkpoint_stage, package_stage
@@ -42,6 +42,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
     model; validate, (engines), optimize, speed, package; then the report and the manifest. `report.passed`
     says whether every check held; the folder is published only then."""
     require_backends(recipe)
+    require_supported(recipe)
     started = time.perf_counter()
     log, found = StageLog(console), Findings()
     cache = StageCache(out_dir.parent / ".stages" / out_dir.name, enabled=not force)
@@ -81,8 +82,9 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
             # above, faster on CPU: docs/serving.md); TensorRT and other runtimes keep model.onnx
             genai_graph = next((a["path"] for a in optimized["artifacts"] if a["kind"] == "onnx-optimized"), ONNX_FILE)
             packaged = found.add(package_stage(recipe, config, loaded.generation_config, tokenizer, work.path,
-                                                             genai_graph))
-            rec.done(", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add")
+                                               genai_graph))
+            rec.done((", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add")
+                     + "".join(f"; not written: {n['reason']}" for n in packaged["not_run"]))
 
         report = Report(
             name=out_dir.name, passed=found.passed, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -124,7 +126,8 @@ def _pytorch_stages(recipe: Recipe, folder: Path, log: StageLog, found: Findings
     with log.stage("load", "loading the base model") as rec:
         model_info, _, mask, model, tokenizer = load_stage(recipe)
         config = model.config
-        rec.done(model_info.get("id") or model_info.get("path") or model_info["kind"])
+        rec.done((model_info.get("id") or model_info.get("path") or model_info["kind"])
+                 + (f"; byte tokenizer: {model_info['tokenizer']['fallback']}" if "tokenizer" in model_info else ""))
     with log.stage("remove") as rec:
         skipped, size = remove_stage(model, mask)
         rec.done(f"{size['parameters']['full']:,} -> {size['parameters']['skipped']:,} parameters")

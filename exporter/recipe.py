@@ -16,6 +16,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_validator)
 
+from exporter.architectures import ARCHITECTURES
 from exporter.errors import UserError
 from exporter.mask import expand_layers
 
@@ -90,7 +91,7 @@ class ModelSource(_Strict):
         if self.revision is not None and self.hub is None:
             raise ValueError("revision is only allowed with hub")
         if self.config is not None and "model_type" not in self.config:
-            raise ValueError("config needs a model_type (llama, mistral, qwen2 or qwen3)")
+            raise ValueError(f"config needs a model_type ({', '.join(sorted(ARCHITECTURES))})")
         return self
 
     @property

@@ -108,13 +108,16 @@ def _mb(n: int) -> str:
 
 
 def describe_model(model: dict) -> str:
-    """One phrase for the base model's identity (report.json keeps the full record)."""
+    """One phrase for the base model's identity (report.json keeps the full record), and the byte tokenizer
+    when it stood in for a missing one."""
+    tokenizer = model.get("tokenizer")
+    note = f" (tokenizer: one token per byte, since {tokenizer['fallback']})" if tokenizer else ""
     if model["kind"] == "hub":
-        return f"`{model['id']}` (revision {model['revision']})"
+        return f"`{model['id']}` (revision {model['revision']}){note}"
     if model["kind"] == "gguf":
-        return f"GGUF `{Path(model['path']).name}` (sha256 {model['sha256'][:12]}…)"
+        return f"GGUF `{Path(model['path']).name}` (sha256 {model['sha256'][:12]}…){note}"
     if model["kind"] == "path":
-        return f"folder `{model['path']}`"
+        return f"folder `{model['path']}`{note}"
     return f"random weights from a config (seed {model.get('seed')})"
 
 

@@ -62,11 +62,16 @@ def export_onnx(model, out_dir: Path, opset: int = 18) -> Path:
         dynamic_shapes += (tuple({0: batch, 2: past} for _ in range(2 * len(kept))),)
     # torch.onnx is chatty (progress lines, deprecation warnings); our own progress is shown instead.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    example = example_inputs(model)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        # One eager pass of the embedding and rotary first: a rotary module that builds a table on its first
+        # call (Phi-3's longrope keeps `long_inv_freq` as a plain attribute) must not build it under tracing,
+        # where it would be a fake tensor baked wrongly into the graph and left on the module.
+        model.embed(*example[:3])
         program = torch.onnx.export(
             model,
-            example_inputs(model),
+            example,
             dynamo=True,
             input_names=input_names(kept),
             output_names=output_names(kept),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.backends.genai import save_tokenizer, write_genai_config
+from exporter.backends.genai import genai_unsupported, save_tokenizer, write_genai_config
 from exporter.checkpoint import write_checkpoint
 from exporter.files import describe_file
 from exporter.manifest import write_recipe_copy
@@ -22,7 +22,12 @@ def package_stage(recipe: Recipe, config, generation_config, tokenizer, out_dir:
     """The resolved recipe, the tokenizer's files and genai_config.json (naming `onnx_file`)."""
     files = [(write_recipe_copy(recipe, out_dir), "recipe")]
     files += [(p, "tokenizer") for p in save_tokenizer(tokenizer, out_dir)]
+    not_run = []
     if recipe.export.genai:
-        files.append((write_genai_config(config, generation_config, out_dir, onnx_file, recipe.export.max_context),
-                      "genai-config"))
-    return {"artifacts": [describe_file(p, out_dir, kind) for p, kind in files]}
+        reason = genai_unsupported(config)
+        if reason is None:
+            files.append((write_genai_config(config, generation_config, out_dir, onnx_file, recipe.export.max_context),
+                          "genai-config"))
+        else:
+            not_run.append({"check": "genai_config.json (onnxruntime-genai)", "reason": reason})
+    return {"artifacts": [describe_file(p, out_dir, kind) for p, kind in files], "not_run": not_run}
