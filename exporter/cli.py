@@ -43,8 +43,10 @@ USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
                                             perplexity, LAMBADA, KL / top-1 vs the full model (eval.json)
        export-skip search RECIPE [--strategy greedy|oneshot] [--kind attention|mlp|block|any]
                       [--max-kl X | --max-ppl-increase PCT | --max-lambada-drop POINTS | --count N]
-                      [--metric kl|ppl|lambada] [--out FILE]
-                                            find a mask under a quality budget; writes a recipe"""
+                      [--metric kl|ppl|lambada] [--out FILE] [--ray [ADDRESS]] [--workers N]
+                                            find a mask under a quality budget; writes a recipe
+       export-skip sweep RECIPE... --out DIR [--ray [ADDRESS]] [--force]
+                                            run many recipes (on Ray with --ray); sweep.json / sweep.md"""
 
 
 def _parser(prog: str, first: str = "recipe", first_help: str = "recipe YAML file") -> argparse.ArgumentParser:
@@ -242,7 +244,7 @@ def _eval(argv: list[str], console) -> int:
 
 
 def _search(argv: list[str], console) -> int:
-    from exporter.search import Budget, SearchSettings, run_search
+    from exporter.search import Budget, RayOptions, SearchSettings, run_search
 
     parser = _parser("export-skip search")
     parser.add_argument("--strategy", choices=("greedy", "oneshot"), default="greedy",
@@ -266,8 +268,12 @@ def _search(argv: list[str], console) -> int:
     parser.add_argument("--seed", type=int, default=0, help="which calibration windows/passages are drawn (default 0)")
     parser.add_argument("--include-final-layer", action="store_true", help="allow removing from the final layer")
     parser.add_argument("--out", type=Path, help="recipe to write (default: RECIPE's folder, <stem>-searched.yaml)")
+    _ray_args(parser)
+    parser.add_argument("--workers", type=_positive, help="--ray: search workers (default: the cluster's CPUs / --worker-cpus)")
+    parser.add_argument("--worker-cpus", type=float, default=1, help="--ray: CPUs each worker declares (default 1)")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
+    ray = None if args.ray is None else RayOptions(args.ray, args.workers, args.worker_cpus)
     settings = SearchSettings(
         budget=Budget(max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase,
                       max_lambada_drop=args.max_lambada_drop, count=args.count),
@@ -275,13 +281,58 @@ def _search(argv: list[str], console) -> int:
         length=args.calibration_length, seed=args.seed, keep_final_layer=not args.include_final_layer,
         metric=args.metric, passages=args.calibration_passages)
     out = args.out or args.recipe.with_name(f"{args.recipe.stem}-searched.yaml")
-    run_search(recipe, args.recipe, settings, out, console, argv=["search", *argv])
+    # where the candidates were scored does not change the result: the recipe records the search without it
+    recorded = _without(argv, {"--ray": args.ray, "--workers": None, "--worker-cpus": None})
+    run_search(recipe, args.recipe, settings, out, console, argv=["search", *recorded], ray=ray)
     console.print(f"wrote {out}")
     return 0
 
 
+def _sweep(argv: list[str], console) -> int:
+    from exporter.sweep import run_sweep
+
+    parser = argparse.ArgumentParser(prog="export-skip sweep", usage=USAGE)
+    parser.add_argument("recipes", nargs="+", help="recipe files, or glob patterns ('recipes/tiny-*.yaml')")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for every item's artifact folder, sweep.json and sweep.md "
+                             "(with --ray: a path every node sees, on a shared filesystem)")
+    parser.add_argument("--force", action="store_true", help="redo every item and stage (no reuse, no stage cache)")
+    parser.add_argument("--cpus", type=float, default=1, help="--ray: CPUs each item declares (default 1)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    _ray_args(parser)
+    args = parser.parse_args(argv)
+    summary = run_sweep(args.recipes, args.out, console, ray=args.ray, force=args.force, cpus=args.cpus)
+    verdict = "[green bold]PASSED[/]" if not summary["failed"] else "[red bold]FAILED[/]"
+    console.print(f"{verdict} {summary['passed']} passed, {summary['failed']} failed in {summary['seconds']:.0f} s; "
+                  f"{summary['out']}/sweep.md")
+    return 1 if summary["failed"] else 0
+
+
+def _ray_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                        help="run on Ray (extra [ray]): a cluster address (host:port), `auto` (the default: the "
+                             "cluster this machine runs, else a new local instance) or `local` (a new local instance)")
+
+
+def _without(argv: list[str], options: dict[str, str | None]) -> list[str]:
+    """`argv` less the given options and their values: `options` maps each to the value it parsed when that value
+    is optional (`--ray`, `--ray auto`, `--ray=auto`), or None when the option always takes the next token."""
+    out, skip = [], False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag = token.split("=", 1)[0]
+        if flag in options:
+            optional = options[flag]
+            skip = "=" not in token and i + 1 < len(argv) and (optional is None or argv[i + 1] == optional)
+            continue
+        out.append(token)
+    return out
+
+
 COMMANDS = {"check": _check, "plan": _plan, "bench": _bench, "inspect": _inspect, "verify": _verify,
-            "generate": _generate, "eval": _eval, "search": _search}
+            "generate": _generate, "eval": _eval, "search": _search, "sweep": _sweep}
 
 
 def quiet_progress_bars() -> None:

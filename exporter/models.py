@@ -192,3 +192,22 @@ def load_model(source: ModelSource):
     layout_for(model.config.model_type)
     check_config(model.config)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer alone, as load_model returns it (a `search --ray` driver: the weights load on the workers)."""
+    from transformers import AutoTokenizer
+
+    if source.kind == "config":
+        return ByteTokenizer(load_config(source).vocab_size)
+    if source.kind == "hub":
+        return _from_hub(AutoTokenizer.from_pretrained, source)
+    if source.kind == "path" and _is_serving_checkpoint(source.path):
+        folder, kwargs, errors = source.path, {"config": load_base_config(source.path)}, (OSError, ValueError, TypeError)
+    else:
+        folder = _convert_gguf(source) if source.kind == "gguf" else source.path
+        kwargs, errors = {}, (OSError, ValueError)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except errors:
+        return ByteTokenizer(load_config(source).vocab_size)

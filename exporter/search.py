@@ -25,11 +25,14 @@ from pathlib import Path
 import torch
 
 from exporter import data
-from exporter.cost import predicted_decode_speedup
+from exporter.cluster import (RayCalibrator, Resources, alive_nodes, connect, disconnect, memory_estimate,
+                              where_am_i)
+from exporter.cost import kept_parameters, predicted_decode_speedup
+from exporter.dtypes import itemsize
 from exporter.errors import UserError
 from exporter.importance import calibration_windows, measure_importance
 from exporter.mask import SkipMask
-from exporter.models import load_config, load_model
+from exporter.models import load_config, load_model, load_tokenizer
 from exporter.progress import progress_bar
 from exporter.prompts import pad_token_id
 from exporter.quality import lambada_batch, lambada_batches, lambada_examples, lambada_hits
@@ -248,6 +251,48 @@ class LambadaCalibrator:
         return {cand: result[cand] for cand in pool}
 
 
+class CalibrationWorker:
+    """One model and its calibrator: local search scores candidates through one in this process; with `--ray`
+    each Ray actor holds one (exporter/cluster.py), loading the model once from the recipe's source, and
+    scores its share of every step's candidates (the base stream or the branched pass stays inside it)."""
+
+    def __init__(self, model, inputs: dict):
+        if not isinstance(model, torch.nn.Module):  # a recipe's ModelSource: load the weights here, once
+            model = load_model(model)[0]
+        self.model = model
+        self.chunks = inputs["chunks"]
+        if inputs["metric"] == "lambada":
+            self.cal = LambadaCalibrator(model, inputs["examples"], inputs["pad_id"])
+        else:
+            self.cal = Calibrator(model, inputs["chunks"])
+
+    def importance(self):
+        return measure_importance(apply_skip(self.model, SkipMask()), self.chunks)
+
+    def trials(self, chosen: list[Candidate], pool: list[Candidate]) -> tuple[dict, int]:
+        """(metrics of chosen + [c] for every c in pool, evaluations so far)."""
+        return self.cal.trials(chosen, pool), self.cal.evaluations
+
+    def measure(self, mask: SkipMask) -> tuple[dict, int]:
+        return self.cal.measure(mask), self.cal.evaluations
+
+    def where(self) -> dict:
+        return where_am_i()
+
+
+def calibration_inputs(tokenizer, settings: SearchSettings) -> tuple[dict, dict]:
+    """(what a CalibrationWorker needs: token ids, no files; how the calibration set was drawn, for the recipe)."""
+    chunks = calibration_windows(tokenizer, settings.data, settings.windows, settings.length, settings.seed)
+    inputs = {"metric": settings.metric, "chunks": chunks}
+    if settings.metric == "lambada":
+        examples, start = calibration_passages(tokenizer, settings.data, settings.passages, settings.seed)
+        inputs.update(examples=examples, pad_id=pad_token_id(tokenizer))
+        return inputs, {"passages": settings.passages, "seed": settings.seed,
+                        "data": f"LAMBADA test passages after the first {start:,}"}
+    return inputs, {"windows": settings.windows, "length": settings.length, "seed": settings.seed,
+                    "data": "WikiText-2 raw test split"}
+
+
 def calibration_passages(tokenizer, folder, count: int, seed: int) -> tuple[list, int]:
     """`count` LAMBADA passages drawn with `seed` from those after the first 1,000 (after the first half of
     a shorter file), so an `eval --limit` subset of up to 1,000 passages stays held out; and where the
@@ -299,32 +344,35 @@ def oneshot(cal, pool: list[Candidate], budget: Budget, scores, advance=None) ->
     return chosen, steps
 
 
-def search(model, tokenizer, settings: SearchSettings, console=None) -> dict:
-    """Run the search; returns the mask, the steps with their calibration metrics, and the settings."""
+def search(model, tokenizer, settings: SearchSettings, console=None, config=None, remote=None) -> dict:
+    """Run the search; returns the mask, the steps with their calibration metrics, and the settings.
+    `remote(inputs)`: a calibrator on other processes (cluster.RayCalibrator; `model` may then be None and
+    `config` gives the layer count) instead of one on `model` here. Either way the picks happen here."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    n = model.config.num_hidden_layers
+    n = (config or model.config).num_hidden_layers
     pool = candidates(settings.kind, n, settings.keep_final_layer)
     if settings.budget.count is not None and settings.budget.count > len(pool):
         raise UserError(f"--count {settings.budget.count}: only {len(pool)} candidates ({settings.kind}, "
                         f"final layer {'kept' if settings.keep_final_layer else 'allowed'})")
-    chunks = calibration_windows(tokenizer, settings.data, settings.windows, settings.length, settings.seed)
-    scores = measure_importance(apply_skip(model, SkipMask()), chunks)
-    if settings.metric == "lambada":
-        examples, start = calibration_passages(tokenizer, settings.data, settings.passages, settings.seed)
-        cal = LambadaCalibrator(model, examples, pad_token_id(tokenizer))
-        calibration = {"passages": settings.passages, "seed": settings.seed,
-                       "data": f"LAMBADA test passages after the first {start:,}"}
+    inputs, calibration = calibration_inputs(tokenizer, settings)
+    if remote is None:
+        worker = CalibrationWorker(model, inputs)
+        cal, scores = worker.cal, worker.importance()
     else:
-        cal = Calibrator(model, chunks)
-        calibration = {"windows": settings.windows, "length": settings.length, "seed": settings.seed,
-                       "data": "WikiText-2 raw test split"}
+        cal = remote(inputs)
+        scores = cal.importance()
     with progress_bar(console) as progress:
         if settings.strategy == "greedy":
             total = sum(len(pool) - s for s in range(settings.budget.count or len(pool)))
             task = progress.add_task(f"greedy search ({settings.budget.describe()})", total=total)
-            chosen, steps = greedy(cal, list(pool), settings.budget, RANK_BY[settings.metric],
-                                   lambda k: progress.advance(task, k))
+            label = progress.tasks[task].description
+            status = getattr(cal, "status", None)  # Ray: candidates running on how many workers
+
+            def advance(k):
+                progress.update(task, advance=k, description=f"{label}, {status()}" if status else label)
+
+            chosen, steps = greedy(cal, list(pool), settings.budget, RANK_BY[settings.metric], advance)
             progress.update(task, total=progress.tasks[task].completed)  # a budget may stop it early
         elif settings.strategy == "oneshot":
             task = progress.add_task(f"one-shot search ({settings.budget.describe()})",
@@ -401,14 +449,18 @@ def _importance_lines(imp: dict | None) -> list[str]:
     return lines + ["# Gromov angular distance, best run of: " + "; ".join(runs)]
 
 
-def run_search(recipe, source: Path, settings: SearchSettings, out: Path, console=None, argv=None) -> dict:
+def run_search(recipe, source: Path, settings: SearchSettings, out: Path, console=None, argv=None,
+               ray: RayOptions | None = None) -> dict:
     config = load_config(recipe.model)
 
     data.data_file(settings.data, data.WIKITEXT)  # fail before loading the model
     if settings.metric == "lambada":
         data.data_file(settings.data, data.LAMBADA)
-    model, tokenizer = load_model(recipe.model)
-    result = search(model, tokenizer, settings, console)
+    if ray is None:
+        model, tokenizer = load_model(recipe.model)
+        result = search(model, tokenizer, settings, console)
+    else:
+        result = _search_on_ray(recipe, settings, config, ray, console)
     write_recipe(source, out, result, settings, config, argv or ["search", str(source)])
     load_recipe(out)  # the emitted recipe must load
     if console is not None:
@@ -417,3 +469,44 @@ def run_search(recipe, source: Path, settings: SearchSettings, out: Path, consol
                       f"calibration {_metrics_text(result['final'], full=True)} "
                       f"({result['evaluations']} evaluations, {result['seconds']:.0f} s)")
     return result
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """`search --ray`: where the candidates are scored (exporter/cluster.py)."""
+
+    address: str = "auto"  # a cluster address, `auto` (this machine's cluster, else a new local one) or `local`
+    workers: int | None = None  # default: the cluster's CPUs / `cpus`, at most one per candidate of the first step
+    cpus: float = 1  # CPUs each worker declares (torch runs that many threads)
+
+
+def _search_on_ray(recipe, settings: SearchSettings, config, options: RayOptions, console) -> dict:
+    """The same search with every step's candidates scored on Ray actors; the driver holds only the tokenizer."""
+    tokenizer = load_tokenizer(recipe.model)
+    cluster = connect(options.address)
+    actors: list[RayCalibrator] = []
+    try:
+        first_step = len(candidates(settings.kind, config.num_hidden_layers, settings.keep_final_layer))
+        cpus = sum(n.get("CPU", 0) for n in alive_nodes())
+        workers = min(options.workers or max(1, int(cpus // options.cpus)), first_step)
+        if workers * options.cpus > cpus:  # Ray would wait for CPUs that are not there
+            raise UserError(f"--workers {workers} x --worker-cpus {options.cpus:g} needs {workers * options.cpus:g} "
+                            f"CPUs; the cluster has {cpus:g}")
+        memory = memory_estimate(kept_parameters(config, SkipMask()), itemsize(recipe.model.dtype))
+        resources = Resources(num_cpus=options.cpus, memory=memory)
+        if console is not None:
+            console.print(f"Ray cluster: {cluster}; {workers} search worker(s) of {options.cpus:g} CPU(s) and "
+                          f"{memory / 2**30:.1f} GiB each")
+
+        def remote(inputs: dict) -> RayCalibrator:
+            actors.append(RayCalibrator(CalibrationWorker, (recipe.model, inputs), workers, resources,
+                                        config.num_hidden_layers))
+            if console is not None:
+                console.print(f"{workers} search worker(s) ready on {actors[-1].nodes} Ray node(s), each with the model loaded")
+            return actors[-1]
+
+        return search(None, tokenizer, settings, console, config=config, remote=remote)
+    finally:
+        for cal in actors:
+            cal.close()
+        disconnect()

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-test,rtx,genai}  # rtx: tensorrt-rtx builds real engines on CPU-only machines (CI too); genai: onnxruntime-genai runs the artifacts in tests
+EXTRAS=${EXTRAS:-test,rtx,genai,ray}  # rtx: tensorrt-rtx builds real engines on CPU-only machines (CI too); genai: onnxruntime-genai runs the artifacts in tests; ray: the 2-node cluster tests
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
 "$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"

@@ -371,9 +371,9 @@ def test_genai_config_where_onnxruntime_genai_knows_the_family(family, loaded, t
     if family == "olmo2":  # onnxruntime-genai 0.18 has no olmo2 type
         assert "no model type for olmo2" in genai_unsupported(model.config)
         with pytest.raises(UserError, match="olmo2"):
-            write_genai_config(model, tmp_path, "model.onnx", 64)
+            write_genai_config(model.config, model.generation_config, tmp_path, "model.onnx", 64)
         return
-    write_genai_config(model, tmp_path, "model.onnx", 64)
+    write_genai_config(model.config, model.generation_config, tmp_path, "model.onnx", 64)
     data = json.loads((tmp_path / CONFIG_FILE).read_text())["model"]
     assert data["type"] == model.config.model_type and data["decoder"]["head_size"] == model.model.layers[0].self_attn.head_dim
 
