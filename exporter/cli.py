@@ -7,6 +7,7 @@ Exit codes: 0 every check passed; 1 a check failed or an internal error (log pat
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -373,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]interrupted[/]: nothing was published")
         return 130
     except Exception:  # an internal error: keep the traceback in a log, print one line
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # the environment, not a bug: one line
+            console.print(f"[red]error:[/] no space left on the device while writing {exc.filename2 or exc.filename}; "
+                          "nothing was published (free space, or delete artifacts/.stages/)", soft_wrap=True)
+            return 2
         log = Path(tempfile.mkstemp(prefix="export-skip-", suffix=".log")[1])
         log.write_text(traceback.format_exc(), encoding="utf-8")
         if debug:

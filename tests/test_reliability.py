@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from exporter.errors import UserError
 from exporter.mask import resolve_mask
 from exporter.recipe import load_recipe
-from helpers import cli, start_cli
+from helpers import TINY_RECIPE, cli, start_cli
 
 RESULTS: list[dict] = []
 
@@ -409,3 +409,21 @@ def test_not_enough_disk_is_refused_before_writing(tmp_path, monkeypatch):
         pipeline.run(recipe, out)
     ok = not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
     record("disk guard", "1 KiB free on the artifacts' file system", "refused with one line, nothing left behind", ok)
+
+
+def test_a_full_disk_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing (another job filled the disk after the disk guard looked) is the environment, not a
+    bug: one line naming the file, exit 2, no traceback log."""
+    import errno
+
+    from exporter import pipeline
+    from exporter.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.onnx.data"))
+
+    monkeypatch.setattr(pipeline, "run", full)
+    assert main([str(TINY_RECIPE), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device while writing" in err and "model.onnx.data" in err
+    assert "internal error" not in err and "Traceback" not in err
