@@ -67,13 +67,30 @@ def connect(address: str) -> str:
     if ray.is_initialized():
         return describe_cluster()
     target = None if address in ("", "auto") else address
+    if target not in (None, "local") and "://" not in target:
+        _check_reachable(target)
     kwargs = {"include_dashboard": False} if target in (None, "local") else {}
     try:
         ray.init(address=target, runtime_env=runtime_env(), log_to_driver=False, configure_logging=False,
                  **kwargs)
-    except ConnectionError as exc:
-        raise UserError(f"--ray {address}: cannot join the cluster: {str(exc).splitlines()[0]}") from None
+    except ConnectionError as exc:  # the cause says why (no GCS there, or "Authentication token is missing")
+        why = _one_line(exc.__cause__) if exc.__cause__ is not None else _one_line(exc)
+        raise UserError(f"--ray {address}: cannot join the cluster: {why}") from None
     return describe_cluster()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A GCS address nobody listens at fails in seconds, not after Ray's minutes of retries."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray {address}: expected HOST:PORT (the head's GCS port), ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout).close()
+    except OSError as exc:
+        raise UserError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); is the head started "
+                        "(`ray start --head --port PORT`)?") from None
 
 
 def disconnect() -> None:

@@ -22,10 +22,25 @@ import pytest
 from exporter import cluster, sweep
 from exporter.errors import UserError
 from exporter.manifest import verify
-from tests.ray_cluster import LocalCluster
+from tests.ray_cluster import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("EXPORT_SKIP_DATA", ROOT.parent / "shared" / "data"))
+TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building .\n"
+        " = Valkyria Chronicles III = \n Senjo no Valkyria 3 is a tactical role @-@ playing video game .\n")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small WikiText-2 / LAMBADA folder in their files' formats (no downloads)."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "wikitext-2-raw").mkdir()
+    (folder / "wikitext-2-raw" / "wiki.test.raw").write_bytes((TEXT * 12).replace("\n", "\r\n").encode())
+    (folder / "lambada").mkdir()
+    words = ["Paris", "him", "door", "Shane", "dreams", "backup"]
+    with open(folder / "lambada" / "lambada_test.jsonl", "w") as fh:
+        for i in range(80):  # calibration draws from the second half (a file under 2,000 passages)
+            fh.write(json.dumps({"text": f"Passage {i} says that {'word ' * (i % 5)}the answer was {words[i % 6]}"}) + "\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +85,13 @@ def _tiny(folder: Path, stem: str, layer: int, name: str | None = None) -> Path:
 # ---------------------------------------------------------------- on the 2-node cluster
 
 @pytest.mark.parametrize("metric", ["kl", pytest.param("lambada", marks=pytest.mark.slow)])
-def test_search_on_ray_writes_the_local_recipe(ray_cluster, tmp_path, metric):
+def test_search_on_ray_writes_the_local_recipe(ray_cluster, data, tmp_path, metric):
     """Greedy on recipes/tiny-llama.yaml (6 layers): local, then on 2 workers on 2 nodes; same bytes, same mask.
     KL keeps each actor's base residual stream; LAMBADA runs each actor's branched pass over its candidates."""
     out = tmp_path / "searched.yaml"
     calibration = (["--calibration-windows", "3", "--calibration-length", "64"] if metric == "kl"
-                   else ["--metric", "lambada", "--calibration-passages", "40"])
-    args = ["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--count", "3", *calibration, "--data", str(DATA),
+                   else ["--metric", "lambada", "--calibration-passages", "30"])
+    args = ["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--count", "3", *calibration, "--data", str(data),
             "--out", str(out)]
     local = _cli(args, ray_cluster["env"])
     assert local.returncode == 0, local.stderr[-3000:]
@@ -90,13 +105,13 @@ def test_search_on_ray_writes_the_local_recipe(ray_cluster, tmp_path, metric):
 
 
 @pytest.mark.slow
-def test_search_on_ray_writes_the_local_recipe_for_smollm2(ray_cluster, tmp_path):
+def test_search_on_ray_writes_the_local_recipe_for_smollm2(ray_cluster, data, tmp_path):
     """Real SmolLM2-135M weights, a small calibration set (KL on 1 window of 64 tokens), one removal out of 29
     candidates: local and on 2 workers write the same bytes."""
     pytest.importorskip("gguf")
     out = tmp_path / "searched.yaml"
     args = ["search", str(ROOT / "recipes" / "smollm2-135m.yaml"), "--count", "1", "--calibration-windows", "1",
-            "--calibration-length", "64", "--data", str(DATA), "--out", str(out)]
+            "--calibration-length", "64", "--data", str(data), "--out", str(out)]
     local = _cli(args, ray_cluster["env"])
     assert local.returncode == 0, local.stderr[-3000:]
     expected = out.read_bytes()
@@ -212,6 +227,14 @@ def test_the_recorded_command_drops_where_it_ran():
     assert _without(["r.yaml", "--ray", "--count", "2"], opts) == ["r.yaml", "--count", "2"]
     assert _without(["r.yaml", "--ray", "auto", "--workers", "2", "--count", "2"], opts) == ["r.yaml", "--count", "2"]
     assert _without(["r.yaml", "--ray=auto", "--worker-cpus=2", "--count", "2"], opts) == ["r.yaml", "--count", "2"]
+
+
+def test_an_address_nobody_answers_fails_in_seconds():
+    pytest.importorskip("ray")
+    with pytest.raises(UserError, match="nothing answers there"):
+        cluster.connect(f"127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match="expected HOST:PORT"):
+        cluster.connect("nonsense")
 
 
 def test_local_commands_do_not_import_ray():
