@@ -14,4 +14,4 @@ run: setup
 	$(VENV)/bin/export-skip $(RECIPE)
 
 test: setup
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not gpu and (not slow or real_weights(ci=True))"

@@ -4,8 +4,10 @@
 the removed modules) and a config.json with `block_configs[i].attention.no_op` / `ffn.no_op` per
 layer: the format vLLM's DeciLMForCausalLM and TensorRT-LLM's Nemotron-NAS support read for models
 with missing sub-layers (docs/serving.md; neither is run here). The Llama block is the only block
-DeciLM describes, so Llama (and Mistral without a sliding window) can be written; Qwen2's q/k/v
-biases and Qwen3's q/k norms have no DeciLM field, and those are refused with one line.
+DeciLM describes, so Llama and Mistral (without attention biases or a sliding window) can be written; every
+other family has a twist the format lacks (architectures.Layout.checkpoint_refusal: Qwen2's q/k/v biases,
+q/k norms, sandwich or post-norms, soft-capping, multipliers, no-rope layers, fused projections), and
+`check_supported` refuses those with one line before any work.
 
 `load_checkpoint` reads such a folder back (recipe `model: {path: ...}`): the base architecture is
 rebuilt with the removed sub-layers' output projections zeroed, so even the unmasked Hugging Face model
@@ -18,10 +20,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exporter.architectures import layout_for
+from exporter.architectures import layout_for, sliding_window_for
 from exporter.errors import UserError
 from exporter.mask import SkipMask
-from exporter.prompts import ByteTokenizer
+from exporter.prompts import tokenizer_or_bytes
 
 WEIGHTS = "model.safetensors"
 _DECI_FIELDS = ("block_configs", "export_skip", "auto_map", "architectures", "model_type")
@@ -39,15 +41,22 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def check_supported(config) -> None:
-    """Raise a UserError unless DeciLM's (Llama) block can describe this model."""
-    reasons = {"qwen2": "its q/k/v projections have biases without an o_proj bias",
-               "qwen3": "its attention has per-head q/k norms"}
-    if config.model_type in reasons:
+    """Raise a UserError (one line, the reason) unless a DeciLM (Llama) block can describe this model exactly.
+
+    The family's own twists come from the architecture table (`Layout.checkpoint_refusal`); what a config can
+    turn on in any family is checked here: attention biases (TensorRT-LLM hard-codes none) and sliding windows
+    (neither TensorRT-LLM's nor vLLM's DeciLM has one).
+    """
+    layout = layout_for(config.model_type)
+    reason = layout.checkpoint_refusal
+    if reason is None and getattr(config, "attention_bias", False):
+        reason = "its attention has biases (attention_bias: true; TensorRT-LLM's DeciLM attention has none)"
+    windows = {w for i in range(config.num_hidden_layers) if (w := sliding_window_for(config, i)) is not None}
+    if reason is None and windows:
+        reason = f"it uses sliding_window={min(windows)} and the format has no sliding window"
+    if reason is not None:
         raise UserError(f"export.checkpoint: the Nemotron-NAS / DeciLM format describes Llama blocks only; "
-                        f"{config.model_type} cannot be written in it ({reasons[config.model_type]})")
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
-        raise UserError("export.checkpoint: the Nemotron-NAS / DeciLM format has no sliding window; "
-                        f"this Mistral uses sliding_window={config.sliding_window}")
+                        f"{config.model_type} cannot be written in it ({reason})")
 
 
 def _ffn_size(ffn_mult: float, hidden: int) -> int:
@@ -170,8 +179,8 @@ def load_checkpoint(folder: Path, dtype):
     missing, unexpected = model.load_state_dict(state, strict=False)
     layout = layout_for(config.model_type)
     attention, mlp = config.export_skip_removed
-    removed = tuple(f"model.layers.{i}.{m}." for i in attention for m in (layout.attention, layout.attention_norm)) + \
-        tuple(f"model.layers.{i}.{m}." for i in mlp for m in (layout.mlp, layout.mlp_norm))
+    removed = tuple(f"model.layers.{i}.{m}." for i in attention for m in layout.branch("attention")) + \
+        tuple(f"model.layers.{i}.{m}." for i in mlp for m in layout.branch("mlp"))
     tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
     bad = [k for k in missing if not k.startswith(removed) and k not in tied]
     if bad or unexpected:
@@ -185,11 +194,8 @@ def load_checkpoint(folder: Path, dtype):
                 p.zero_()
     if config.tie_word_embeddings:
         model.tie_weights()
-    try:
-        # config= keeps transformers from reading config.json, whose auto_map would ask to run remote code
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=config)
-    except (OSError, ValueError, TypeError):
-        tokenizer = ByteTokenizer(config.vocab_size)
+    # config= keeps transformers from reading config.json, whose auto_map would ask to run remote code
+    tokenizer = tokenizer_or_bytes(lambda: AutoTokenizer.from_pretrained(str(folder), config=config), config.vocab_size)
     return model.eval(), tokenizer
 
 

@@ -7,26 +7,26 @@ Exit codes: 0 every check passed; 1 a check failed or an internal error (log pat
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
-from exporter.bench.command import run_bench
 from exporter.cost import plan, render_prediction
 from exporter.data import data_dir
 from exporter.errors import UserError
-from exporter.generate import generate
 from exporter.inspect import render
-from exporter.manifest import verify
+from exporter.manifest import read_manifest, verify
 from exporter.mask import resolve_mask
 from exporter.models import load_config
-from exporter.pipeline import run
-from exporter.quality import Settings, run_eval
 from exporter.recipe import load_recipe
-from exporter.search import Budget, RayOptions, SearchSettings, run_search
-from exporter.sweep import run_sweep
+from exporter.stages.load import require_supported
 from exporter.workdir import raise_on_sigterm
+
+# The commands that run models import their modules (and so torch, onnx, onnxruntime) when they run, so
+# `check`, `plan`, `inspect` and `verify` start in a fraction of a second.
 
 USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
                                             export, validate and report (the main job)
@@ -59,6 +59,8 @@ def _parser(prog: str, first: str = "recipe", first_help: str = "recipe YAML fil
 
 
 def _run(argv: list[str], console) -> int:
+    from exporter.pipeline import run
+
     parser = _parser("export-skip")
     parser.add_argument("--out", type=Path, help="artifact folder (default: artifacts/<recipe file stem>)")
     parser.add_argument("--force", action="store_true", help="redo every stage (ignore the stage cache)")
@@ -86,6 +88,7 @@ def _check(argv: list[str], console) -> int:
     recipe = load_recipe(args.recipe)
     config = load_config(recipe.model)
     mask = resolve_mask(recipe, config.num_hidden_layers)
+    require_supported(recipe)
     console.print(f"{args.recipe}: ok ({config.model_type}, {config.num_hidden_layers} layers; "
                   f"attention skipped {list(mask.attention) or 'none'}, MLP skipped {list(mask.mlp) or 'none'})")
     return 0
@@ -108,6 +111,8 @@ def _plan(argv: list[str], console) -> int:
 
 
 def _bench(argv: list[str], console) -> int:
+    from exporter.bench.command import run_bench
+
     parser = _parser("export-skip bench")
     parser.add_argument("--out", type=Path, help="artifact folder holding the skipped model.onnx "
                                                  "(default: artifacts/<recipe file stem>)")
@@ -159,17 +164,40 @@ def _inspect(argv: list[str], console) -> int:
 def _verify(argv: list[str], console) -> int:
     args = _parse(_folder_parser("export-skip verify"), argv,
                   ("--recipe", dict(type=Path, help="also check the artifact was built from this recipe")),
-                  ("--ort", dict(action="store_true", help="also open every ONNX graph in ONNX Runtime")))
+                  ("--ort", dict(action="store_true", help="also open every ONNX graph in ONNX Runtime")),
+                  ("--parity", dict(action="store_true", help="also check every graph's parity in ONNX Runtime "
+                                                              "against the folder's recorded reference")))
     problems = verify(args.folder, args.recipe, with_ort=args.ort)
     for problem in problems:
         console.print(f"[red]MISMATCH[/] {problem}", soft_wrap=True, highlight=False)
+    if args.parity and not problems:
+        problems += _verify_parity(args.folder, console)
     verdict = (f"[red bold]FAILED[/] {args.folder}: {len(problems)} problem(s)" if problems else
                f"[green bold]OK[/] {args.folder}: every file matches manifest.json")
     console.print(verdict)
     return 1 if problems else 0
 
 
+def _verify_parity(folder: Path, console) -> list[str]:
+    """Print each graph's parity rows against the recorded reference; return the failures."""
+    from exporter.stages.validate import verify_parity
+
+    checked = verify_parity(folder, read_manifest(folder))
+    failures = []
+    for p in checked["parity"]:
+        ok = "ok" if p["passed"] else "[red]FAILED[/]"
+        console.print(f"parity {p['artifact']} {p['phase']} batch {p['batch']}: max|Δlogit| {p['max_abs_diff']:.2e} "
+                      f"(atol {p['atol']:.0e}), greedy {'match' if p['greedy_match'] else 'MISMATCH'} {ok}", soft_wrap=True)
+        if not p["passed"]:
+            failures.append(f"{p['artifact']} {p['phase']} batch {p['batch']}")
+    for n in checked["not_run"]:
+        console.print(f"not run: {n['check']}: {n['reason']}", soft_wrap=True)
+    return failures
+
+
 def _generate(argv: list[str], console) -> int:
+    from exporter.generate import generate
+
     parser = _folder_parser("export-skip generate")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -188,6 +216,8 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str], console) -> int:
+    from exporter.quality import Settings, run_eval
+
     parser = _parser("export-skip eval")
     parser.add_argument("--artifact", type=Path, help="also evaluate this exported folder's model.onnx in ONNX Runtime")
     _data_args(parser)
@@ -215,6 +245,8 @@ def _eval(argv: list[str], console) -> int:
 
 
 def _search(argv: list[str], console) -> int:
+    from exporter.search import Budget, RayOptions, SearchSettings, run_search
+
     parser = _parser("export-skip search")
     parser.add_argument("--strategy", choices=("greedy", "oneshot"), default="greedy",
                         help="greedy: remove the least harmful sub-layer, re-measure, repeat; oneshot: by importance score")
@@ -258,6 +290,8 @@ def _search(argv: list[str], console) -> int:
 
 
 def _sweep(argv: list[str], console) -> int:
+    from exporter.sweep import run_sweep
+
     parser = argparse.ArgumentParser(prog="export-skip sweep", usage=USAGE)
     parser.add_argument("recipes", nargs="+", help="recipe files, or glob patterns ('recipes/tiny-*.yaml')")
     parser.add_argument("--out", type=Path, required=True,
@@ -302,11 +336,23 @@ COMMANDS = {"check": _check, "plan": _plan, "bench": _bench, "inspect": _inspect
             "generate": _generate, "eval": _eval, "search": _search, "sweep": _sweep}
 
 
+def quiet_progress_bars() -> None:
+    """Silence tqdm bars of huggingface_hub / transformers (GGUF conversion, "Loading weights") and any other
+    tqdm user; set before those libraries are imported."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    console = Console(stderr=True, highlight=False)
+    logged = not sys.stderr.isatty()
+    # In a log (CI, `| tee`, nohup): one unwrapped line per message, and no third-party progress bars (they
+    # print carriage-return streams there); our own progress prints plain lines (exporter/progress.py).
+    console = Console(stderr=True, highlight=False, soft_wrap=logged)
+    if logged:
+        quiet_progress_bars()
     debug = "--debug" in argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: " + USAGE)
@@ -328,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]interrupted[/]: nothing was published")
         return 130
     except Exception:  # an internal error: keep the traceback in a log, print one line
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # the environment, not a bug: one line
+            console.print(f"[red]error:[/] no space left on the device while writing {exc.filename2 or exc.filename}; "
+                          "nothing was published (free space, or delete artifacts/.stages/)", soft_wrap=True)
+            return 2
         log = Path(tempfile.mkstemp(prefix="export-skip-", suffix=".log")[1])
         log.write_text(traceback.format_exc(), encoding="utf-8")
         if debug:

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from exporter.architectures import head_dim, sliding_window_for
+from exporter.architectures import ARCHITECTURES, Layout, head_dim, sliding_window_for
 from exporter.dtypes import itemsize
 from exporter.errors import UserError
 from exporter.mask import resolve_mask
@@ -40,9 +40,9 @@ class LayerSizes:
     """Parameter counts of one decoder layer's sub-layers and of the model's ends."""
 
     attention: int  # q/k/v/o projections (+ biases, + q/k norms)
-    attention_norm: int
+    attention_norm: int  # its pre- and post-norms (none, one or two per family)
     mlp: int  # gate/up/down (+ biases)
-    mlp_norm: int
+    mlp_norm: int  # its pre- and post-norms
     embedding: int  # vocab x hidden
     lm_head: int  # vocab x hidden (the same matrix as the embedding when tied)
     final_norm: int
@@ -50,21 +50,26 @@ class LayerSizes:
 
 
 def layer_sizes(config) -> LayerSizes:
+    """Parameter counts from the config and the family's layout (architectures.py): which norms a branch has,
+    q/k norms, attention biases. Unknown model types count as Llama."""
     c, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     h, kv, d = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
-    model_type = getattr(config, "model_type", "llama")
+    layout = ARCHITECTURES.get(getattr(config, "model_type", "llama"), Layout())
     q_out, kv_out = h * d, kv * d
-    attention = c * q_out + 2 * c * kv_out + q_out * c
-    if model_type == "qwen2":  # q/k/v always carry biases, o_proj none
+    attention = c * q_out + 2 * c * kv_out + q_out * c  # q/k/v (separate or fused) and o
+    if layout.qkv_bias_always:  # Qwen2: q/k/v always carry biases, o_proj none
         attention += q_out + 2 * kv_out
-    elif getattr(config, "attention_bias", False):  # llama, qwen3: q/k/v/o biases
+    elif getattr(config, "attention_bias", False):  # q/k/v/o biases
         attention += q_out + 2 * kv_out + c
-    if model_type == "qwen3":  # per-head RMSNorm on q and k
+    if layout.qk_norm == "head":  # one RMSNorm weight per head width, for q and for k
         attention += 2 * d
+    elif layout.qk_norm == "projection":  # over all heads (OLMo 2)
+        attention += q_out + kv_out
     mlp = 3 * c * i + ((2 * i + c) if getattr(config, "mlp_bias", False) else 0)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    return LayerSizes(attention=attention, attention_norm=c, mlp=mlp, mlp_norm=c, embedding=v * c,
-                      lm_head=v * c, final_norm=c, tied=tied)
+    norms = {kind: c * (len(layout.branch(kind)) - 1) for kind in ("attention", "mlp")}  # pre- and post-norms
+    return LayerSizes(attention=attention, attention_norm=norms["attention"], mlp=mlp, mlp_norm=norms["mlp"],
+                      embedding=v * c, lm_head=v * c, final_norm=c, tied=tied)
 
 
 def _mask_sets(config, mask) -> tuple[set[int], set[int]]:

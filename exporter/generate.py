@@ -28,6 +28,9 @@ def load_tokenizer(folder: Path, manifest: dict | None):
     model = ((manifest or {}).get("recipe") or {}).get("resolved", {}).get("model", {})
     if model.get("config"):
         return ByteTokenizer(int(model["config"].get("vocab_size") or 32000))
+    fallback = ((manifest or {}).get("model") or {}).get("tokenizer")
+    if fallback:  # exported with the byte tokenizer (its folder had none): the same one here
+        return ByteTokenizer(int(fallback["vocab_size"]), fallback=fallback["fallback"])
     raise UserError(f"{folder}: no tokenizer files here (re-run export-skip with this version to write them)")
 
 

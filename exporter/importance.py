@@ -69,7 +69,6 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def measure_importance(full, chunks: list[list[int]]) -> Importance:
     """All scores from one pass of the unskipped model (`surgery.apply_skip(model, SkipMask())`)."""
-    layout = full.model.layers[0].layout
     n = full.config.num_hidden_layers
     attn_sum, mlp_sum = [0.0] * n, [0.0] * n
     pair = torch.zeros(n + 1, n + 1, dtype=torch.float64)  # summed cos(X_a, X_b), and the same in angles
@@ -81,11 +80,10 @@ def measure_importance(full, chunks: list[list[int]]) -> Importance:
     empty = h.new_zeros(kv_shape(full.config, ids.shape[0], 0))  # [W, H_kv, 0, D]: no cache
     stream = [h]  # X_0 .. X_n: the residual stream entering each block, then leaving the last
     for layer in full.model.layers:
-        norm = getattr(layer, layout.attention_norm)
-        out, _ = layer.attend(norm(h), ctx.cos, ctx.sin, ctx.biases[layer.sliding_window], empty, empty)
+        out, _ = layer.attention_branch(h, ctx, (empty, empty))
         mid = h + out
         attn_sum[layer.index] += float(_cos(h, mid).sum())
-        h = mid + getattr(layer, layout.mlp)(getattr(layer, layout.mlp_norm)(mid))
+        h = mid + layer.mlp_branch(mid)
         mlp_sum[layer.index] += float(_cos(mid, h).sum())
         stream.append(h)
     tokens += ids.numel()

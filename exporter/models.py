@@ -1,7 +1,9 @@
 """load_model(source) -> (model, tokenizer) from a hub id, a local HF folder, a GGUF file or a config.
 
 GGUF files are de-quantised once and cached as a plain HF folder (reloads take ~1.5 s instead of
-~20 s). Random-weight models built from a config get a byte tokenizer, since they ship none.
+~20 s). Random-weight models built from a config get a byte tokenizer, since they ship none; a model
+whose folder (or hub repo) has no usable tokenizer gets it too, with the reason (`ByteTokenizer.fallback`,
+stated in the report).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from exporter.architectures import layout_for
+from exporter.architectures import check_config, layout_for
 from exporter.checkpoint import is_checkpoint, load_base_config, load_checkpoint
 from exporter.dtypes import torch_dtype
 from exporter.errors import UserError
 from exporter.files import publish_folder, sha256_file
-from exporter.prompts import ByteTokenizer
+from exporter.prompts import ByteTokenizer, tokenizer_or_bytes
 from exporter.recipe import ModelSource, PackageFile
 
 
@@ -96,8 +98,10 @@ def load_config(source: ModelSource):
         layout_for(source.config["model_type"])
         try:
             config = AutoConfig.for_model(source.config["model_type"], **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"model.config: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - transformers' strict config fields raise their own error kinds
+            if not isinstance(exc, (ValueError, TypeError)) and "Validation" not in type(exc).__name__:
+                raise
+            raise UserError("model.config: " + " ".join(str(exc).split())) from None
     elif source.kind == "hub":
         config = _from_hub(AutoConfig.from_pretrained, source)
     elif source.kind == "path" and _is_serving_checkpoint(source.path):
@@ -112,6 +116,7 @@ def load_config(source: ModelSource):
             path = gguf_path(source)
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     layout_for(config.model_type)
+    check_config(config)
     return config
 
 
@@ -174,7 +179,8 @@ def load_model(source: ModelSource):
         load_config(source)  # fails fast (one line) when offline
         model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype,
                           use_safetensors=None if source.allow_pickle else True)
-        tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
+        tokenizer = tokenizer_or_bytes(lambda: _from_hub(AutoTokenizer.from_pretrained, source),
+                                       model.config.vocab_size)
     elif source.kind == "path" and _is_serving_checkpoint(source.path):
         model, tokenizer = load_checkpoint(source.path, dtype)
     else:
@@ -182,11 +188,9 @@ def load_model(source: ModelSource):
         _refuse_pickle_only(folder, source)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=source.trust_remote_code,
                                                      use_safetensors=None if source.allow_pickle else True)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError):
-            tokenizer = ByteTokenizer(model.config.vocab_size)
+        tokenizer = tokenizer_or_bytes(lambda: AutoTokenizer.from_pretrained(folder), model.config.vocab_size)
     layout_for(model.config.model_type)
+    check_config(model.config)
     return model.eval(), tokenizer
 
 

@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from exporter.backends.pytorch import HFRunner
-from exporter.surgery import masked
+from exporter.reference import RecordedBatch, ReplayRunner
 
 
 @dataclass
@@ -94,13 +93,13 @@ def greedy_tokens(runner, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out
 
 
-def check_batches(model, mask, candidate, batches, steps: int, atol_prefill: float, atol_decode: float,
-                  artifact: str) -> list[dict]:
-    """`check_parity` of `candidate` on each (input_ids, attention_mask) batch against the masked reference
-    (`model` run by its own code with the mask's sub-layers zeroed); one report row per phase and batch."""
+def check_recorded(recorded: list[RecordedBatch], candidate, steps: int, atol_prefill: float, atol_decode: float,
+                   artifact: str) -> list[dict]:
+    """`check_parity` of `candidate` on each recorded validation batch against the recorded masked reference;
+    one report row per phase and batch."""
     rows = []
-    for ids, attn in batches:
-        with masked(model, mask):
-            phases, _ = check_parity(HFRunner(model), candidate, ids, attn, steps, atol_prefill, atol_decode, artifact)
+    for batch in recorded:
+        ids, attn = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+        phases, _ = check_parity(ReplayRunner(batch), candidate, ids, attn, steps, atol_prefill, atol_decode, artifact)
         rows += [p.as_dict() for p in phases]
     return rows

@@ -8,16 +8,44 @@ from dataclasses import dataclass
 
 @dataclass
 class ByteTokenizer:
-    """Stand-in tokenizer for random-weight models: one token per UTF-8 byte, modulo the vocabulary."""
+    """Stand-in tokenizer for random-weight models, and the fallback for a model folder without a usable
+    tokenizer (`fallback` says why; the report states it): one token per UTF-8 byte, modulo the vocabulary."""
 
     vocab_size: int
     pad_token_id: int = 0
+    fallback: str | None = None
 
     def encode(self, text: str) -> list[int]:
         return [b % self.vocab_size for b in text.encode("utf-8")] or [1 % self.vocab_size]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return " ".join(str(int(i)) for i in ids)
+
+
+def tokenizer_or_bytes(load, vocab_size: int):
+    """`load()`'s tokenizer if it works, else the byte tokenizer with the reason as `fallback`.
+
+    Works means: it loads and encodes a plain sentence to at least one token that is not a special or unknown
+    token. transformers raises for some folders without tokenizer files (Llama) but returns an empty tokenizer
+    for others (Qwen2/3: every text encodes to no tokens; Gemma: every text encodes to <unk>), which would
+    otherwise fail much later as an index error, or validate on prompts of nothing but <unk>.
+    """
+    try:
+        tokenizer = load()
+    except Exception as exc:  # noqa: BLE001 - no files, a missing converter library, a broken file: no tokenizer
+        first = str(exc).strip().splitlines()[0].rstrip(" :")[:120] if str(exc).strip() else ""
+        return ByteTokenizer(vocab_size, fallback=f"no usable tokenizer files ({type(exc).__name__}: {first})")
+    try:
+        ids = encode_plain(tokenizer, "Hello world")
+    except Exception as exc:  # noqa: BLE001
+        return ByteTokenizer(vocab_size, fallback=f"the tokenizer fails to encode text ({type(exc).__name__})")
+    if not ids:
+        return ByteTokenizer(vocab_size, fallback="the tokenizer found is empty (it encodes text to no tokens)")
+    special = set(getattr(tokenizer, "all_special_ids", None) or ()) | {getattr(tokenizer, "unk_token_id", None)}
+    if all(i in special for i in ids):
+        return ByteTokenizer(vocab_size, fallback="the tokenizer found has no vocabulary (it encodes text to "
+                                                  "special or unknown tokens only)")
+    return tokenizer
 
 
 def encode(tokenizer, text: str, chat: bool = False) -> list[int]:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_validator)
 
+from exporter.architectures import ARCHITECTURES
 from exporter.errors import UserError
 from exporter.mask import expand_layers
 
@@ -90,7 +91,7 @@ class ModelSource(_Strict):
         if self.revision is not None and self.hub is None:
             raise ValueError("revision is only allowed with hub")
         if self.config is not None and "model_type" not in self.config:
-            raise ValueError("config needs a model_type (llama, mistral, qwen2 or qwen3)")
+            raise ValueError(f"config needs a model_type ({', '.join(sorted(ARCHITECTURES))})")
         return self
 
     @property
@@ -136,7 +137,9 @@ class Export(_Strict):
     checkpoint: bool = False  # also a Nemotron-NAS / DeciLM-style HF checkpoint in checkpoint/ (vLLM, TRT-LLM)
     # optimized fp32 graph: batch-1 decode steps read unpacked weights (ONNX Runtime's one-row kernel, faster);
     # costs about the weights' size in resident memory once such a step has run (exporter/gemv.py)
-    batch1_decode_path: bool = True
+    # fp32 model.opt.onnx: a batch-1 decode branch reading unpacked weights (faster on some CPUs, a second layout
+    # of the weights resident); "auto": on for models of at most 2 GiB of kept weights (stages/optimize.py)
+    batch1_decode_path: bool | Literal["auto"] = "auto"
 
 
 class Validate(_Strict):

@@ -108,13 +108,16 @@ def _mb(n: int) -> str:
 
 
 def describe_model(model: dict) -> str:
-    """One phrase for the base model's identity (report.json keeps the full record)."""
+    """One phrase for the base model's identity (report.json keeps the full record), and the byte tokenizer
+    when it stood in for a missing one."""
+    tokenizer = model.get("tokenizer")
+    note = f" (tokenizer: one token per byte, since {tokenizer['fallback']})" if tokenizer else ""
     if model["kind"] == "hub":
-        return f"`{model['id']}` (revision {model['revision']})"
+        return f"`{model['id']}` (revision {model['revision']}){note}"
     if model["kind"] == "gguf":
-        return f"GGUF `{Path(model['path']).name}` (sha256 {model['sha256'][:12]}…)"
+        return f"GGUF `{Path(model['path']).name}` (sha256 {model['sha256'][:12]}…){note}"
     if model["kind"] == "path":
-        return f"folder `{model['path']}`"
+        return f"folder `{model['path']}`{note}"
     return f"random weights from a config (seed {model.get('seed')})"
 
 
@@ -204,8 +207,9 @@ def speed_markdown(report: dict) -> list[str]:
         return []
     m = speed["measured"]
     if m is None:
+        why = speed.get("not_measured") or "validate.speed: false"
         return ["", "## Speed", "", *render_prediction(speed["prediction"]), "",
-                "Not measured in this run (`validate.speed: false`); `export-skip bench RECIPE` measures it."]
+                f"Not measured in this run: {why}."]
     lines = ["", "## Speed", "", *render_prediction(speed["prediction"]), "",
              f"Measured in ONNX Runtime (CPU, intra-op threads: {m['threads']}), decode at context {m['context']}, batch 1, "
              "full and skipped graphs interleaved for a few seconds (`export-skip bench` measures more):", "",

@@ -33,7 +33,9 @@ def main() -> int:
     from exporter.onnx.export import export_onnx, model_in_precision
     from exporter.stages.remove import removed_parameters
     from exporter.stages.validate import validation_batches
-    from exporter.stages.precisions import check_half_parity
+    from exporter.reference import REFERENCE_FILE, save_reference
+    from exporter.stages.reference import record_reference
+    from exporter.stages.validate import validate_stage
     from exporter.mask import resolve_mask
     from exporter.recipe import TensorRT, load_recipe
     from exporter.mask import SkipMask
@@ -56,9 +58,8 @@ def main() -> int:
     # ORT parity of the skipped fp16 graph, first prompt only (batch 1), as the pipeline does it
     v = recipe.validation
     batches = [validation_batches(recipe, tokenizer)[0][1]]
-    parity, not_run, greedy = check_half_parity(model, mask, {"fp16": {"onnx": graphs["skipped"]}}, batches,
-                                                v.decode_steps, v.half_atol)
-    summary["ort_fp16"] = {"parity": parity, "not_run": not_run, "greedy": greedy}
+    save_reference(record_reference(model, mask, batches, v.decode_steps), out / REFERENCE_FILE)
+    summary["ort_fp16"] = validate_stage(v, out, {"fp16": graphs["skipped"]}, "fp32")
 
     if not args.no_engines:
         from exporter.backends.trt import BuildOptions, build_engine, missing_reason

@@ -5,7 +5,6 @@ paired and reported, and that the measured KV cache shrinks exactly by the remov
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -15,27 +14,19 @@ from exporter.backends import ort
 from exporter.bench import timing
 from exporter.bench import worker
 from exporter.cost import kv_bytes_per_token
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import TINY_RECIPE, cli, one_node_onnx
 
 
 @pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory):
-    """The tiny-llama recipe's skipped graph (plain + optimized) in an artifact-like folder, and the recipe."""
-    from exporter.models import load_model
-    from exporter.onnx.export import export_onnx
-    from exporter.onnx.optimize import optimize_onnx
+def tiny():
+    """The tiny-llama recipe (conftest's `tiny_artifact` is its pipeline run), its model and its mask."""
     from exporter.mask import resolve_mask
+    from exporter.models import load_model
     from exporter.recipe import load_recipe
-    from exporter.surgery import apply_skip
 
-    recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
+    recipe = load_recipe(TINY_RECIPE)
     model, _ = load_model(recipe.model)
-    mask = resolve_mask(recipe, model.config.num_hidden_layers)
-    out = tmp_path_factory.mktemp("bench") / "tiny-llama"
-    plain = export_onnx(apply_skip(model, mask), out)
-    optimize_onnx(plain, model.config)
-    return recipe, model, mask, out
+    return recipe, model, resolve_mask(recipe, model.config.num_hidden_layers)
 
 
 def test_time_interleaved_alternates_and_pairs():
@@ -56,23 +47,23 @@ def test_compare_arithmetic():
     assert c["full"]["median_ms"] == 2000.0 and c["skipped"]["n"] == 3
 
 
-def test_measured_kv_bytes_match_the_cost_model(tiny_artifact):
-    recipe, model, mask, out = tiny_artifact
+def test_measured_kv_bytes_match_the_cost_model(tiny, tiny_artifact):
+    _, model, mask = tiny
     for name in ("model.onnx", "model.opt.onnx"):
-        session = ort.open_session(out / name)
+        session = ort.open_session(tiny_artifact / name)
         assert worker.measured_kv_bytes_per_token(session) == kv_bytes_per_token(model.config, mask)
 
 
 def test_peak_memory_runs_in_a_fresh_process(tiny_artifact):
-    _, _, _, out = tiny_artifact
-    peak = worker.peak_memory(out / "model.opt.onnx", context=256)
+    peak = worker.peak_memory(tiny_artifact / "model.opt.onnx", context=256)
     assert "error" not in peak, peak
     assert peak["context"] == 256 and peak["peak_rss_mb"] >= peak["after_load_rss_mb"] > 0
 
 
-def test_bench_quick_writes_json_and_table(tiny_artifact, monkeypatch, tmp_path):
+def test_bench_quick_writes_json_and_table(tiny, tiny_artifact_copy, monkeypatch, tmp_path):
     monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))  # the full graph is exported into it
-    recipe, model, mask, out = tiny_artifact
+    recipe, _, _ = tiny
+    out = tiny_artifact_copy  # bench.json and bench.md are added to it
     assert command.run_bench(recipe, out, console=None, quick=True) == 0
     r = json.loads((out / "bench.json").read_text())
     assert set(r["graphs"]) == {"full:plain", "skipped:plain", "full:optimized", "skipped:optimized"}
@@ -92,20 +83,17 @@ def test_bench_quick_writes_json_and_table(tiny_artifact, monkeypatch, tmp_path)
 
 
 def test_bench_without_an_artifact_is_a_user_error(tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", str(ROOT / "recipes" / "tiny-llama.yaml"),
-                             "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    result = cli("bench", TINY_RECIPE, "--out", tmp_path / "none", timeout=120)
     assert result.returncode == 2 and "run `export-skip" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_with_a_peer_measures_it_alike(tiny_artifact, monkeypatch, tmp_path):
+def test_bench_with_a_peer_measures_it_alike(tiny, tiny_artifact_copy, monkeypatch, tmp_path):
     """A peer graph (here: the full model's plain graph under another name) is timed in the same interleaved
     rounds, gets its KV bytes measured and an ours/peer ratio; rounds come from EXPORT_SKIP_BENCH_ROUNDS."""
     monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("EXPORT_SKIP_BENCH_ROUNDS", "12")
-    recipe, model, mask, out = tiny_artifact
+    recipe, model, _ = tiny
+    out = tiny_artifact_copy
     peer = full_graphs.full_graph(recipe, model=model)
     assert command.run_bench(recipe, out, console=None, quick=True, threads=1, extra={"twin": peer}) == 0
     r = json.loads((out / "bench.json").read_text())
@@ -141,16 +129,9 @@ def test_graphs_built_differently_are_flagged():
 
 def test_a_worker_reports_a_graph_it_cannot_feed(tmp_path):
     """Each graph runs in its own worker process; a graph outside the contract is a one-line user error there."""
-    import onnx
-    from onnx import TensorProto, helper
-
     from exporter.errors import UserError
 
-    x = helper.make_tensor_value_info("foo", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("bar", TensorProto.FLOAT, [1])
-    path = tmp_path / "odd.onnx"
-    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["foo"], ["bar"])], "g", [x], [y]),
-                                opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    path = one_node_onnx(tmp_path / "odd.onnx", inputs=["foo"], outputs=["bar"])
     graph_worker = worker.GraphWorker(path, threads=1)
     try:
         with pytest.raises(UserError, match="cannot feed graph input 'foo'"):
@@ -161,8 +142,7 @@ def test_a_worker_reports_a_graph_it_cannot_feed(tmp_path):
 
 
 def test_workers_time_themselves(tiny_artifact):
-    _, _, _, out = tiny_artifact
-    workers = worker.open_workers({"a": out / "model.onnx", "b": out / "model.opt.onnx"}, threads=1)
+    workers = worker.open_workers({"a": tiny_artifact / "model.onnx", "b": tiny_artifact / "model.opt.onnx"}, threads=1)
     try:
         for w in workers.values():
             w.prepare(1, 1, 8)
@@ -176,8 +156,7 @@ def test_feeds_start_on_64_byte_boundaries_like_ort_outputs(tiny_artifact):
     """The past cache is fed as a decode loop would feed ORT's own (64-byte aligned) outputs back."""
     import numpy as np
 
-    _, _, _, out = tiny_artifact
-    session = ort.open_session(out / "model.onnx")
+    session = ort.open_session(tiny_artifact / "model.onnx")
     feeds = worker.make_feeds(session, 2, 1, 37)
     assert {n for n in feeds if n.startswith("past_key_values.")}
     for name, value in feeds.items():

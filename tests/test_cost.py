@@ -1,10 +1,6 @@
 """The cost model against the real models: parameter counts, KV bytes, windows, shipped configs, `plan`."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,8 +8,7 @@ from conftest import CONFIGS, MASKS, make_mask
 from exporter import cost
 from exporter.mask import SkipMask
 from exporter.surgery import apply_skip, count_parameters
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, TINY_RECIPE, cli
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
@@ -96,9 +91,7 @@ def test_mask_out_of_range_is_a_user_error(tiny_models):
 
 
 def test_plan_mistral_offline_from_the_shipped_config():
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", "plan", str(ROOT / "recipes" / "mistral.yaml"),
-                             "--json"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = cli("plan", ROOT / "recipes" / "mistral.yaml", "--json", timeout=120)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert "mistral-7b-v0.1.json" in out["config_from"]
@@ -112,6 +105,5 @@ def test_plan_mistral_offline_from_the_shipped_config():
 def test_plan_bad_config_path_is_one_line(tmp_path):
     bad = tmp_path / "c.json"
     bad.write_text("{}")
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", "plan", str(ROOT / "recipes" / "tiny-llama.yaml"),
-                             "--config", str(bad)], capture_output=True, text=True, timeout=120)
+    result = cli("plan", TINY_RECIPE, "--config", bad, timeout=120)
     assert result.returncode == 2 and "lacks" in result.stderr and "Traceback" not in result.stderr

@@ -45,13 +45,13 @@ def genai_folder(model, mask, folder, graph: str) -> dict:
     export_onnx(apply_skip(model, mask), folder)
     if graph == OPT_FILE:
         assert optimize_onnx(folder / "model.onnx", model.config)["batch1_unpacked_matmuls"] > 0
-    write_genai_config(model, folder, graph, 256)
+    write_genai_config(model.config, model.generation_config, folder, graph, 256)
     return json.loads((folder / CONFIG_FILE).read_text())["model"]
 
 
 def test_genai_config_keeps_base_layer_numbering(tiny_models, tmp_path):
     model, _ = tiny_models["qwen3"]
-    path = write_genai_config(model, tmp_path, "model.onnx", 256)
+    path = write_genai_config(model.config, model.generation_config, tmp_path, "model.onnx", 256)
     config = json.loads(path.read_text())
     decoder = config["model"]["decoder"]
     assert decoder["num_hidden_layers"] == 4 and decoder["head_size"] == 32  # qwen3's head_dim != hidden/heads
@@ -75,6 +75,7 @@ def test_genai_greedy_equals_masked_pytorch_on_tiny_models(tiny_models, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.real_weights
 def test_genai_greedy_text_equals_pytorch_on_smollm2(tmp_path):
     """The bar: SmolLM2-135M, default mask, 3 chat prompts, 32 new tokens, identical tokens and text."""
     og = _og()

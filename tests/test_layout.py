@@ -1,5 +1,5 @@
 """The package's structure: no import cycle among exporter's modules, function-local imports included,
-and `import exporter` stays cheap (no torch, onnx or tensorrt)."""
+and `import exporter` and the CLI stay cheap (no torch, onnx or tensorrt until a command needs them)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_graph_sees_function_local_imports(tmp_path):
 
 
 def test_import_exporter_is_cheap():
-    code = ("import sys, exporter, exporter.mask, exporter.recipe, exporter.cost; "
+    code = ("import sys, exporter, exporter.mask, exporter.recipe, exporter.cost, exporter.cli, exporter.inspect; "
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt', 'tensorrt_rtx', 'transformers') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

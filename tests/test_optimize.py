@@ -17,6 +17,7 @@ from exporter.prompts import left_padded
 from exporter.backends.ort import OrtRunner
 from exporter.backends.pytorch import HFRunner
 from exporter.surgery import apply_skip, masked
+from helpers import one_node_onnx
 
 # every architecture with attention skipped (mistral: sliding window), plus a whole block gone
 CASES = [(arch, "attention") for arch in CONFIGS] + [("qwen3", "block")]
@@ -229,14 +230,9 @@ def test_rope_that_depends_on_length_is_refused(tiny_models):
 
 
 def test_unrecognised_graph_is_refused_without_writing(tmp_path):
-    from onnx import TensorProto, helper
-
     # a graph with a past input but no attention pattern: refused, nothing written
-    x = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, [1, 1, 1, 2])
-    y = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, [1, 1, 1, 2])
-    graph = helper.make_graph([helper.make_node("Identity", [x.name], [y.name])], "g", [x], [y])
-    plain = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(graph), str(plain))
+    plain = one_node_onnx(tmp_path / "model.onnx", inputs=["past_key_values.0.key"], outputs=["present.0.key"],
+                          shape=(1, 1, 1, 2))
     with pytest.raises(NotOptimizable):
         optimize_onnx(plain, None)
     assert not (tmp_path / OPT_FILE).exists()

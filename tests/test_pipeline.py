@@ -1,37 +1,22 @@
 """`export-skip RECIPE` end to end: artifact folder, report contents, exit codes, publish-on-success."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, TINY_RECIPE, cli
 
 
-def run_cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "tiny-llama"
-    result = run_cli(ROOT / "recipes" / "tiny-llama.yaml", "--out", out)
-    return out, result
-
-
-def test_tiny_recipe_passes_and_writes_the_artifact(tiny_run):
-    out, result = tiny_run
+def test_tiny_recipe_passes_and_writes_the_artifact(tmp_path):
+    out = tmp_path / "tiny-llama"
+    result = cli(TINY_RECIPE, "--out", out)
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "model.opt.onnx", "model.opt.onnx.data", "report.json",
-                                               "report.md", "manifest.json", "recipe.yaml", "genai_config.json"}
+                                               "report.md", "manifest.json", "recipe.yaml", "genai_config.json", "reference.npz"}
 
 
-def test_report_json_contents(tiny_run):
-    out, _ = tiny_run
+def test_report_json_contents(tiny_artifact):
+    out = tiny_artifact
     r = json.loads((out / "report.json").read_text())
     assert r["passed"] is True
     assert r["mask"] == {"attention": [3, 4], "mlp": [4], "blocks": [4]}
@@ -39,7 +24,7 @@ def test_report_json_contents(tiny_run):
     params = r["parameters"]
     assert params["full"] - params["skipped"] == params["removed"] == params["removed_modules"] > 0
     kinds = {a["kind"]: a for a in r["artifacts"]}
-    assert set(kinds) == {"onnx", "onnx-external-data", "onnx-optimized", "recipe", "genai-config"}
+    assert set(kinds) == {"onnx", "onnx-external-data", "onnx-optimized", "recipe", "genai-config", "reference"}
     for a in r["artifacts"]:
         assert (out / a["path"]).stat().st_size == a["bytes"] and len(a["sha256"]) == 64
     # parity: ONNX and the skipped torch model, batch 1 and a left-padded batch 2, prefill and decode
@@ -48,7 +33,8 @@ def test_report_json_contents(tiny_run):
     assert {("onnx:fp32:optimized", ph, b) for ph in ("prefill", "decode") for b in (1, 2)} <= combos
     for p in r["parity"]:
         assert p["passed"] and p["greedy_match"] and p["max_abs_diff"] <= p["atol"]
-    assert [s["name"] for s in r["stages"]] == ["load", "remove", "export", "validate", "optimize", "speed", "package"]
+    assert [s["name"] for s in r["stages"]] == ["load", "remove", "reference", "export", "validate", "optimize", "speed",
+                                                 "package"]
     # the cost model's prediction and a short measured ratio, full vs skipped, for both ONNX graphs
     speed = r["speed"]
     assert speed["prediction"]["attention_layers_kept"] == 4 and speed["prediction"]["decode"]
@@ -65,13 +51,13 @@ def test_report_json_contents(tiny_run):
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.opt.onnx"
 
 
-def test_failed_parity_exits_1_and_keeps_the_previous_artifact(tiny_run, tmp_path):
-    out, _ = tiny_run
+def test_failed_parity_exits_1_and_keeps_the_previous_artifact(tiny_artifact_copy, tmp_path):
+    out = tiny_artifact_copy
     before = (out / "report.json").read_bytes()
     strict = tmp_path / "tiny-llama.yaml"
-    text = (ROOT / "recipes" / "tiny-llama.yaml").read_text()
+    text = TINY_RECIPE.read_text()
     strict.write_text(text.replace("atol: {prefill: 1.0e-4, decode: 1.0e-4}", "atol: {prefill: 1.0e-15, decode: 1.0e-15}"))
-    result = run_cli(strict, "--out", out)
+    result = cli(strict, "--out", out)
     assert result.returncode == 1
     assert "FAILED" in result.stderr and "vs atol 1e-15" in result.stderr
     assert (out / "report.json").read_bytes() == before  # previous good artifact untouched
@@ -81,8 +67,11 @@ def test_failed_parity_exits_1_and_keeps_the_previous_artifact(tiny_run, tmp_pat
     assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
 
 
+@pytest.mark.slow
+@pytest.mark.real_weights(ci=True)
 def test_smollm2_default_recipe_end_to_end(tmp_path):
-    """The default recipe on real SmolLM2-135M weights (CI runs this): fp32 parity <= 1e-3, greedy match.
+    """The default recipe on real SmolLM2-135M weights (`make test`, as CI, runs this): fp32 parity <= 1e-3,
+    greedy match.
 
     The same run also asks for an fp16 graph and a tensorrt-rtx fp16 engine of the skipped model (where the
     [rtx] extra is installed, as in CI), so CI builds a real SmolLM2 engine from the skipped ONNX."""
@@ -98,7 +87,7 @@ def test_smollm2_default_recipe_end_to_end(tmp_path):
     path = tmp_path / "smollm2-135m.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = tmp_path / "smollm2-135m"
-    result = run_cli(path, "--out", out, timeout=1800)
+    result = cli(path, "--out", out, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())
     assert r["mask"]["attention"] == [9, 25, 26, 28] and len(r["kept_attention_layers"]) == 26

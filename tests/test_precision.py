@@ -9,10 +9,20 @@ from exporter.backends.ort import ort_unsupported_op
 from exporter.dtypes import precision_of
 from exporter.onnx.contract import onnx_signature
 from exporter.onnx.export import export_onnx, model_in_precision
-from exporter.stages.precisions import check_half_parity
+from exporter.stages.validate import validate_stage
 from exporter.prompts import left_padded
-from exporter.recipe import Atol, Recipe
+from exporter.recipe import Atol, Recipe, Validate
 from exporter.surgery import apply_skip
+
+
+def check_half_parity(model, mask, precision, graph, batches, steps, atol, folder):
+    """validate_stage on one half graph against the masked fp32 reference recorded on `batches`."""
+    from exporter.reference import REFERENCE_FILE, save_reference
+    from exporter.stages.reference import record_reference
+
+    save_reference(record_reference(model, mask, batches, steps), folder / REFERENCE_FILE)
+    out = validate_stage(Validate(decode_steps=steps, half_atol=atol), folder, {precision: graph}, "fp32")
+    return out["parity"], out["not_run"], out["greedy"]
 
 
 def _elem_types(path):
@@ -55,13 +65,13 @@ def test_fp16_graph_keeps_fragile_parts_in_fp32(fp16_graphs):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_fp16_parity_in_ort_against_fp32_reference_with_left_padding(tiny_models, fp16_graphs, arch):
+def test_fp16_parity_in_ort_against_fp32_reference_with_left_padding(tiny_models, fp16_graphs, arch, tmp_path):
     model, tok = tiny_models[arch]
     mask = make_mask("attention")
     ids, attn = left_padded(tok, PROMPTS)
     batches = [(ids[:1], attn[:1]), (ids, attn)]
-    parity, not_run, greedy = check_half_parity(model, mask, {"fp16": {"onnx": fp16_graphs[arch]}}, batches, 8,
-                                                Atol(prefill=2e-2, decode=2e-2))
+    parity, not_run, greedy = check_half_parity(model, mask, "fp16", fp16_graphs[arch], batches, 8,
+                                                Atol(prefill=2e-2, decode=2e-2), tmp_path)
     assert not not_run
     assert len(parity) == 4  # prefill and decode, batch 1 and 2
     for p in parity:
@@ -77,8 +87,8 @@ def test_bf16_graph_is_marked_not_run_with_the_op_when_ort_cpu_lacks_kernels(tin
     mask = make_mask("attention")
     path = export_onnx(apply_skip(model_in_precision(model, "bf16"), mask), tmp_path)
     ids, attn = left_padded(tok, PROMPTS[:1])
-    parity, not_run, greedy = check_half_parity(model, mask, {"bf16": {"onnx": path}}, [(ids, attn)], 4,
-                                                Atol(prefill=0.5, decode=0.5))
+    parity, not_run, greedy = check_half_parity(model, mask, "bf16", path, [(ids, attn)], 4,
+                                                Atol(prefill=0.5, decode=0.5), tmp_path)
     if not_run:  # ORT 1.32's CPU provider: no bf16 kernel for Where (and more)
         assert parity == [] and greedy == {}
         assert not_run[0]["check"] == "onnx:bf16 parity in ONNX Runtime (CPU)"

@@ -2,10 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,26 +11,7 @@ from exporter.data import read_lambada
 from exporter.mask import SkipMask
 from exporter.progress import progress_bar
 from exporter.surgery import masked
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building .\n"
-        " = Valkyria Chronicles III = \n Senjo no Valkyria 3 is a tactical role @-@ playing video game .\n")
-
-
-def write_data(folder: Path, passages: int = 12) -> Path:
-    (folder / "wikitext-2-raw").mkdir(parents=True)
-    (folder / "lambada").mkdir()
-    (folder / "wikitext-2-raw" / "wiki.test.raw").write_bytes((TEXT * 6).replace("\n", "\r\n").encode())
-    words = ["Paris", "him", "door", "Shane", "dreams", "backup"]
-    with open(folder / "lambada" / "lambada_test.jsonl", "w") as fh:
-        for i in range(passages):
-            fh.write(json.dumps({"text": f"Passage {i} says that {'word ' * (i % 5)}the answer was {words[i % 6]}"}) + "\n")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data"))
+from helpers import TINY_RECIPE, cli
 
 
 # ---------------------------------------------------------------- metrics on known logits
@@ -144,33 +121,19 @@ def test_identical_model_has_zero_kl_and_full_agreement(tiny_models, data_folder
 
 # ---------------------------------------------------------------- data and the CLI
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-
-
 def test_missing_data_is_a_one_line_user_error(tmp_path, capsys):
     from exporter.cli import main
 
-    assert main(["eval", str(ROOT / "recipes" / "tiny-llama.yaml"), "--data", str(tmp_path), "--limit", "1"]) == 2
+    assert main(["eval", str(TINY_RECIPE), "--data", str(tmp_path), "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "wiki.test.raw is missing" in err and "WikiText-2" in err and "Traceback" not in err
 
 
-def test_eval_of_the_exported_onnx_matches_pytorch(tmp_path, data_folder):
+def test_eval_of_the_exported_onnx_matches_pytorch(tiny_artifact_copy, data_folder):
     """The exported graph in ONNX Runtime scores like the PyTorch skipped model; results land in both files."""
-    from exporter.models import load_model
-    from exporter.onnx.export import export_onnx
-    from exporter.mask import resolve_mask
     from exporter.recipe import load_recipe
-    from exporter.surgery import apply_skip
 
-    recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
-    model, _ = load_model(recipe.model)
-    mask = resolve_mask(recipe, model.config.num_hidden_layers)
-    art = tmp_path / "tiny"
-    export_onnx(apply_skip(model, mask), art, opset=recipe.export.opset)
-    (art / "report.json").write_text(json.dumps({"mask": {"attention": [3, 4], "mlp": [4]}, "passed": True}))
+    recipe, art = load_recipe(TINY_RECIPE), tiny_artifact_copy
     settings = Q.Settings(data=data_folder, window=128, windows=2, passages=6)
     result, path = Q.run_eval(recipe, settings, artifact=art)
     assert path == art / "eval.json" and json.loads(path.read_text())["models"] == result["models"]
@@ -184,49 +147,36 @@ def test_eval_of_the_exported_onnx_matches_pytorch(tmp_path, data_folder):
     assert json.loads((art / "report.json").read_text())["quality"]["models"] == models
 
 
-def test_eval_of_a_published_folder_keeps_its_manifest_valid(tmp_path, data_folder):
+def test_eval_of_a_published_folder_keeps_its_manifest_valid(tiny_artifact_copy, data_folder):
     """Regression: eval rewrote report.json and added eval.json without recording them, so
     `export-skip verify` failed on every folder that had been evaluated."""
-    from exporter.manifest import verify, write_manifest
-    from exporter.models import load_model
-    from exporter.onnx.export import export_onnx
-    from exporter.mask import resolve_mask
+    from exporter.manifest import verify
     from exporter.recipe import load_recipe
-    from exporter.surgery import apply_skip
 
-    recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml")
-    model, _ = load_model(recipe.model)
-    mask = resolve_mask(recipe, model.config.num_hidden_layers)
-    art = tmp_path / "tiny"
-    export_onnx(apply_skip(model, mask), art, opset=recipe.export.opset)
-    report = {"mask": {"attention": list(mask.attention), "mlp": list(mask.mlp)}, "passed": True}
-    (art / "report.json").write_text(json.dumps(report))
-    write_manifest(art, recipe, report)
+    art = tiny_artifact_copy  # a published folder, as the pipeline wrote it
     assert verify(art) == []
-    Q.run_eval(recipe, Q.Settings(data=data_folder, window=128, windows=1, passages=2), artifact=art)
+    Q.run_eval(load_recipe(TINY_RECIPE), Q.Settings(data=data_folder, window=128, windows=1, passages=2), artifact=art)
     assert verify(art) == []
     files = {f["path"] for f in json.loads((art / "manifest.json").read_text())["files"]}
     assert {"eval.json", "report.json"} <= files
 
 
-def test_artifact_with_another_mask_is_refused(tmp_path, data_folder, capsys):
+def test_artifact_with_another_mask_is_refused(tiny_artifact_copy, data_folder, capsys):
     from exporter.cli import main
 
-    art = tmp_path / "tiny"
-    art.mkdir()
-    (art / "model.onnx").write_bytes(b"")
-    (art / "report.json").write_text(json.dumps({"mask": {"attention": [1], "mlp": []}}))
-    rc = main(["eval", str(ROOT / "recipes" / "tiny-llama.yaml"), "--artifact", str(art), "--data", str(data_folder),
-               "--limit", "1"])
+    art = tiny_artifact_copy
+    report = json.loads((art / "report.json").read_text())
+    (art / "report.json").write_text(json.dumps({**report, "mask": {"attention": [1], "mlp": []}}))
+    rc = main(["eval", str(TINY_RECIPE), "--artifact", str(art), "--data", str(data_folder), "--limit", "1"])
     assert rc == 2 and "exported with mask" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_eval_cli_end_to_end_after_the_pipeline(tmp_path, data_folder):
     art = tmp_path / "tiny"
-    assert run_cli(ROOT / "recipes" / "tiny-llama.yaml", "--out", art).returncode == 0
-    r = run_cli("eval", ROOT / "recipes" / "tiny-llama.yaml", "--artifact", art, "--windows", "2",
-                "--passages", "6", "--window", "128", env={"EXPORT_SKIP_DATA": str(data_folder)})
+    assert cli(TINY_RECIPE, "--out", art).returncode == 0
+    r = cli("eval", TINY_RECIPE, "--artifact", art, "--windows", "2", "--passages", "6", "--window", "128",
+            env={"EXPORT_SKIP_DATA": str(data_folder)})
     assert r.returncode == 0, r.stderr
     assert "ONNX vs PyTorch perplexity" in r.stderr
     assert json.loads((art / "report.json").read_text())["quality"]["onnx_vs_pytorch"]["passed"] is True

@@ -1,17 +1,12 @@
 """Recipes: every shipped file loads; every bad input gives one clear line naming file and key."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from exporter.errors import UserError
 from exporter.mask import deepest_layers, expand_layers, resolve_mask
 from exporter.recipe import load_recipe
+from helpers import ROOT, cli
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 GOOD = """\
@@ -112,15 +107,9 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-def run_cli(*args, env_extra=None, cwd=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
-
-
 def test_cli_user_error_is_one_line_exit_2_no_traceback(tmp_path):
     path = write(tmp_path, "version: 1\nmodel: {config: {model_type: llama}}\nskip: {attention: ['9-3']}\n")
-    result = run_cli(path)
+    result = cli(path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
@@ -129,21 +118,21 @@ def test_cli_user_error_is_one_line_exit_2_no_traceback(tmp_path):
 
 def test_cli_out_of_range_layer_before_any_work(tmp_path):
     path = write(tmp_path, GOOD.replace('"6-6"', "12"))
-    result = run_cli("check", path)
+    result = cli("check", path)
     assert result.returncode == 2 and "layer 12 is out of range" in result.stderr
 
 
 def test_cli_unsupported_architecture(tmp_path):
     path = write(tmp_path, "version: 1\nmodel: {config: {model_type: gpt2}}\n")
-    result = run_cli(path, "--out", tmp_path / "out")
+    result = cli(path, "--out", tmp_path / "out")
     assert result.returncode == 2 and "unsupported architecture 'gpt2'" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_mistral_recipe_offline_fails_with_one_line_pointing_to_model_path(tmp_path):
     """No network here (and HF_HUB_OFFLINE forces it where there is): a clear line, not a traceback."""
-    result = run_cli(ROOT / "recipes" / "mistral.yaml", "--out", tmp_path / "m",
-                     env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    result = cli(ROOT / "recipes" / "mistral.yaml", "--out", tmp_path / "m",
+                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "mistralai/Mistral-7B-v0.1" in result.stderr and "model: {path: DIR}" in result.stderr

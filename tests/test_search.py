@@ -1,28 +1,15 @@
 """Importance scores and mask search on tiny random models: budgets hold, runs repeat, the recipe exports."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import build_model
 from exporter import search as S
 from exporter.errors import UserError
 from exporter.importance import calibration_windows, measure_importance
 from exporter.mask import SkipMask
 from exporter.surgery import apply_skip
-from tests.conftest import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building .\n"
-        " = Valkyria Chronicles III = \n Senjo no Valkyria 3 is a tactical role @-@ playing video game .\n")
-
-
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "wikitext-2-raw").mkdir()
-    (folder / "wikitext-2-raw" / "wiki.test.raw").write_bytes((TEXT * 8).replace("\n", "\r\n").encode())
-    return folder
+from helpers import TINY_RECIPE
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +125,7 @@ def test_emitted_recipe_loads_and_exports(tmp_path, data_folder):
     from exporter.mask import resolve_mask
     from exporter.recipe import load_recipe
 
-    source = ROOT / "recipes" / "tiny-llama.yaml"
+    source = TINY_RECIPE
     out = tmp_path / "sub" / "found.yaml"
     recipe = load_recipe(source)
     result = S.run_search(recipe, source, settings(data_folder, budget=S.Budget(count=2), kind="block"), out)
@@ -172,37 +159,30 @@ def test_relative_model_paths_follow_the_emitted_recipe(tmp_path, data_folder, l
     assert load_recipe(out).model.path == folder.resolve()
 
 
-# ---------------------------------------------------------------- LAMBADA calibration
+# ---------------------------------------------------------------- LAMBADA calibration (conftest's data: 30 passages)
 
-@pytest.fixture(scope="module")
-def lambada_folder(tmp_path_factory):
-    from tests.test_quality import write_data
-
-    return write_data(tmp_path_factory.mktemp("lambada-data"), passages=30)
-
-
-def test_calibration_passages_are_seeded_and_held_out(llama, lambada_folder):
+def test_calibration_passages_are_seeded_and_held_out(llama, data_folder):
     from exporter.data import read_lambada
     from exporter.quality import lambada_examples
 
     _, tok = llama
-    a, start = S.calibration_passages(tok, lambada_folder, 8, seed=0)
-    assert start == 15 and S.calibration_passages(tok, lambada_folder, 8, seed=0) == (a, 15)
-    assert S.calibration_passages(tok, lambada_folder, 8, seed=1)[0] != a
-    pairs = read_lambada(lambada_folder)
+    a, start = S.calibration_passages(tok, data_folder, 8, seed=0)
+    assert start == 15 and S.calibration_passages(tok, data_folder, 8, seed=0) == (a, 15)
+    assert S.calibration_passages(tok, data_folder, 8, seed=1)[0] != a
+    pairs = read_lambada(data_folder)
     first_half = lambada_examples(tok, pairs[:15])  # a 30-passage file: drawn from its second half only
     second_half = lambada_examples(tok, pairs[15:])
     assert all(e in second_half for e in a) and not any(e in first_half for e in a)
     with pytest.raises(UserError, match="cannot draw 16 LAMBADA passages"):
-        S.calibration_passages(tok, lambada_folder, 16, seed=0)
+        S.calibration_passages(tok, data_folder, 16, seed=0)
 
 
-def test_lambada_calibrator_branches_equal_separate_runs(lambada_folder):
+def test_lambada_calibrator_branches_equal_separate_runs(data_folder):
     """Every candidate scored in one branched pass == that mask scored on its own, and == `eval`'s hit count."""
     from exporter.quality import FULL, TorchScorer, score_lambada
 
     model, tok = build_model("llama", seed=1)
-    examples, _ = S.calibration_passages(tok, lambada_folder, 12, seed=0)
+    examples, _ = S.calibration_passages(tok, data_folder, 12, seed=0)
     cal = S.LambadaCalibrator(model, examples, token_budget=64)  # several left-padded batches
     assert cal.full["lambada_drop"] == 0.0 and cal.full["lambada_nll"] > 0
     chosen = [("attention", 1)]
@@ -243,24 +223,24 @@ def test_greedy_on_lambada_ranks_by_nll_and_stops_at_the_accuracy_budget():
     assert [s["lambada_drop"] for s in steps] == [0.5, 0.2]
 
 
-def test_lambada_budget_and_metric_must_agree(lambada_folder):
+def test_lambada_budget_and_metric_must_agree(data_folder):
     with pytest.raises(UserError, match="measured with --metric lambada"):
-        S.SearchSettings(budget=S.Budget(max_lambada_drop=2), data=lambada_folder, metric="kl")
+        S.SearchSettings(budget=S.Budget(max_lambada_drop=2), data=data_folder, metric="kl")
     with pytest.raises(UserError, match="measured with --metric kl"):
-        S.SearchSettings(budget=S.Budget(max_kl=0.1), data=lambada_folder, metric="lambada")
-    assert S.SearchSettings(budget=S.Budget(count=2), data=lambada_folder, metric="lambada").metric == "lambada"
-    assert S.SearchSettings(budget=S.Budget(max_lambada_drop=2), data=lambada_folder).metric == "lambada"
+        S.SearchSettings(budget=S.Budget(max_kl=0.1), data=data_folder, metric="lambada")
+    assert S.SearchSettings(budget=S.Budget(count=2), data=data_folder, metric="lambada").metric == "lambada"
+    assert S.SearchSettings(budget=S.Budget(max_lambada_drop=2), data=data_folder).metric == "lambada"
     assert S.Budget(max_lambada_drop=2).allows({"lambada_drop": 2.0}) and not S.Budget(max_lambada_drop=2).allows({"lambada_drop": 2.1})
 
 
-def test_search_cli_with_a_lambada_budget_writes_a_recipe(tmp_path, lambada_folder):
+def test_search_cli_with_a_lambada_budget_writes_a_recipe(tmp_path, data_folder):
     from exporter.cli import main
     from exporter.mask import resolve_mask
     from exporter.recipe import load_recipe
 
     out = tmp_path / "found.yaml"
-    argv = ["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--max-lambada-drop", "5",
-            "--calibration-passages", "10", "--data", str(lambada_folder), "--calibration-windows", "2",
+    argv = ["search", str(TINY_RECIPE), "--max-lambada-drop", "5",
+            "--calibration-passages", "10", "--data", str(data_folder), "--calibration-windows", "2",
             "--calibration-length", "40", "--out", str(out)]
     assert main(argv) == 0
     text = out.read_text()
@@ -272,7 +252,7 @@ def test_search_cli_with_a_lambada_budget_writes_a_recipe(tmp_path, lambada_fold
     mask = resolve_mask(load_recipe(out), 6)
     assert len(mask.attention) == len(steps) and not mask.mlp
     with pytest.raises(SystemExit):  # two budgets: argparse refuses before anything runs
-        main(["search", str(ROOT / "recipes" / "tiny-llama.yaml"), "--max-lambada-drop", "1", "--count", "2",
+        main(["search", str(TINY_RECIPE), "--max-lambada-drop", "1", "--count", "2",
               "--out", str(tmp_path / "x.yaml")])
     assert main([*argv[:-1], str(tmp_path / "y.yaml"), "--metric", "kl"]) == 2  # budget in points, metric KL
     assert not (tmp_path / "x.yaml").exists() and not (tmp_path / "y.yaml").exists()

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 import pytest
@@ -22,16 +21,11 @@ from exporter.surgery import apply_skip
 from exporter.backends.trt import (BackendMissing, BuildOptions, ParseError, build_engine, check_sidecar, engine_profiles,
                                   import_backend, missing_reason, profile_shapes, sidecar_path)
 from exporter.files import sha256_file as sha256
+from helpers import ROOT, TINY_RECIPE, cli, one_node_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
 OPTS = BuildOptions(max_batch=2, max_context=64, compute_capabilities=("sm89",))
-
-
-def run_cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +68,8 @@ def test_recipe_requiring_a_missing_backend_exits_2_with_one_line(tmp_path):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text((ROOT / "recipes" / "tiny-llama.yaml").read_text()
-                      + "tensorrt: {backends: [tensorrt], required: true}\n")
-    result = run_cli(recipe, "--out", tmp_path / "out", timeout=300)
+    recipe.write_text(TINY_RECIPE.read_text() + "tensorrt: {backends: [tensorrt], required: true}\n")
+    result = cli(recipe, "--out", tmp_path / "out", timeout=300)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "tensorrt.required" in errors[0] and "export-skip[gpu]" in errors[0]
@@ -130,14 +123,7 @@ def test_fp16_engine_is_smaller_than_fp32(tiny_graphs, tmp_path):
 
 @needs_rtx
 def test_parser_failure_names_the_node_and_op(tmp_path):
-    from onnx import TensorProto, helper
-
-    node = helper.make_node("NoSuchOp", ["x"], ["y"], name="mystery_node", domain="example.custom")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("example.custom", 1)])
-    path = tmp_path / "bad.onnx"
-    onnx.save(model, str(path))
+    path = one_node_onnx(tmp_path / "bad.onnx", "NoSuchOp", shape=(1, 4), domain="example.custom", name="mystery_node")
     with pytest.raises(ParseError, match=r"node mystery_node \(op NoSuchOp\)"):
         build_engine(path, tmp_path / "bad.engine", "tensorrt-rtx", "fp32", OPTS)
     assert not (tmp_path / "bad.engine").exists()
@@ -151,7 +137,7 @@ def test_tiny_mistral_recipe_builds_engines_and_reports_missing_backends(tmp_pat
     assert "backends: [tensorrt-rtx]" in text
     recipe.write_text(text.replace("backends: [tensorrt-rtx]", "backends: [tensorrt-rtx, tensorrt]"))
     out = tmp_path / "tiny-mistral"
-    result = run_cli(recipe, "--out", out)
+    result = cli(recipe, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads((out / "report.json").read_text())
     engines = {(a["precision"], a["path"]) for a in r["artifacts"] if a["kind"] == "engine"}
@@ -182,7 +168,7 @@ def test_pipeline_without_tensorrt_still_exports_and_says_why(tmp_path, monkeypa
 
     for backend, (_, extra, how) in list(tensorrt.BACKENDS.items()):  # point both at modules that do not exist
         monkeypatch.setitem(tensorrt.BACKENDS, backend, (f"not_installed_{extra}", extra, how))
-    recipe = load_recipe(ROOT / "recipes" / "tiny-llama.yaml").model_copy(update={"tensorrt": TensorRT()})
+    recipe = load_recipe(TINY_RECIPE).model_copy(update={"tensorrt": TensorRT()})
     report = pipeline.run(recipe, tmp_path / "tiny")
     assert report["passed"]
     assert report["engines"]["built"] == [] and not any(a["kind"] == "engine" for a in report["artifacts"])
@@ -236,6 +222,7 @@ def test_trt_runner_parity_against_masked_reference(tiny_models, tiny_graphs, tm
 
 
 @pytest.mark.slow
+@pytest.mark.real_weights
 @needs_rtx
 def test_smollm2_fp16_parity_and_engine_sizes():
     """The bars on real SmolLM2-135M weights (scripts/smollm2_fp16.py; ~10 min on 2 busy cores):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from exporter.architectures import head_dim, layout_for
 from exporter.errors import UserError
 
 CONFIG_FILE = "genai_config.json"
@@ -23,9 +24,17 @@ def _token_id(value):
     return None if value is None else int(value)
 
 
+def genai_unsupported(config) -> str | None:
+    """Why onnxruntime-genai 0.18 cannot take this family's model (it has no model type for it), or None."""
+    if layout_for(config.model_type).genai_type is None:
+        return (f"onnxruntime-genai 0.18 has no model type for {config.model_type}; the ONNX graphs run in "
+                "ONNX Runtime directly")
+    return None
+
+
 def genai_config(config, generation_config, onnx_file: str, context_length: int, kv_layers: int) -> dict:
     """The config onnxruntime-genai reads; `kv_layers` is the base model's layer count (names keep gaps)."""
-    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head = head_dim(config)
     eos = _token_id(getattr(generation_config, "eos_token_id", None) or config.eos_token_id)
     bos = _token_id(getattr(generation_config, "bos_token_id", None) or config.bos_token_id)
     # Random-weight test models have no special tokens; 0 (the byte tokenizer's pad) stands in.
@@ -38,7 +47,7 @@ def genai_config(config, generation_config, onnx_file: str, context_length: int,
             "eos_token_id": eos,
             "pad_token_id": pad,
             "context_length": context_length,
-            "type": config.model_type,
+            "type": layout_for(config.model_type).genai_type,
             "vocab_size": config.vocab_size,
             "decoder": {
                 "filename": onnx_file,
@@ -72,11 +81,12 @@ def save_tokenizer(tokenizer, folder: Path) -> list[Path]:
     return [Path(p) for p in tokenizer.save_pretrained(str(folder)) if Path(p).is_file()]
 
 
-def write_genai_config(model, folder: Path, onnx_file: str, context_length: int) -> Path:
-    config = model.config
+def write_genai_config(config, generation_config, folder: Path, onnx_file: str, context_length: int) -> Path:
+    reason = genai_unsupported(config)
+    if reason is not None:
+        raise UserError(f"export.genai: {reason}")
     path = folder / CONFIG_FILE
-    data = genai_config(config, getattr(model, "generation_config", None), onnx_file, context_length,
-                        config.num_hidden_layers)
+    data = genai_config(config, generation_config, onnx_file, context_length, config.num_hidden_layers)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 

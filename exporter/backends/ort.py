@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -11,14 +12,24 @@ from exporter.backends.base import DecodeRunner
 from exporter.onnx.contract import is_past, is_present, past_for
 
 
-def open_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """An InferenceSession with quiet logging and, when given, `threads` intra-op threads."""
+# Sessions that only check parity do not prepack MatMul weights: prepacking keeps a second, re-laid-out copy of
+# every weight resident (a graph's weights twice), which buys speed a few validation steps do not need.
+# EXPORT_SKIP_CHECK_PREPACK=1 turns it back on (to compare). Measured: docs/results/scale.md.
+CHECK_CONFIG = {"session.disable_prepacking": "1"}
+
+
+def open_session(path: Path, threads: int | None = None, providers: list[str] | None = None, check: bool = False):
+    """An InferenceSession with quiet logging and, when given, `threads` intra-op threads; `check`: a session
+    that only checks parity (CHECK_CONFIG)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if check and os.environ.get("EXPORT_SKIP_CHECK_PREPACK") != "1":
+        for key, value in CHECK_CONFIG.items():
+            options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
@@ -33,8 +44,9 @@ class OrtRunner(DecodeRunner):
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None):
-        self.session = open_session(onnx_path, threads, providers)
+    def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 check: bool = False):
+        self.session = open_session(onnx_path, threads, providers, check)
         self.past_inputs = [i for i in self.session.get_inputs() if is_past(i.name)]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

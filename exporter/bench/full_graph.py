@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 from exporter.cache import code_fingerprint, stage_key
+from exporter.cost import kept_parameters
+from exporter.dtypes import itemsize
 from exporter.files import locked, publish_folder
 from exporter.mask import SkipMask
 from exporter.models import cache_dir, describe_source, load_config, load_model
@@ -16,6 +18,7 @@ from exporter.onnx.export import export_onnx
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.surgery import apply_skip
 from exporter.stages.keys import EXPORT_CODE, REWRITE_CODE
+from exporter.stages.optimize import batch1_path
 from exporter.versions import tool_versions
 
 
@@ -35,7 +38,9 @@ def full_graph(recipe, model=None, console=None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             export_onnx(apply_skip(model, SkipMask()), tmp, opset=recipe.export.opset)
             publish_folder(tmp, folder)
-        _refresh_optimized(folder / ONNX_FILE, load_config(recipe.model), recipe.export.batch1_decode_path)
+        config = load_config(recipe.model)
+        weight_bytes = kept_parameters(config, None) * itemsize(recipe.model.dtype)
+        _refresh_optimized(folder / ONNX_FILE, config, batch1_path(recipe.export.batch1_decode_path, weight_bytes))
     return folder / ONNX_FILE
 
 

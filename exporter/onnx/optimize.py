@@ -21,6 +21,15 @@ ONNX Runtime's one-row kernels run (exporter/gemv.py says why and what it costs 
 done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
 added the Split's time (docs/results/speed.md).
 
+The families' twists (exporter/architectures.py) map onto the same ops: fused q/k/v projections and q/k norms
+(per head or over all heads) feed the three-input form; Gemma 2's attention soft-capping is GroupQueryAttention's
+`softcap` (applied to the scaled scores before the bias, as Gemma does); each rotary kind gets its own cos/sin
+caches (Gemma 3's local and global bases) and a layer without rotary embedding (SmolLM3) gets no
+RotaryEmbedding node; multipliers and logit scaling stay the plain graph's own nodes. Refused, with the reason
+(the pipeline reports it under not_run and keeps the plain graph): RoPE types that depend on the sequence length
+(Phi-3's longrope, dynamic), partial rotary embeddings (some Phi-3 sizes), and any attention the pattern
+match does not recognise.
+
 Only ONNX Runtime runs the result (the contrib ops are its own): TensorRT gets the plain graph.
 The optimized graph is saved beside the plain one and reads its weights from the plain graph's external
 data file; only the concatenated q/k/v weights and the batch-1 branch's transposed copies are new, in
@@ -36,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.architectures import head_dim as head_dim_of
+from exporter.architectures import head_dim as head_dim_of, rope_kind_for
 from exporter.onnx.contract import OPT_FILE, data_path as data_path_of, input_names, kept_layers
 from exporter.onnx.gemv import add_batch1_path
 from exporter.onnx.graph import (Graph, drop_dead_nodes, drop_unused_initializers, external_initializer,
@@ -75,24 +84,57 @@ def _downstream(g: Graph, name: str, op_type: str, depth: int = 8):
     return _nearest(g, name, op_type, depth, upstream=False)
 
 
-def rotary_caches(config, max_positions: int):
-    """cos/sin caches [max_positions, head_dim / 2] exactly as the model's rotary embedding computes them."""
+def _rope_type(config, kind: str) -> str:
+    rope = (getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {})
+    if isinstance(rope, dict) and isinstance(rope.get(kind), dict):  # per layer type (Gemma 3)
+        rope = rope[kind]
+    return rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+
+
+def _rotary_module(config):
+    """The family's own rotary embedding module (e.g. Gemma3RotaryEmbedding), built from the config."""
     import importlib
 
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]  # e.g. Gemma3ForCausalLM
+    module = importlib.import_module(getattr(transformers, causal_lm).__module__)
+    return getattr(module, causal_lm.removesuffix("ForCausalLM") + "RotaryEmbedding")(config)
+
+
+def rotary_caches(config, max_positions: int, kind: str = "default"):
+    """cos/sin caches [max_positions, rotary_dim / 2] exactly as the model's rotary embedding computes them,
+    for one rotary kind (architectures.rope_kind_for: "default", or a layer type with its own base)."""
     import torch
 
-    rope = (getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    rope_type = _rope_type(config, kind)
     if rope_type not in ("default", "llama3", "linear"):  # dynamic / longrope change with the length
         raise NotOptimizable(f"RoPE type {rope_type!r} depends on the sequence length; the plain graph is kept")
-    model_type = config.model_type
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    cls = next(getattr(module, n) for n in dir(module) if n.lower() == f"{model_type}rotaryembedding")
-    rotary = cls(config)
+    rotary = _rotary_module(config)
     positions = torch.arange(max_positions)[None]
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)  # [1, P, D], halves repeated
+    x = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():  # [1, P, D_rot], halves repeated
+        cos, sin = rotary(x, positions) if kind == "default" else rotary(x, positions, kind)
     half = cos.shape[-1] // 2
     return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+def _match_softcap(g: Graph, scores: str) -> tuple[float, str]:
+    """`cap * tanh(scores / cap)` after the scaled scores (Gemma 2): (cap, its output), else (0.0, scores).
+    GroupQueryAttention's `softcap` applies it to the scaled scores before the attention bias, as Gemma 2 does."""
+    tanh = g.only_consumer(scores, "Tanh")
+    if tanh is not None:  # a cap of 1.0: the exporter folds the division and the product away
+        return 1.0, tanh.output[0]
+    div = g.only_consumer(scores, "Div")
+    tanh = g.only_consumer(div.output[0], "Tanh") if div is not None else None
+    mul = g.only_consumer(tanh.output[0], "Mul") if tanh is not None else None
+    if mul is None:
+        return 0.0, scores
+    cap, cap_again = g.const(div.input[1]), g.const(next(i for i in mul.input if i != tanh.output[0]))
+    if cap is None or cap_again is None or cap.size != 1 or float(cap.reshape(())) != float(cap_again.reshape(())):
+        return 0.0, scores
+    return float(cap.reshape(())), mul.output[0]
 
 
 def _find_attention(g: Graph, layer: int):
@@ -113,7 +155,8 @@ def _find_attention(g: Graph, layer: int):
     if q_transpose is None or scale_mul is None:
         raise NotOptimizable(f"layer {layer}: attention pattern not recognised (q or scale)")
     scale = g.const(scale_mul.input[1])
-    bias_add = g.only_consumer(scale_mul.output[0], "Add")
+    softcap, capped = _match_softcap(g, scale_mul.output[0])
+    bias_add = g.only_consumer(capped, "Add")
     if scale is None or scale.size != 1 or bias_add is None:
         raise NotOptimizable(f"layer {layer}: attention scale/bias not recognised")
     softmax = _downstream(g, bias_add.output[0], "Softmax", depth=2)
@@ -124,12 +167,12 @@ def _find_attention(g: Graph, layer: int):
         raise NotOptimizable(f"layer {layer}: attention output pattern not recognised")
     return {
         "q": q_transpose.input[0], "k": k_transpose.input[0], "v": v_transpose.input[0],  # [B, T, H, D]
-        "past_k": past_k, "past_v": past_v, "scale": float(scale.reshape(())),
+        "past_k": past_k, "past_v": past_v, "scale": float(scale.reshape(())), "softcap": softcap,
         "bias": bias_add.input[1], "out": out_reshape.output[0], "remove": [cat_k, cat_v, out_reshape],
     }
 
 
-def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict):
+def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict, rope: str | None):
     """Layer `layer`'s attention as ORT contrib ops: q/k/v (one packed MatMul + Split where packable),
     `RotaryEmbedding` of q and k at `position_ids`, and one GroupQueryAttention node for cache append and
     attention.
@@ -158,8 +201,11 @@ def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int
             nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [name],
                                           name=f"gqa{layer}_pack_{key}"))
     q, k = f"gqa{layer}_q", f"gqa{layer}_k"
-    for raw, rotated in ((q_raw, q), (k_raw, k)):
-        nodes.append(helper.make_node("RotaryEmbedding", [raw, "position_ids", shared["cos"], shared["sin"]],
+    if rope is None:  # a layer without rotary embedding (SmolLM3's no-rope layers)
+        q, k = q_raw, k_raw
+    for raw, rotated in ((q_raw, q), (k_raw, k)) if rope is not None else ():
+        cos, sin = shared["rope"][rope]
+        nodes.append(helper.make_node("RotaryEmbedding", [raw, "position_ids", cos, sin],
                                       [rotated], name=f"gqa{layer}_rotary_{rotated[-1]}", domain=MS, interleaved=0))
     nodes.append(helper.make_node(
         "GroupQueryAttention",
@@ -167,7 +213,7 @@ def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int
          "", "", "", found["bias"]],
         [found["out"], f"present.{layer}.key", f"present.{layer}.value"],
         name=f"GroupQueryAttention_{layer}", domain=MS, num_heads=heads, kv_num_heads=kv_heads,
-        do_rotary=0, scale=found["scale"], local_window_size=-1))
+        do_rotary=0, scale=found["scale"], softcap=found["softcap"], local_window_size=-1))
     return nodes
 
 
@@ -220,19 +266,22 @@ def _write_packed_weights(proto, plans: dict, plain_dir: Path, data_path: Path) 
                 proto.graph.initializer.append(numpy_helper.from_array(bias, plan["bias"]))
 
 
-def _shared_inputs(proto, cos, sin, np_dtype, qkv_split: tuple[int, int, int]):
-    """seqlens_k (= total - 1 for every row: the bias does the padding), total length, rotary caches,
-    and the sizes a packed q/k/v output splits into."""
+def _shared_inputs(proto, caches: dict, np_dtype, qkv_split: tuple[int, int, int]):
+    """seqlens_k (= total - 1 for every row: the bias does the padding), total length, rotary caches (one
+    cos/sin pair per rotary kind), and the sizes a packed q/k/v output splits into."""
 
     consts = {
         "opt_pack_shape": np.array([0, 0, -1], dtype=np.int64),
         "opt_one_i32": np.array(1, dtype=np.int32),
         "opt_idx1": np.array([1], dtype=np.int64),
         "opt_idx0": np.array([0], dtype=np.int64),
-        "opt_cos_cache": cos.astype(np_dtype),
-        "opt_sin_cache": sin.astype(np_dtype),
         "opt_qkv_split": np.array(qkv_split, dtype=np.int64),
     }
+    rope = {}
+    for n, (kind, (cos, sin)) in enumerate(sorted(caches.items())):
+        suffix = "" if kind == "default" else f"_{n}"  # the single-kind graph keeps its names
+        consts[f"opt_cos_cache{suffix}"], consts[f"opt_sin_cache{suffix}"] = cos.astype(np_dtype), sin.astype(np_dtype)
+        rope[kind] = (f"opt_cos_cache{suffix}", f"opt_sin_cache{suffix}")
     proto.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     nodes = [
         helper.make_node("Shape", ["attention_mask"], ["opt_mask_shape"], name="opt_mask_shape"),
@@ -244,7 +293,7 @@ def _shared_inputs(proto, cos, sin, np_dtype, qkv_split: tuple[int, int, int]):
         helper.make_node("Expand", ["opt_last", "opt_batch_1d"], ["opt_seqlens_k"], name="opt_seqlens_k"),
     ]
     shared = {"pack_shape": "opt_pack_shape", "seqlens_k": "opt_seqlens_k", "total_len": "opt_total_len",
-              "cos": "opt_cos_cache", "sin": "opt_sin_cache", "qkv_split": "opt_qkv_split"}
+              "rope": rope, "qkv_split": "opt_qkv_split"}
     return nodes, shared
 
 
@@ -334,11 +383,14 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
 
     found = {i: _find_attention(g, i) for i in kept}  # all or nothing: raises before any change
     plans = {i: plan for i in kept if (plan := _plan_qkv_packing(g, found[i])) is not None}
+    ropes = {i: rope_kind_for(config, i) for i in kept}
+    caches = {}
     if kept:  # checked before anything is written
         head_dim = head_dim_of(config)
-        cos, sin = rotary_caches(config, max_positions or config.max_position_embeddings)
-        if cos.shape[-1] * 2 != head_dim:
-            raise NotOptimizable("partial rotary embeddings are not handled")
+        for kind in sorted({r for r in ropes.values() if r is not None}):
+            caches[kind] = rotary_caches(config, max_positions or config.max_position_embeddings, kind)
+            if caches[kind][0].shape[-1] * 2 != head_dim:
+                raise NotOptimizable("partial rotary embeddings are not handled")
     data_path = data_path_of(out_path)
     data_path.unlink(missing_ok=True)
     out_path.unlink(missing_ok=True)  # a graph left from an earlier run reads the data file just removed
@@ -351,12 +403,12 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
         if kept:
             heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
             split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-            shared_nodes, shared = _shared_inputs(proto, cos, sin, np_dtypes[elem], split)
+            shared_nodes, shared = _shared_inputs(proto, caches, np_dtypes[elem], split)
             new_nodes += shared_nodes
             for i in kept:
                 for n in found[i]["remove"]:
                     proto.graph.node.remove(n)
-                new_nodes += _add_gqa(g, proto, i, found[i], heads, kv_heads, shared)
+                new_nodes += _add_gqa(g, proto, i, found[i], heads, kv_heads, shared, ropes[i])
         proto.graph.node.extend(new_nodes)
         drop_dead_nodes(proto.graph)
         g.reindex()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from exporter.backends.trt import (BuildOptions, build_engine, check_sidecar, missing_reason, sidecar_path,
                                    timing_cache_out)
-from exporter.dtypes import model_precision
 from exporter.errors import UserError
 from exporter.files import describe_file
 from exporter.onnx.contract import ONNX_FILE
@@ -21,7 +20,7 @@ def require_backends(recipe: Recipe) -> None:
             raise UserError(f"{recipe.source_path or 'recipe'}: tensorrt.required: " + "; ".join(reasons))
 
 
-def engines_stage(recipe: Recipe, model, out_dir: Path) -> dict:
+def engines_stage(recipe: Recipe, own: str, out_dir: Path) -> dict:
     """One engine per backend and precision from the exported graphs; missing backends are reported, not fatal."""
     t = recipe.tensorrt
     opts = BuildOptions(max_batch=t.max_batch or recipe.export.max_batch,
@@ -29,7 +28,6 @@ def engines_stage(recipe: Recipe, model, out_dir: Path) -> dict:
                         optimization_level=t.optimization_level, compute_capabilities=tuple(t.compute_capabilities),
                         hardware_compatibility=t.hardware_compatibility, version_compatible=t.version_compatible,
                         timing_cache=t.timing_cache)
-    own = model_precision(model)
     built, not_built, artifacts, checks = [], [], [], []
     for backend in t.backends:
         reason = missing_reason(backend)

@@ -13,7 +13,8 @@ from exporter.versions import tool_versions
 
 # The modules each stage runs (dotted names under exporter/): editing one redoes the stages that list it.
 EXPORT_CODE = ("models", "architectures", "surgery", "mask", "onnx.contract", "onnx.export")
-CHECKS_CODE = ("parity", "backends.base", "backends.pytorch", "backends.ort", "prompts", "stages.validate")
+REFERENCE_CODE = ("parity", "reference", "backends.base", "backends.pytorch", "prompts", "stages.reference")
+CHECKS_CODE = ("parity", "reference", "backends.base", "backends.ort", "stages.validate")
 PRECISIONS_CODE = ("stages.precisions",)
 REWRITE_CODE = ("onnx.optimize", "onnx.gemv", "onnx.graph")  # what model.opt.onnx depends on
 OPTIMIZE_CODE = (*REWRITE_CODE, "stages.optimize")
@@ -22,9 +23,10 @@ ENGINES_CODE = ("backends.trt", "stages.engines")
 
 @dataclass(frozen=True)
 class StageKeys:
+    reference: str
     export: str
-    validate: str
     precisions: str
+    validate: str
     optimize: str
 
     @classmethod
@@ -34,12 +36,15 @@ class StageKeys:
                             "code": code_fingerprint(*EXPORT_CODE), "versions": tool_versions()})
         checks = code_fingerprint(*CHECKS_CODE)
         checked_with = recipe.validation.model_dump(mode="json", exclude={"speed"})  # speed is timing, not a check
+        # the reference reads the model and the mask (as the export does) and the validation settings
+        reference = stage_key({"export": export, "validate": checked_with, "code": code_fingerprint(*REFERENCE_CODE)})
+        precisions = stage_key({"export": export, "precisions": recipe.precisions,
+                                "code": code_fingerprint(*PRECISIONS_CODE)})
         return cls(
-            export=export,
-            validate=stage_key({"export": export, "validate": checked_with, "code": checks}),
-            precisions=stage_key({"export": export, "precisions": recipe.precisions, "validate": checked_with,
-                                  "code": [checks, code_fingerprint(*PRECISIONS_CODE)]}),
-            optimize=stage_key({"export": export, "validate": checked_with,
+            reference=reference, export=export, precisions=precisions,
+            validate=stage_key({"reference": reference, "precisions": precisions, "validate": checked_with,
+                                "code": checks}),
+            optimize=stage_key({"export": export, "reference": reference,
                                 "batch1_decode_path": recipe.export.batch1_decode_path,
                                 "code": [checks, code_fingerprint(*OPTIMIZE_CODE)]}),
         )

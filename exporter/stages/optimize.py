@@ -5,15 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.backends.ort import OrtRunner
-from exporter.dtypes import model_precision
 from exporter.files import describe_file
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
-from exporter.parity import check_batches
+from exporter.parity import check_recorded
 from exporter.recipe import Recipe
-from exporter.stages.validate import validation_batches
+from exporter.reference import REFERENCE_FILE, load_reference
 
 
-def optimize_stage(recipe: Recipe, model, mask, tokenizer, plain_path: Path) -> dict:
+# The batch-1 branch keeps a second layout of the weights resident (ONNX Runtime's one-row kernels read them
+# unpacked): on SmolLM2 it made batch-1 decode 0.86x the builder's time for +0.5 GiB. On a 7B-class model that
+# second layout is gigabytes at inference and pushed the run's own parity check past 1.7x the weights
+# (docs/results/scale.md), so "auto" keeps it for small models only.
+BATCH1_MAX_WEIGHT_BYTES = 2 << 30
+
+
+def batch1_path(setting, weight_bytes: int) -> bool:
+    """The recipe's `export.batch1_decode_path` for a model with `weight_bytes` of kept weights."""
+    return weight_bytes <= BATCH1_MAX_WEIGHT_BYTES if setting == "auto" else bool(setting)
+
+
+def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int) -> dict:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
     A graph this rewrite does not handle is reported under not_run with the reason; the plain graph is then
@@ -21,16 +32,16 @@ def optimize_stage(recipe: Recipe, model, mask, tokenizer, plain_path: Path) -> 
     """
     out_dir = plain_path.parent
     try:
-        fused = optimize_onnx(plain_path, model.config, batch1_path=recipe.export.batch1_decode_path)
+        fused = optimize_onnx(plain_path, config,
+                              batch1_path=batch1_path(recipe.export.batch1_decode_path, weight_bytes))
     except NotOptimizable as exc:
         return {"artifacts": [], "parity": [], "fused": None,
                 "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
     opt = out_dir / fused["path"]
-    precision = model_precision(model)
     v = recipe.validation
-    batches = [pair for _, pair in validation_batches(recipe, tokenizer)]
-    parity = check_batches(model, mask, OrtRunner(opt), batches, v.decode_steps, v.atol.prefill, v.atol.decode,
-                           f"onnx:{precision}:optimized")
+    recorded = load_reference(out_dir / REFERENCE_FILE)
+    parity = check_recorded(recorded, OrtRunner(opt, check=True), v.decode_steps, v.atol.prefill, v.atol.decode,
+                            f"onnx:{precision}:optimized")
     artifact = describe_file(opt, out_dir, "onnx-optimized", precision)
     artifact["shares_external_data_with"] = plain_path.name
     artifacts = [artifact]

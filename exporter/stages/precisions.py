@@ -1,79 +1,43 @@
-"""Half-precision graphs: export each extra precision and check it against the fp32 masked reference.
+"""Graphs in the recipe's other precisions (`export.precisions`), exported from the model cast to each.
 
-The model's own dtype is the main graph (`model.onnx`); every other precision in `export.precisions` is
-exported from a cast copy into `<precision>/model.onnx`. Parity runs in ONNX Runtime on the CPU against
-the masked reference in the model's dtype (teacher-forced, as for the main graph) with
-`validate.half_atol`. Where ORT's CPU kernels cannot run a graph (bf16: no CPU kernels for most ops),
-the check is recorded as not run, naming the op, and never counted as passed.
+The model's own dtype is the main graph (`model.onnx`); every other precision is exported into
+`<precision>/model.onnx`. The last one is cast in place (no copy of the weights: this is the last stage that
+needs the model's weights); earlier ones from a cast copy. Their parity is checked with the main graph's in
+the validate stage, against the recorded reference in the model's dtype, with `validate.half_atol`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.backends.ort import OrtRunner, ort_unsupported_op
-from exporter.backends.pytorch import HFRunner
-from exporter.dtypes import model_precision
+from exporter.dtypes import model_precision, torch_dtype
 from exporter.files import describe_file
-from exporter.onnx.contract import data_path
+from exporter.onnx.contract import ONNX_FILE, data_path
 from exporter.onnx.export import export_onnx, model_in_precision
-from exporter.parity import check_parity, greedy_tokens
 from exporter.recipe import Recipe
-from exporter.stages.validate import validation_batches
-from exporter.surgery import apply_skip, masked
+from exporter.surgery import apply_skip
 
 
-def precisions_stage(recipe: Recipe, model, mask, tokenizer, out_dir: Path) -> dict:
-    """Graphs in the recipe's other precisions, and their parity against the reference in ORT (CPU)."""
-    graphs = export_precisions(model, mask, out_dir, recipe.precisions, recipe.export.opset)
-    batches = [pair for _, pair in validation_batches(recipe, tokenizer)]
-    v = recipe.validation
-    parity, not_run, greedy = check_half_parity(model, mask, graphs, batches, v.decode_steps, v.half_atol)
-    artifacts = [a for g in graphs.values() for a in g["artifacts"]]
-    return {"artifacts": artifacts, "parity": parity, "not_run": not_run, "greedy": greedy}
+def half_precisions(recipe: Recipe, own: str) -> list[str]:
+    """The precisions exported besides the model's own, in the recipe's order."""
+    return [p for p in recipe.precisions if p != own]
 
 
-def export_precisions(model, mask, out_dir: Path, precisions: list[str], opset: int) -> dict[str, dict]:
-    """{precision: {"onnx": path, "artifacts": [...]}} for each precision other than the model's dtype."""
-    own = model_precision(model)
-    out = {}
-    for precision in precisions:
-        if precision == own:
-            continue
-        cast = model_in_precision(model, precision)
-        path = export_onnx(apply_skip(cast, mask), out_dir / precision, opset=opset)
-        del cast  # a copy of the weights; free it before the next one
-        out[precision] = {"onnx": path, "artifacts": [
-            describe_file(path, out_dir, "onnx", precision),
-            describe_file(data_path(path), out_dir, "onnx-external-data", precision)]}
-    return out
+def precisions_stage(recipe: Recipe, model, mask, out_dir: Path, in_place: bool = False) -> dict:
+    """{"artifacts": [...]} of the graphs in the other precisions. With `in_place`, the model itself is cast to
+    the last precision (the caller must not use it in its own dtype afterwards)."""
+    todo = half_precisions(recipe, model_precision(model))
+    artifacts = []
+    for i, precision in enumerate(todo):
+        last = i == len(todo) - 1
+        cast = model.to(torch_dtype(precision)) if last and in_place else model_in_precision(model, precision)
+        path = export_onnx(apply_skip(cast, mask), out_dir / precision, opset=recipe.export.opset)
+        del cast  # a copy of the weights (or the model itself, cast): nothing else holds it here
+        artifacts += [describe_file(path, out_dir, "onnx", precision),
+                      describe_file(data_path(path), out_dir, "onnx-external-data", precision)]
+    return {"artifacts": artifacts}
 
 
-def check_half_parity(model, mask, graphs: dict[str, dict], batches, steps: int, atol) -> tuple[list, list, dict]:
-    """(parity rows, not-run records, free-running greedy agreement per precision) for the graphs.
-
-    `batches` are (input_ids, attention_mask) pairs; the first is batch 1 (the default prompt).
-    """
-    parity, not_run, greedy = [], [], {}
-    reference = HFRunner(model)
-    for precision, graph in graphs.items():
-        name = f"onnx:{precision}"
-        try:
-            runner = OrtRunner(graph["onnx"])
-        except Exception as exc:  # noqa: BLE001 - only a missing kernel is "not run"; anything else is a bug
-            op = ort_unsupported_op(exc)
-            if op is None:
-                raise
-            not_run.append({"check": f"{name} parity in ONNX Runtime (CPU)",
-                            "reason": f"ONNX Runtime's CPU provider has no kernel for {op}"})
-            continue
-        with masked(model, mask):
-            for ids, attn in batches:
-                phases, trace = check_parity(reference, runner, ids, attn, steps, atol.prefill, atol.decode, name)
-                parity += [p.as_dict() for p in phases]
-            ids, attn = batches[0]
-            own = greedy_tokens(runner, ids, attn, steps)[0]
-            ref = greedy_tokens(reference, ids, attn, steps)[0]
-        first = next((i for i, (a, b) in enumerate(zip(own, ref)) if a != b), None)
-        greedy[precision] = {"tokens": len(ref), "identical": first is None, "first_difference": first}
-    return parity, not_run, greedy
+def graph_paths(recipe: Recipe, own: str, out_dir: Path) -> dict[str, Path]:
+    """{precision: graph} of every exported precision, the model's own first."""
+    return {own: out_dir / ONNX_FILE, **{p: out_dir / p / ONNX_FILE for p in half_precisions(recipe, own)}}

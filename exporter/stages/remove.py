@@ -13,10 +13,9 @@ def removed_parameters(model, mask) -> int:
     layout = layout_for(model.config.model_type)
     layers = model.model.layers
     total = 0
-    for i in mask.attention:
-        total += count_parameters(getattr(layers[i], layout.attention)) + count_parameters(getattr(layers[i], layout.attention_norm))
-    for i in mask.mlp:
-        total += count_parameters(getattr(layers[i], layout.mlp)) + count_parameters(getattr(layers[i], layout.mlp_norm))
+    for kind, indices in (("attention", mask.attention), ("mlp", mask.mlp)):
+        for i in indices:  # the whole branch: pre-norm, module, post-norm
+            total += sum(count_parameters(getattr(layers[i], name)) for name in layout.branch(kind))
     return total
 
 

@@ -1,0 +1,90 @@
+"""The recorded reference: a replay checks exactly as the live masked model does, the pipeline releases the
+PyTorch model before ONNX Runtime opens, and `verify --parity` re-checks a folder from its recording alone."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PROMPTS, make_mask
+from helpers import TINY_RECIPE, cli
+from exporter.backends.pytorch import HFRunner, TorchRunner
+from exporter.manifest import record_files
+from exporter.parity import check_parity
+from exporter.prompts import left_padded
+from exporter.reference import REFERENCE_FILE, ReplayRunner, load_reference, record_batch, save_reference
+from exporter.surgery import apply_skip, masked
+
+
+def test_replay_checks_exactly_as_the_live_reference(tiny_models, tmp_path):
+    model, tok = tiny_models["qwen2"]
+    mask = make_mask("both")
+    ids, attn = left_padded(tok, PROMPTS)
+    with masked(model, mask):
+        recorded = record_batch(HFRunner(model), ids, attn, 6)
+        live, _ = check_parity(HFRunner(model), TorchRunner(apply_skip(model, mask)), ids, attn, 6, 1e-4, 1e-4, "x")
+    [batch] = load_reference(save_reference([recorded], tmp_path / REFERENCE_FILE))
+    replayed, _ = check_parity(ReplayRunner(batch), TorchRunner(apply_skip(model, mask)), ids, attn, 6, 1e-4, 1e-4, "x")
+    assert [p.as_dict() for p in replayed] == [p.as_dict() for p in live]
+    assert batch.steps.shape == (6, 2, 1, model.config.vocab_size) and batch.tokens.shape == (2, 7)
+
+
+def test_replay_refuses_other_inputs_or_tokens(tiny_models):
+    model, tok = tiny_models["llama"]
+    ids, attn = left_padded(tok, PROMPTS[:1])
+    batch = record_batch(HFRunner(model), ids, attn, 2)
+    with pytest.raises(ValueError, match="other inputs"):
+        ReplayRunner(batch).prefill(ids + 1, attn)
+    replay = ReplayRunner(batch)
+    replay.prefill(ids, attn)
+    with pytest.raises(ValueError, match="its own greedy tokens"):
+        replay.step(torch.tensor([[int(batch.tokens[0, 0]) + 1]]))
+
+
+def test_the_pytorch_model_is_released_before_onnx_runtime(tmp_path, monkeypatch):
+    """Everything that runs the model happens in pipeline._pytorch_stages; when it returns, the model is gone
+    (no stage, closure or exporter cache keeps it: torch.onnx's rewriter used to)."""
+    from exporter import pipeline
+    from exporter.cache import StageCache
+    from exporter.measure import StageLog
+    from exporter.recipe import load_recipe
+    from exporter.report import Findings
+
+    alive = []
+    real_load = pipeline.load_stage
+
+    def spy(recipe):
+        loaded = real_load(recipe)
+        alive.append(weakref.ref(loaded[3]))
+        return loaded
+
+    monkeypatch.setattr(pipeline, "load_stage", spy)
+    cache, found = StageCache(tmp_path / "cache", enabled=False), Findings()
+
+    def cached(stage, key, rec, compute):
+        results, rec.cached = cache.restore_or_run(stage, key, tmp_path, compute)
+        return found.add(results)
+
+    loaded = pipeline._pytorch_stages(load_recipe(TINY_RECIPE), tmp_path, StageLog(None), found, cached, False)
+    gc.collect()
+    assert alive and alive[0]() is None
+    assert (tmp_path / REFERENCE_FILE).is_file() and loaded.exported["artifacts"]
+
+
+def test_verify_parity_rechecks_a_folder_from_its_recording(tiny_artifact_copy):
+    ok = cli("verify", tiny_artifact_copy, "--parity")
+    assert ok.returncode == 0, ok.stderr
+    assert "parity onnx:fp32 decode batch 2" in ok.stderr and "parity onnx:fp32:optimized prefill batch 1" in ok.stderr
+    # a recording that disagrees with the graphs beyond atol (recorded as a known change) fails the check
+    path = tiny_artifact_copy / REFERENCE_FILE
+    batches = load_reference(path)
+    batches[0].prefill[0, -1, 0] += 1.0
+    save_reference(batches, path)
+    record_files(tiny_artifact_copy, [REFERENCE_FILE])
+    bad = cli("verify", tiny_artifact_copy, "--parity")
+    assert bad.returncode == 1 and "FAILED" in bad.stderr
+    assert np.isclose(load_reference(path)[0].prefill[0, -1, 0] - batches[0].prefill[0, -1, 0], 0.0)
