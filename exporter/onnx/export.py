@@ -99,4 +99,11 @@ def model_in_precision(model, precision: str):
     dtype = torch_dtype(precision)
     if next(model.parameters()).dtype == dtype:
         return model
-    return copy.deepcopy(model).to(dtype)
+    cast = copy.deepcopy(model).to(dtype)
+    # Rotary tables stay fp32, as in a half model Hugging Face loads itself (its inv_freq buffers are built in fp32
+    # and never cast); cos/sin are computed in fp32 and cast to the activations' dtype by the module. Phi-3's
+    # longrope also mixes inv_freq with an fp32 table, which a half buffer makes a dtype mismatch in the export.
+    for name, module in cast.named_modules():
+        if name.endswith("rotary_emb"):
+            module.float()
+    return cast
