@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from exporter.errors import UserError
+
 
 @dataclass
 class ByteTokenizer:
@@ -45,6 +47,11 @@ def tokenizer_or_bytes(load, vocab_size: int):
     if all(i in special for i in ids):
         return ByteTokenizer(vocab_size, fallback="the tokenizer found has no vocabulary (it encodes text to "
                                                   "special or unknown tokens only)")
+    if len(tokenizer) > vocab_size:  # e.g. special tokens added past the embedding (padding would index past it)
+        extra = [t for t in getattr(tokenizer, "all_special_tokens", ()) if tokenizer.convert_tokens_to_ids(t) >= vocab_size]
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size}"
+                        + (f" ({', '.join(extra[:3])} lie past it)" if extra else "")
+                        + ": give the model's own tokenizer files, or none (one token per byte is used then)")
     return tokenizer
 
 

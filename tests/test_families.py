@@ -298,8 +298,9 @@ def test_onnx_of_older_families_from_folders(family, loaded, tmp_path):
 # ------------------------------------------------------------------------------------------- tokenizers
 
 
-def byte_level_tokenizer():
-    """A real tokenizer (tokenizers' byte-level BPE, no merges): exactly 256 ids, no special tokens."""
+def byte_level_tokenizer(specials: bool = True):
+    """A real tokenizer (tokenizers' byte-level BPE, no merges): exactly 256 ids; its pad, bos, eos and unk are ids
+    0-3, as in the models' configs (else a family's tokenizer class adds its own past the vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -307,7 +308,10 @@ def byte_level_tokenizer():
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    if not specials:
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=alphabet[0], bos_token=alphabet[1],
+                                   eos_token=alphabet[2], unk_token=alphabet[3])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -323,8 +327,21 @@ def test_folder_without_tokenizer_files_falls_back_with_a_reason(family, loaded,
     shutil.copytree(folders(family), with_files)
     byte_level_tokenizer().save_pretrained(with_files)
     _, real = load_model(ModelSource(path=with_files))
-    assert not isinstance(real, ByteTokenizer)
-    assert real.decode(real.encode("Hello world")) == "Hello world"
+    assert not isinstance(real, ByteTokenizer) and len(real) == 256
+    assert real.decode(real.encode("Hello world", add_special_tokens=False)) == "Hello world"
+
+
+def test_tokenizer_past_the_vocabulary_is_a_one_line_error(folders, tmp_path):
+    """A tokenizer whose ids do not fit the model's embedding (here: Qwen2's class adds <|endoftext|> as id 256,
+    the padding id) is refused with one line, not an index error deep in the first forward pass."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders("qwen2"), folder)
+    byte_level_tokenizer(specials=False).save_pretrained(folder)
+    with pytest.raises(UserError, match="257 tokens but the model's embedding only 256") as err:
+        load_model(ModelSource(path=folder))
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------- serving formats

@@ -95,14 +95,22 @@ def export_onnx(model, out_dir: Path, opset: int = 18) -> Path:
     return path
 
 
-def model_in_precision(model, precision: str):
-    """`model` itself if it is already in `precision`, else a cast copy (the original stays as it is)."""
+def model_in_precision(model, precision: str, in_place: bool = False):
+    """`model` itself if it is already in `precision`, else a cast copy (the original stays as it is); with
+    `in_place`, the model itself is cast (no second copy of the weights)."""
     import copy
 
     dtype = torch_dtype(precision)
     if next(model.parameters()).dtype == dtype:
         return model
-    return copy.deepcopy(model).to(dtype)
+    cast = (model if in_place else copy.deepcopy(model)).to(dtype)
+    # Rotary tables stay fp32, as in a half model Hugging Face loads itself (its inv_freq buffers are built in fp32
+    # and never cast); cos/sin are computed in fp32 and cast to the activations' dtype by the module. Phi-3's
+    # longrope also mixes inv_freq with an fp32 table, which a half buffer makes a dtype mismatch in the export.
+    for name, module in cast.named_modules():
+        if name.endswith("rotary_emb"):
+            module.float()
+    return cast
 
 
 def release_rewriter_state() -> None:

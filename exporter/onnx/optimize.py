@@ -174,8 +174,8 @@ def _find_attention(g: Graph, layer: int):
 
 def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int, shared: dict, rope: str | None):
     """Layer `layer`'s attention as ORT contrib ops: q/k/v (one packed MatMul + Split where packable),
-    `RotaryEmbedding` of q and k at `position_ids`, and one GroupQueryAttention node for cache append and
-    attention.
+    `RotaryEmbedding` of q and k at `position_ids` (none where `rope` is None), and one GroupQueryAttention node
+    for cache append and attention (with the layer's soft-cap, if any).
 
     Rotary reads `position_ids` as the plain graph does, so any padding the mask describes means the same
     in both graphs: left padding (our runners), right padding with holes in the mask (onnxruntime-genai
@@ -200,13 +200,13 @@ def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int
         for key, name in (("q", q_raw), ("k", k_raw), ("v", v)):  # [B, T, H, D] -> [B, T, H*D]
             nodes.append(helper.make_node("Reshape", [found[key], shared["pack_shape"]], [name],
                                           name=f"gqa{layer}_pack_{key}"))
-    q, k = f"gqa{layer}_q", f"gqa{layer}_k"
-    if rope is None:  # a layer without rotary embedding (SmolLM3's no-rope layers)
-        q, k = q_raw, k_raw
-    for raw, rotated in ((q_raw, q), (k_raw, k)) if rope is not None else ():
+    q, k = q_raw, k_raw  # a layer without rotary embedding (SmolLM3's no-rope layers) attends with them as they are
+    if rope is not None:  # its rotary kind's caches (Gemma 3: local and global layers have their own)
+        q, k = f"gqa{layer}_q", f"gqa{layer}_k"
         cos, sin = shared["rope"][rope]
-        nodes.append(helper.make_node("RotaryEmbedding", [raw, "position_ids", cos, sin],
-                                      [rotated], name=f"gqa{layer}_rotary_{rotated[-1]}", domain=MS, interleaved=0))
+        for raw, rotated in ((q_raw, q), (k_raw, k)):
+            nodes.append(helper.make_node("RotaryEmbedding", [raw, "position_ids", cos, sin], [rotated],
+                                          name=f"gqa{layer}_rotary_{rotated[-1]}", domain=MS, interleaved=0))
     nodes.append(helper.make_node(
         "GroupQueryAttention",
         [q, k, v, found["past_k"], found["past_v"], shared["seqlens_k"], shared["total_len"],

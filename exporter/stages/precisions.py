@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.dtypes import model_precision, torch_dtype
+from exporter.dtypes import model_precision
 from exporter.files import describe_file
 from exporter.onnx.contract import ONNX_FILE, data_path
 from exporter.onnx.export import export_onnx, model_in_precision
@@ -30,7 +30,7 @@ def precisions_stage(recipe: Recipe, model, mask, out_dir: Path, in_place: bool 
     artifacts = []
     for i, precision in enumerate(todo):
         last = i == len(todo) - 1
-        cast = model.to(torch_dtype(precision)) if last and in_place else model_in_precision(model, precision)
+        cast = model_in_precision(model, precision, in_place=last and in_place)
         path = export_onnx(apply_skip(cast, mask), out_dir / precision, opset=recipe.export.opset)
         del cast  # a copy of the weights (or the model itself, cast): nothing else holds it here
         artifacts += [describe_file(path, out_dir, "onnx", precision),
