@@ -88,3 +88,21 @@ def test_verify_parity_rechecks_a_folder_from_its_recording(tiny_artifact_copy):
     bad = cli("verify", tiny_artifact_copy, "--parity")
     assert bad.returncode == 1 and "FAILED" in bad.stderr
     assert np.isclose(load_reference(path)[0].prefill[0, -1, 0] - batches[0].prefill[0, -1, 0], 0.0)
+
+
+def test_parity_sessions_prepack_small_graphs_only(tmp_path, monkeypatch):
+    from helpers import one_node_onnx
+    from exporter.backends import ort as ort_backend
+
+    graph = one_node_onnx(tmp_path / "g.onnx")
+    (tmp_path / "g.onnx.data").write_bytes(b"\0" * 4096)
+    monkeypatch.delenv("EXPORT_SKIP_CHECK_PREPACK", raising=False)
+    assert ort_backend.graph_bytes(graph) == graph.stat().st_size + 4096
+    assert ort_backend.check_prepacks(graph)  # as deployed
+    monkeypatch.setattr(ort_backend, "SECOND_LAYOUT_MAX_BYTES", 4096)  # graph + data now over the limit
+    assert not ort_backend.check_prepacks(graph)
+    monkeypatch.setenv("EXPORT_SKIP_CHECK_PREPACK", "1")
+    assert ort_backend.check_prepacks(graph)
+    monkeypatch.setenv("EXPORT_SKIP_CHECK_PREPACK", "0")
+    monkeypatch.setattr(ort_backend, "SECOND_LAYOUT_MAX_BYTES", 1 << 40)
+    assert not ort_backend.check_prepacks(graph)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.backends.ort import OrtRunner
+from exporter.backends.ort import SECOND_LAYOUT_MAX_BYTES, OrtRunner
 from exporter.files import describe_file
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.parity import check_recorded
@@ -15,13 +15,12 @@ from exporter.reference import REFERENCE_FILE, load_reference
 # The batch-1 branch keeps a second layout of the weights resident (ONNX Runtime's one-row kernels read them
 # unpacked): on SmolLM2 it made batch-1 decode 0.86x the builder's time for +0.5 GiB. On a 7B-class model that
 # second layout is gigabytes at inference and pushed the run's own parity check past 1.7x the weights
-# (docs/results/scale.md), so "auto" keeps it for small models only.
-BATCH1_MAX_WEIGHT_BYTES = 2 << 30
+# (docs/results/scale.md), so "auto" keeps it for small models only (SECOND_LAYOUT_MAX_BYTES).
 
 
 def batch1_path(setting, weight_bytes: int) -> bool:
     """The recipe's `export.batch1_decode_path` for a model with `weight_bytes` of kept weights."""
-    return weight_bytes <= BATCH1_MAX_WEIGHT_BYTES if setting == "auto" else bool(setting)
+    return weight_bytes <= SECOND_LAYOUT_MAX_BYTES if setting == "auto" else bool(setting)
 
 
 def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int) -> dict:
