@@ -8,10 +8,12 @@ stated in the report).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -127,6 +129,26 @@ def _converted_gguf_folder(source: ModelSource) -> Path:
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """Within one conversion, each GGUF file is parsed once and gguf's tensor-name map built once.
+
+    transformers 5 parses the file for the config, again for the weights and again for the tokenizer, and rebuilds
+    the name map for every module it walks (397 times on SmolLM2): 17 s of the default recipe's 25 s conversion.
+    Both are pure functions of their arguments; the patch is undone when the conversion ends.
+    """
+    import gguf
+
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
+    for name, original in originals.items():
+        setattr(gguf, name, functools.lru_cache(maxsize=None)(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf, name, original)
+
+
 def _convert_gguf(source: ModelSource) -> Path:
     """De-quantise a GGUF once into a plain HF folder (transformers refuses to save the GGUF-loaded model)."""
     import torch
@@ -136,8 +158,9 @@ def _convert_gguf(source: ModelSource) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     path = gguf_path(source)
-    quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with _gguf_parsed_once():
+        quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
