@@ -74,6 +74,9 @@ def _run(argv: list[str], console) -> int:
     if report["passed"]:
         console.print(f"[green bold]PASSED[/] {report['published_to']}/ (report.md, report.json) "
                       f"in {report['wall_seconds']:.1f} s")
+        if report["not_run"]:  # a pass says only what ran: name what did not
+            console.print(f"[yellow]not run ({len(report['not_run'])}):[/] "
+                          + "; ".join(n["reason"] for n in report["not_run"]))
         return 0
     failed = [f"{p['artifact']} {p['phase']} batch {p['batch']}: max|Δ| {p['max_abs_diff']:.2e} vs atol {p['atol']:.0e}, "
               f"greedy {'match' if p['greedy_match'] else 'MISMATCH'}" for p in report["parity"] if not p["passed"]]

@@ -164,6 +164,8 @@ def _pytorch_stages(recipe: Recipe, folder: Path, log: StageLog, found: Findings
 
 
 def _parity_line(parity: list[dict]) -> str:
+    if not parity:  # e.g. an fp16 model whose only graph's session would not fit here (then under not_run)
+        return "no graph checked"
     worst = max(parity, key=lambda p: p["max_abs_diff"] / p["atol"])
     return (f"worst max|Δlogit| {worst['max_abs_diff']:.1e} (atol {worst['atol']:.0e}), "
             f"{sum(p['passed'] for p in parity)}/{len(parity)} phases pass")

@@ -2,11 +2,16 @@
 
     .venv/bin/python scripts/scale.py --layers 2 4 8 --dtype float32 --out artifacts/scale
     .venv/bin/python scripts/scale.py --fit artifacts/scale      # fitted line per stage, 7B / 13B predictions
+    .venv/bin/python scripts/scale.py --peer genai --layers 2 4 --out artifacts/scale   # the builder, fp32 and int4
 
 Each run is a fresh process under /usr/bin/time -v (whole-process peak RSS) whose report.json gives each
 stage's wall time and peak RSS. Weights are random (speed and memory do not depend on their values); the mask
 removes the attention of the deepest third of the layers but the last. Results go to DIR/scale.json, one
 record per (layers, dtype); docs/results/scale.md quotes them.
+
+`--peer genai`: onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder`, the version in
+.venv) on the same shapes, fp32 and int4 CPU graphs, from a saved fp32 HF folder of the same random model (seed 0);
+whole-process wall time and peak RSS under /usr/bin/time -v, into DIR/builder.json.
 """
 
 from __future__ import annotations
@@ -30,10 +35,7 @@ SHAPES = {"llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_att
 
 
 def recipe_text(layers: int, dtype: str, name: str) -> str:
-    config = {k: v for k, v in json.loads(CONFIG.read_text()).items() if not k.startswith("_")
-              and k not in ("architectures", "torch_dtype", "use_cache")}
-    config["num_hidden_layers"] = layers
-    config["max_position_embeddings"] = 4096
+    config = model_config(layers)
     atol = "1.0e-3" if dtype == "float32" else "5.0e-2"  # an fp16 reference and fp16 graph round differently
     deepest = max(1, round(layers / 3))
     skip = list(range(layers - 1 - deepest, layers - 1))
@@ -50,17 +52,12 @@ def run_one(layers: int, dtype: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     recipe = out / f"{name}.yaml"
     recipe.write_text(recipe_text(layers, dtype, name))
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "exporter.cli", str(recipe), "--out", str(out / name), "--force"]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - started
-    peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    run = timed([sys.executable, "-m", "exporter.cli", str(recipe), "--out", str(out / name), "--force"],
+                out / f"{name}.log")
     folder = out / name if (out / name).is_dir() else out / f"{name}.failed"
     report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
     params = report.get("parameters", {}).get("full")
-    record = {"layers": layers, "dtype": dtype, "exit": proc.returncode, "wall_s": round(wall, 1),
-              "peak_rss_gib": round(int(peak_kb[1]) / 2**20, 2) if peak_kb else None,
+    record = {"layers": layers, "dtype": dtype, **run,
               "parameters": params, "weight_gib": round(params * (4 if dtype == "float32" else 2) / 2**30, 2) if params else None,
               "stages": report.get("stages", []), "not_run": report.get("not_run", []),
               "worst_parity": max((p["max_abs_diff"] / p["atol"] for p in report.get("parity", [])), default=None),
@@ -68,6 +65,55 @@ def run_one(layers: int, dtype: str, out: Path) -> dict:
     if record["peak_rss_gib"] and record["weight_gib"]:
         record["peak_over_weights"] = round(record["peak_rss_gib"] / record["weight_gib"], 2)
     return record
+
+
+def model_config(layers: int) -> dict:
+    config = {k: v for k, v in json.loads(CONFIG.read_text()).items() if not k.startswith("_")
+              and k not in ("architectures", "torch_dtype", "use_cache")}
+    return {**config, "num_hidden_layers": layers, "max_position_embeddings": 4096}
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    """Exit status, wall seconds and peak RSS (GiB) of `cmd` under /usr/bin/time -v; its output goes to `log`."""
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    log.write_text(proc.stdout + proc.stderr)
+    peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return {"exit": proc.returncode, "wall_s": round(wall, 1),
+            "peak_rss_gib": round(int(peak_kb[1]) / 2**20, 2) if peak_kb else None}
+
+
+def run_builder(layers: int, out: Path) -> list[dict]:
+    """The builder's fp32 and int4 graphs of the `layers`-layer model, from an fp32 HF folder saved here."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    folder = out / f"hf-{layers}l"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(MistralConfig(**model_config(layers)), dtype=torch.float32)
+        model.save_pretrained(folder)
+        del model
+    weight_gib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
+    records = []
+    for precision in ("fp32", "int4"):
+        target = out / f"genai-{layers}l-{precision}"
+        shutil.rmtree(target, ignore_errors=True)
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(target),
+               "-p", precision, "-e", "cpu", "-c", str(out / "genai-cache")]
+        record = {"tool": "onnxruntime-genai builder", "layers": layers, "precision": precision,
+                  "weight_gib": round(weight_gib, 2), **timed(cmd, out / f"genai-{layers}l-{precision}.log"),
+                  "cpu": cpu_model(), "threads": os.cpu_count()}
+        record["peak_over_weights"] = round(record["peak_rss_gib"] / weight_gib, 2) if record["peak_rss_gib"] else None
+        record["graph_gib"] = round(sum(f.stat().st_size for f in target.glob("*.onnx*")) / 2**30, 2) \
+            if target.is_dir() else None
+        records.append(record)
+        shutil.rmtree(target, ignore_errors=True)  # gigabytes; only the figures are kept
+    shutil.rmtree(out / "genai-cache", ignore_errors=True)
+    return records
 
 
 def cpu_model() -> str:
@@ -105,7 +151,19 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "scale")
     parser.add_argument("--fit", type=Path, help="print fitted lines from DIR/scale.json instead of running")
+    parser.add_argument("--peer", choices=("genai",), help="run onnxruntime-genai's builder instead (fp32, int4)")
     args = parser.parse_args()
+    if args.peer:
+        args.out.mkdir(parents=True, exist_ok=True)
+        store = args.out / "builder.json"
+        records = json.loads(store.read_text()) if store.is_file() else []
+        for layers in args.layers:
+            for record in run_builder(layers, args.out):
+                records = [r for r in records if (r["layers"], r["precision"]) != (layers, record["precision"])]
+                records.append(record)
+                store.write_text(json.dumps(records, indent=2) + "\n")
+                print(json.dumps(record))
+        return 0
     if args.fit:
         records = json.loads((args.fit / "scale.json").read_text())
         print(json.dumps({d: fit(records, d) for d in ("float32", "float16")}, indent=2))

@@ -106,3 +106,30 @@ def test_parity_sessions_prepack_small_graphs_only(tmp_path, monkeypatch):
     monkeypatch.setenv("EXPORT_SKIP_CHECK_PREPACK", "0")
     monkeypatch.setattr(ort_backend, "SECOND_LAYOUT_MAX_BYTES", 1 << 40)
     assert not ort_backend.check_prepacks(graph)
+
+
+def test_a_graph_too_big_to_check_here_is_not_run_and_verify_checks_it_later(tmp_path, monkeypatch):
+    """Where no parity session fits (a 7B fp16 graph on 24 GB), the run passes on what ran, lists the check under
+    not_run with the reason (never as passed), and `verify --parity` checks the graph where it fits."""
+    import types
+
+    import psutil
+
+    from helpers import one_node_onnx
+    from exporter import pipeline
+    from exporter.recipe import load_recipe
+    from exporter.stages import validate
+
+    graph = one_node_onnx(tmp_path / "g.onnx")
+    assert validate.session_too_big(graph, "fp32") is None
+    with monkeypatch.context() as m:
+        m.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=1 << 20))
+        reason = validate.session_too_big(graph, "fp16")
+    assert reason and "verify DIR --parity" in reason and "\n" not in reason
+    monkeypatch.setattr(validate, "session_too_big", lambda path, precision: f"no room for {precision} (test)")
+    report = pipeline.run(load_recipe(TINY_RECIPE), tmp_path / "art", force=True)
+    assert report["passed"]
+    assert "no room for fp32 (test)" in [n["reason"] for n in report["not_run"]]
+    assert not any(p["artifact"] == "onnx:fp32" for p in report["parity"])
+    again = cli("verify", tmp_path / "art", "--parity")
+    assert again.returncode == 0 and "parity onnx:fp32 decode batch 2" in again.stderr, again.stderr
