@@ -97,6 +97,15 @@ def run_builder(layers: int, out: Path) -> list[dict]:
         model = AutoModelForCausalLM.from_config(MistralConfig(**model_config(layers)), dtype=torch.float32)
         model.save_pretrained(folder)
         del model
+    if not (folder / "tokenizer.json").is_file():
+        # the builder saves a tokenizer beside its graph and stops without one; any will do for the graph's
+        # figures: SmolLM2's (the default recipe's, de-quantised once) is on disk without network
+        from exporter.models import _convert_gguf
+        from exporter.recipe import load_recipe
+
+        smollm2 = _convert_gguf(load_recipe(ROOT / "recipes" / "smollm2-135m.yaml").model)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2 / name, folder / name)
     weight_gib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
     records = []
     for precision in ("fp32", "int4"):
@@ -111,6 +120,10 @@ def run_builder(layers: int, out: Path) -> list[dict]:
         record["graph_gib"] = round(sum(f.stat().st_size for f in target.glob("*.onnx*")) / 2**30, 2) \
             if target.is_dir() else None
         records.append(record)
+        if record["exit"]:
+            tail = (out / f"genai-{layers}l-{precision}.log").read_text().split("Command exited")[0].strip()
+            print(f"builder failed ({precision}, {layers} layers): {tail.splitlines()[-1] if tail else '?'}",
+                  file=sys.stderr)
         shutil.rmtree(target, ignore_errors=True)  # gigabytes; only the figures are kept
     shutil.rmtree(out / "genai-cache", ignore_errors=True)
     return records
