@@ -27,6 +27,7 @@ from exporter.manifest import record_files
 from exporter.mask import SkipMask, resolve_mask
 from exporter.models import describe_source, load_config, load_model
 from exporter.onnx.contract import ONNX_FILE
+from exporter.parity import kl_top1_sum
 from exporter.progress import progress_bar
 from exporter.report import REPORT_JSON, Report
 from exporter.prompts import encode_plain, pad_token_id
@@ -89,22 +90,6 @@ def nll_sum(logits: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor) -> tupl
         total += float(nll[valid[:, s:e]].double().sum())
         count += int(valid[:, s:e].sum())
     return total, count
-
-
-def kl_top1_sum(ref: torch.Tensor, logits: torch.Tensor, attn: torch.Tensor) -> tuple[float, int, int]:
-    """Summed KL(P_ref || P) of next-token distributions and count of equal argmaxes, at real positions."""
-    kl_total, agree, count = 0.0, 0, 0
-    valid = attn.bool()
-    for s in range(0, ref.shape[1], CHUNK):
-        p = torch.log_softmax(ref[:, s:s + CHUNK].float(), dim=-1)  # [B, t, V]
-        q = torch.log_softmax(logits[:, s:s + CHUNK].float(), dim=-1)
-        kl = (p.exp() * (p - q)).sum(-1)  # [B, t]
-        same = p.argmax(-1) == q.argmax(-1)
-        v = valid[:, s:s + CHUNK]
-        kl_total += float(kl[v].double().sum())
-        agree += int(same[v].sum())
-        count += int(v.sum())
-    return kl_total, agree, count
 
 
 @dataclass

@@ -46,6 +46,7 @@ class Report(BaseModel):
     engines: dict | None
     optimized_graph: dict | None
     speed: dict
+    int4: dict | None = None  # the int4 graph: what was quantized, its fit to the fp32 reference (stages/quantize.py)
     stages: list[dict]
     wall_seconds: float | None
     versions: dict

@@ -19,6 +19,7 @@ PRECISIONS_CODE = ("stages.precisions",)
 REWRITE_CODE = ("onnx.optimize", "onnx.gemv", "onnx.graph")  # what model.opt.onnx depends on
 OPTIMIZE_CODE = (*REWRITE_CODE, "stages.optimize")
 ENGINES_CODE = ("backends.trt", "stages.engines")
+INT4_CODE = (*REWRITE_CODE, "onnx.int4", "stages.quantize")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class StageKeys:
     precisions: str
     validate: str
     optimize: str
+    int4: str
 
     @classmethod
     def for_run(cls, recipe: Recipe, model_info: dict, mask) -> StageKeys:
@@ -47,6 +49,8 @@ class StageKeys:
             optimize=stage_key({"export": export, "reference": reference,
                                 "batch1_decode_path": recipe.export.batch1_decode_path,
                                 "code": [checks, code_fingerprint(*OPTIMIZE_CODE)]}),
+            int4=stage_key({"export": export, "reference": reference, "int4": recipe.export.int4.model_dump(mode="json"),
+                            "fit": checked_with, "code": [checks, code_fingerprint(*INT4_CODE)]}),
         )
 
 
