@@ -28,7 +28,7 @@ from exporter.workdir import raise_on_sigterm
 # The commands that run models import their modules (and so torch, onnx, onnxruntime) when they run, so
 # `check`, `plan`, `inspect` and `verify` start in a fraction of a second.
 
-USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
+USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait] [--no-tune]
                                             export, validate and report (the main job)
        export-skip check RECIPE             validate a recipe (and its mask against the model config)
        export-skip plan RECIPE [--config JSON] [--json]
@@ -66,8 +66,12 @@ def _run(argv: list[str], console) -> int:
     parser.add_argument("--force", action="store_true", help="redo every stage (ignore the stage cache)")
     parser.add_argument("--no-wait", action="store_true",
                         help="fail at once if another run is writing the same artifact folder")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="build the default optimized graph instead of timing the variants here (export.tune: false)")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
+    if args.no_tune:  # as the recipe key: the resolved recipe in the report says so
+        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"tune": False})})
     out = args.out or Path("artifacts") / (recipe.name or args.recipe.stem)
     console.print(f"[bold]export-skip[/] {args.recipe} -> {out}")
     report = run(recipe, out, console, force=args.force, wait=not args.no_wait)

@@ -72,9 +72,12 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                 rec.done(", ".join(e["path"] for e in engines["artifacts"] if e["kind"] == "engine")
                          or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
         with log.stage("optimize", "writing and checking the optimized ONNX Runtime graph") as rec:
-            optimized = cached("optimize", keys.optimize, rec, lambda: optimize_stage(recipe, config, plain, own, loaded.weight_bytes))
-            rec.done(", ".join(a["path"] for a in optimized["artifacts"])
-                     or "not written: " + "; ".join(n["reason"] for n in optimized["not_run"]))
+            optimized = cached("optimize", keys.optimize, rec, lambda: optimize_stage(recipe, config, plain, own,
+                                                                                      loaded.weight_bytes, recipe.export.tune))
+            rec.done((", ".join(a["path"] for a in optimized["artifacts"])
+                      or "not written: " + "; ".join(n["reason"] for n in optimized["not_run"]))
+                     + (f"; tuned: {optimized['tuning']['chosen']} (scores {optimized['tuning']['scores']})"
+                        if optimized.get("tuning") else ""))
         int4 = None
         if recipe.int4:
             with log.stage("int4", "quantizing the int4 graph (MatMulNBits) and checking its fit") as rec:
@@ -89,8 +92,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
             # onnxruntime-genai runs the int4 graph where the recipe asked for one, else the optimized graph where
             # there is one (same contract, checked above, faster on CPU: docs/serving.md); TensorRT and other
             # runtimes keep model.onnx
-            genai_graph = INT4_GRAPH if int4 else next(
-                (a["path"] for a in optimized["artifacts"] if a["kind"] == "onnx-optimized"), ONNX_FILE)
+            genai_graph = INT4_GRAPH if int4 else optimized["serve"]
             packaged = found.add(package_stage(recipe, config, loaded.generation_config, tokenizer, work.path,
                                                genai_graph))
             rec.done((", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add")
@@ -104,7 +106,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
             parameters=size["parameters"], kv_cache=size["kv_cache"], artifacts=found.artifacts,
             onnx=exported["onnx"], parity=found.parity, samples=reference["samples"], checks=found.checks,
             not_run=found.not_run, half_precision_greedy=validated["greedy"], engines=engines,
-            optimized_graph=optimized["fused"], speed=speed, int4=int4 and int4["int4"], stages=[s.as_dict() for s in log.records],
+            optimized_graph=optimized["fused"], tuning=optimized["tuning"], served_graph=genai_graph, speed=speed,
+            int4=int4 and int4["int4"], stages=[s.as_dict() for s in log.records],
             wall_seconds=round(time.perf_counter() - started, 2), versions=tool_versions())
         report.write(work.path)
         write_manifest(work.path, recipe, report)  # last: it hashes every file in the folder

@@ -165,6 +165,9 @@ class Export(_Strict):
     # fp32 model.opt.onnx: a batch-1 decode branch reading unpacked weights (faster on some CPUs, a second layout
     # of the weights resident); "auto": on for models of at most 2 GiB of kept weights (stages/optimize.py)
     batch1_decode_path: bool | Literal["auto"] = "auto"
+    # time the optimized graph's variants (plain, packed weights, the batch-1 branch) on the machine that builds
+    # and keep the fastest (exporter/bench/tune.py); false (or `--no-tune`): the default variant, reproducibly
+    tune: bool = True
 
 
 class Validate(_Strict):
