@@ -17,6 +17,7 @@ dispatch on), so the int4 graph has the optimized graph's fused attention and no
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,9 @@ def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_l
     data_path(out_path).unlink(missing_ok=True)
     onnx.save(out, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data_path(out_path).name, size_threshold=1024)
+    mask = os.umask(0)
+    os.umask(mask)
+    data_path(out_path).chmod(0o666 & ~mask)  # onnx writes external data 0600; the other files follow the umask
     ops = [n.op_type for n in out.graph.node]
     return {"matmul_nbits": ops.count("MatMulNBits"), "matmul_fp32": ops.count("MatMul"),
             "block_size": block_size, "accuracy_level": accuracy_level,
