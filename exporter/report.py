@@ -214,7 +214,7 @@ def tuning_markdown(r: dict) -> list[str]:
     names = list(t["scores"])
     lines = ["", "## Graph variant, chosen on this machine", "",
              f"Chosen: **{t['chosen']}** (default {t['default']}); onnxruntime-genai serves `{served}`. "
-             f"Timed on {describe_machine(t['machine'])}, about {t['budget_s_per_shape']} s per shape, calls interleaved; "
+             f"Timed on {describe_machine(t['machine'])}, about {sum(t['budget_s'].values()):.1f} s in all, calls interleaved; "
              f"score = geometric mean of the time relative to the default (a variant must beat it by {t['margin']:.0%}).", "",
              "| shape | " + " | ".join(f"{n} ms" for n in names) + " |", "|---|" + "---:|" * len(names)]
     for shape, ms in t["median_ms"].items():
