@@ -28,7 +28,7 @@ from exporter.workdir import raise_on_sigterm
 # The commands that run models import their modules (and so torch, onnx, onnxruntime) when they run, so
 # `check`, `plan`, `inspect` and `verify` start in a fraction of a second.
 
-USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
+USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait] [--no-tune]
                                             export, validate and report (the main job)
        export-skip check RECIPE             validate a recipe (and its mask against the model config)
        export-skip plan RECIPE [--config JSON] [--json]
@@ -40,7 +40,7 @@ USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait]
                                             re-hash every file against manifest.json, check the ONNX graphs
        export-skip generate DIR --prompt TEXT [--max-new-tokens N] [--runtime ort|genai]
                                             stream greedy text from an artifact
-       export-skip eval RECIPE [--artifact DIR] [--data DIR] [--limit N] [--window N] [--out FILE]
+       export-skip eval RECIPE [--artifact DIR [--onnx FILE]] [--data DIR] [--limit N] [--window N] [--out FILE]
                                             perplexity, LAMBADA, KL / top-1 vs the full model (eval.json)
        export-skip search RECIPE [--strategy greedy|oneshot] [--kind attention|mlp|block|any]
                       [--max-kl X | --max-ppl-increase PCT | --max-lambada-drop POINTS | --count N]
@@ -66,8 +66,12 @@ def _run(argv: list[str], console) -> int:
     parser.add_argument("--force", action="store_true", help="redo every stage (ignore the stage cache)")
     parser.add_argument("--no-wait", action="store_true",
                         help="fail at once if another run is writing the same artifact folder")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="build the default optimized graph instead of timing the variants here (export.tune: false)")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
+    if args.no_tune:  # as the recipe key: the resolved recipe in the report says so
+        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"tune": False})})
     out = args.out or Path("artifacts") / (recipe.name or args.recipe.stem)
     console.print(f"[bold]export-skip[/] {args.recipe} -> {out}")
     report = run(recipe, out, console, force=args.force, wait=not args.no_wait)
@@ -223,6 +227,7 @@ def _eval(argv: list[str], console) -> int:
 
     parser = _parser("export-skip eval")
     parser.add_argument("--artifact", type=Path, help="also evaluate this exported folder's model.onnx in ONNX Runtime")
+    parser.add_argument("--onnx", help="with --artifact: the graph in it to evaluate (e.g. int4/model.onnx)")
     _data_args(parser)
     parser.add_argument("--limit", type=int, help="quick run: first N WikiText windows and first N LAMBADA passages")
     parser.add_argument("--windows", type=int, help="first N WikiText windows (overrides --limit)")
@@ -241,9 +246,11 @@ def _eval(argv: list[str], console) -> int:
     settings = Settings(data=data_dir(args.data), window=args.window, tasks=tasks,
                         windows=args.windows if args.windows is not None else args.limit,
                         passages=args.passages if args.passages is not None else args.limit)
-    result, path = run_eval(recipe, settings, args.artifact, args.out, console)
+    if args.onnx and args.artifact is None:
+        raise UserError("--onnx names a graph inside --artifact DIR: give --artifact too")
+    result, path = run_eval(recipe, settings, args.artifact, args.out, console, onnx_file=args.onnx)
     console.print(f"wrote {path}")
-    check = result.get("onnx_vs_pytorch")
+    check = result.get("onnx_vs_pytorch") or result.get("int4_vs_fp32")
     return 1 if check and not check["passed"] else 0
 
 

@@ -39,10 +39,10 @@ def _manifest(folder: Path) -> dict | None:
 
 
 def _onnx_file(folder: Path, manifest: dict | None, name: str | None) -> Path:
-    """The graph to run: `name`, else the optimized graph when the run wrote one (faster on CPU, same
+    """The graph to run: `name`, else the int4 graph, else the optimized graph when the run wrote one (faster on CPU, same
     contract and parity checks as the plain one), else model.onnx."""
     graphs = list((manifest or {}).get("onnx") or [])
-    preferred = [g for g in ("model.opt.onnx", "model.onnx") if g in graphs] + graphs + ["model.onnx"]
+    preferred = [g for g in ("int4/model.onnx", "model.opt.onnx", "model.onnx") if g in graphs] + graphs + ["model.onnx"]
     path = folder / (name or preferred[0])
     if not path.is_file():
         raise UserError(f"{path}: no ONNX graph here (give an artifact folder written by export-skip)")

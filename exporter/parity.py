@@ -103,3 +103,45 @@ def check_recorded(recorded: list[RecordedBatch], candidate, steps: int, atol_pr
         phases, _ = check_parity(ReplayRunner(batch), candidate, ids, attn, steps, atol_prefill, atol_decode, artifact)
         rows += [p.as_dict() for p in phases]
     return rows
+
+
+def kl_top1_sum(ref: torch.Tensor, logits: torch.Tensor, attn: torch.Tensor, chunk: int = 256) -> tuple[float, int, int]:
+    """Summed KL(P_ref || P) of next-token distributions and count of equal argmaxes, at real positions
+    (attn [B, T]); log-softmax in chunks of `chunk` positions bounds memory at chunk x vocab floats."""
+    kl_total, agree, count = 0.0, 0, 0
+    valid = attn.bool()
+    for s in range(0, ref.shape[1], chunk):
+        p = torch.log_softmax(ref[:, s:s + chunk].float(), dim=-1)  # [B, t, V]
+        q = torch.log_softmax(logits[:, s:s + chunk].float(), dim=-1)
+        kl = (p.exp() * (p - q)).sum(-1)  # [B, t]
+        same = p.argmax(-1) == q.argmax(-1)
+        v = valid[:, s:s + chunk]
+        kl_total += float(kl[v].double().sum())
+        agree += int(same[v].sum())
+        count += int(v.sum())
+    return kl_total, agree, count
+
+
+def fit_recorded(recorded: list[RecordedBatch], candidate, steps: int, artifact: str) -> dict:
+    """How close a quantized graph stays to the recorded reference (not bitwise parity): mean KL and top-1
+    agreement of next-token distributions over the prompts' real positions and `steps` teacher-forced decode
+    steps, and the share of the reference's greedy tokens the candidate reproduces running free (per row, the
+    tokens before its first difference; a flip ends the agreement, as it changes everything after it)."""
+    kl, agree, count, kept, total = 0.0, 0, 0, 0, 0
+    for batch in recorded:
+        ids, attn = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+        replay = ReplayRunner(batch)
+        ref, cand = replay.prefill(ids, attn), candidate.prefill(ids, attn)
+        sums = [kl_top1_sum(ref, cand, attn)]
+        tokens = ref[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            ref, cand = replay.step(tokens), candidate.step(tokens)
+            sums.append(kl_top1_sum(ref, cand, torch.ones(ref.shape[:2], dtype=torch.bool)))
+            tokens = ref[:, -1].argmax(-1, keepdim=True)
+        kl, agree, count = kl + sum(s[0] for s in sums), agree + sum(s[1] for s in sums), count + sum(s[2] for s in sums)
+        own = greedy_tokens(candidate, ids, attn, steps)
+        for row, ref_row in zip(own, batch.tokens.tolist()):
+            first = next((i for i, (a, b) in enumerate(zip(row, ref_row)) if a != b), len(ref_row))
+            kept, total = kept + first, total + len(ref_row)
+    return {"artifact": artifact, "mean_kl": kl / count, "top1": agree / count, "greedy": kept / total,
+            "positions": count, "greedy_tokens": total}

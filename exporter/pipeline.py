@@ -29,6 +29,7 @@ from exporter.stages.optimize import optimize_stage
 from exporter.reference import REFERENCE_FILE
 from exporter.stages.package import checkpoint_stage, package_stage
 from exporter.stages.precisions import graph_paths, half_precisions, precisions_stage
+from exporter.stages.quantize import INT4_GRAPH, int4_stage
 from exporter.stages.reference import reference_stage
 from exporter.stages.remove import remove_stage
 from exporter.stages.speed import speed_stage
@@ -71,16 +72,27 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                 rec.done(", ".join(e["path"] for e in engines["artifacts"] if e["kind"] == "engine")
                          or "none built: " + "; ".join(n["reason"] for n in engines["not_built"]))
         with log.stage("optimize", "writing and checking the optimized ONNX Runtime graph") as rec:
-            optimized = cached("optimize", keys.optimize, rec, lambda: optimize_stage(recipe, config, plain, own, loaded.weight_bytes))
-            rec.done(", ".join(a["path"] for a in optimized["artifacts"])
-                     or "not written: " + "; ".join(n["reason"] for n in optimized["not_run"]))
+            optimized = cached("optimize", keys.optimize, rec, lambda: optimize_stage(recipe, config, plain, own,
+                                                                                      loaded.weight_bytes, recipe.export.tune))
+            rec.done((", ".join(a["path"] for a in optimized["artifacts"])
+                      or "not written: " + "; ".join(n["reason"] for n in optimized["not_run"]))
+                     + (f"; tuned: {optimized['tuning']['chosen']} (scores {optimized['tuning']['scores']})"
+                        if optimized.get("tuning") else ""))
+        int4 = None
+        if recipe.int4:
+            with log.stage("int4", "quantizing the int4 graph (MatMulNBits) and checking its fit") as rec:
+                int4 = cached("int4", keys.int4, rec, lambda: int4_stage(recipe, config, plain))
+                fit = int4["int4"]["fit"]
+                rec.done(f"{INT4_GRAPH}: mean KL {fit['mean_kl']:.3f}, top-1 {fit['top1']:.1%}, greedy "
+                         f"{fit['greedy']:.1%} of the fp32 reference")
         with log.stage("speed", "measuring decode speed, full vs skipped (ONNX Runtime)") as rec:
             speed = speed_stage(recipe, config, mask, plain, loaded.weight_bytes, console)
             rec.done(_speed_line(speed))
         with log.stage("package") as rec:
-            # onnxruntime-genai runs the optimized graph where there is one (same contract, parity-checked
-            # above, faster on CPU: docs/serving.md); TensorRT and other runtimes keep model.onnx
-            genai_graph = next((a["path"] for a in optimized["artifacts"] if a["kind"] == "onnx-optimized"), ONNX_FILE)
+            # onnxruntime-genai runs the int4 graph where the recipe asked for one, else the optimized graph where
+            # there is one (same contract, checked above, faster on CPU: docs/serving.md); TensorRT and other
+            # runtimes keep model.onnx
+            genai_graph = INT4_GRAPH if int4 else optimized["serve"]
             packaged = found.add(package_stage(recipe, config, loaded.generation_config, tokenizer, work.path,
                                                genai_graph))
             rec.done((", ".join(a["path"] for a in packaged["artifacts"]) or "nothing to add")
@@ -94,7 +106,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
             parameters=size["parameters"], kv_cache=size["kv_cache"], artifacts=found.artifacts,
             onnx=exported["onnx"], parity=found.parity, samples=reference["samples"], checks=found.checks,
             not_run=found.not_run, half_precision_greedy=validated["greedy"], engines=engines,
-            optimized_graph=optimized["fused"], speed=speed, stages=[s.as_dict() for s in log.records],
+            optimized_graph=optimized["fused"], tuning=optimized["tuning"], served_graph=genai_graph, speed=speed,
+            int4=int4 and int4["int4"], stages=[s.as_dict() for s in log.records],
             wall_seconds=round(time.perf_counter() - started, 2), versions=tool_versions())
         report.write(work.path)
         write_manifest(work.path, recipe, report)  # last: it hashes every file in the folder

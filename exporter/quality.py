@@ -27,6 +27,7 @@ from exporter.manifest import record_files
 from exporter.mask import SkipMask, resolve_mask
 from exporter.models import describe_source, load_config, load_model
 from exporter.onnx.contract import ONNX_FILE
+from exporter.parity import kl_top1_sum
 from exporter.progress import progress_bar
 from exporter.report import REPORT_JSON, Report
 from exporter.prompts import encode_plain, pad_token_id
@@ -89,22 +90,6 @@ def nll_sum(logits: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor) -> tupl
         total += float(nll[valid[:, s:e]].double().sum())
         count += int(valid[:, s:e].sum())
     return total, count
-
-
-def kl_top1_sum(ref: torch.Tensor, logits: torch.Tensor, attn: torch.Tensor) -> tuple[float, int, int]:
-    """Summed KL(P_ref || P) of next-token distributions and count of equal argmaxes, at real positions."""
-    kl_total, agree, count = 0.0, 0, 0
-    valid = attn.bool()
-    for s in range(0, ref.shape[1], CHUNK):
-        p = torch.log_softmax(ref[:, s:s + CHUNK].float(), dim=-1)  # [B, t, V]
-        q = torch.log_softmax(logits[:, s:s + CHUNK].float(), dim=-1)
-        kl = (p.exp() * (p - q)).sum(-1)  # [B, t]
-        same = p.argmax(-1) == q.argmax(-1)
-        v = valid[:, s:s + CHUNK]
-        kl_total += float(kl[v].double().sum())
-        agree += int(same[v].sum())
-        count += int(v.sum())
-    return kl_total, agree, count
 
 
 @dataclass
@@ -267,16 +252,19 @@ def write_json(result: dict, path: Path) -> None:
 # ---------------------------------------------------------------- `export-skip eval`
 
 ONNX_REL_TOLERANCE = 0.005  # the exported graph's perplexity must be within 0.5% of PyTorch's
+# an int4 graph is not the same numbers: its KL to the full model may exceed the fp32 skipped model's by this
+# much (issue 14's bar: quantization costs no more than this on top of the skipping)
+INT4_KL_MARGIN = 0.05
 
 
 def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path | None = None,
-             console=None) -> tuple[dict, Path]:
+             console=None, onnx_file: str | None = None) -> tuple[dict, Path]:
     """Evaluate a recipe's mask (and, with `artifact`, its exported ONNX in ONNX Runtime); write eval.json."""
     config = load_config(recipe.model)
     mask = resolve_mask(recipe, config.num_hidden_layers)
     onnx_path = None
     if artifact is not None:
-        onnx_path = _artifact_onnx(artifact, mask)
+        onnx_path = _artifact_onnx(artifact, mask, onnx_file)
     for name in settings.tasks:  # fail on missing data before loading anything heavy
 
         data.data_file(settings.data, data.WIKITEXT if name == "wikitext" else data.LAMBADA)
@@ -290,11 +278,15 @@ def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path
               "backends": {"full": "pytorch", "skipped": "pytorch (physically skipped model)",
                            **({"onnx": f"onnxruntime ({onnx_path})"} if onnx_path else {})},
               **result}
-    if onnx_path is not None and "wikitext" in result:
+    quantized = onnx_path is not None and onnx_path.parent.name == "int4"
+    if onnx_path is not None and "wikitext" in result and not quantized:
         ort_ppl, pt_ppl = result["models"]["onnx"]["perplexity"], result["models"]["skipped"]["perplexity"]
         rel = abs(ort_ppl - pt_ppl) / pt_ppl
         result["onnx_vs_pytorch"] = {"perplexity_rel_diff": rel, "limit": ONNX_REL_TOLERANCE,
                                      "passed": rel <= ONNX_REL_TOLERANCE}
+    elif quantized and "wikitext" in result:  # what int4 adds to the skipping's KL, on the same windows
+        added = result["models"]["onnx"]["kl"] - result["models"]["skipped"]["kl"]
+        result["int4_vs_fp32"] = {"kl_added": added, "limit": INT4_KL_MARGIN, "passed": added <= INT4_KL_MARGIN}
     path = out or (artifact / "eval.json" if artifact else Path("artifacts") / f"eval-{recipe.source_path.stem}" / "eval.json")
     write_json(result, path)
     touched = []
@@ -313,8 +305,8 @@ def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path
     return result, path
 
 
-def _artifact_onnx(artifact: Path, mask: SkipMask) -> Path:
-    path = artifact / ONNX_FILE
+def _artifact_onnx(artifact: Path, mask: SkipMask, onnx_file: str | None = None) -> Path:
+    path = artifact / (onnx_file or ONNX_FILE)
     if not path.is_file():
         raise UserError(f"--artifact {artifact}: no {ONNX_FILE} there (run export-skip RECIPE --out {artifact} first)")
     report = Report.load(artifact)
@@ -336,6 +328,11 @@ def print_table(result: dict, console) -> None:
         table.add_row(name, _fmt(m.get("perplexity"), "{:.3f}"), _fmt(m.get("kl"), "{:.4f}"),
                       _fmt(m.get("top1_agreement"), "{:.2%}"), _fmt(m.get("lambada_accuracy"), "{:.2%}"))
     console.print(table)
+    added = result.get("int4_vs_fp32")
+    if added:
+        word = "[green]ok[/]" if added["passed"] else "[red]over the limit[/]"
+        console.print(f"int4 graph: KL vs full {added['kl_added']:+.4f} over the fp32 skipped model's "
+                      f"(limit {added['limit']}) {word}")
     check = result.get("onnx_vs_pytorch")
     if check:
         word = "[green]ok[/]" if check["passed"] else "[red]FAILED[/]"

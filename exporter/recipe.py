@@ -22,6 +22,8 @@ from exporter.mask import expand_layers
 
 DTYPES = ("float32", "float16", "bfloat16")
 Precision = Literal["fp32", "fp16", "bf16"]
+# int4 is not exported from PyTorch: it is the optimized fp32 graph with weight-only MatMulNBits (export.int4)
+GraphPrecision = Literal["fp32", "fp16", "bf16", "int4"]
 _PRECISION_OF = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -127,12 +129,35 @@ class Atol(_Strict):
     decode: float = Field(default=1e-3, gt=0)
 
 
+class Int4(_Strict):
+    """Weight-only int4 (onnxruntime.quantization.matmul_nbits_quantizer, symmetric RTN) of the optimized fp32
+    graph's MatMuls; the embedding Gather stays fp32 (exporter/onnx/int4.py)."""
+
+    block_size: Literal[16, 32, 64, 128, 256] = 32  # onnxruntime-genai's builder's default
+    # MatMulNBits accuracy_level: 0 = unset (fp32 compute), 4 = int8 activations (fastest on CPU; onnxruntime issue
+    # 29849: can flip greedy tokens, which validate.int4's greedy agreement catches)
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    lm_head: bool = True  # quantize the LM head too (the largest MatMul); false keeps it fp32
+
+
+class Int4Fit(_Strict):
+    """How close the int4 graph must stay to the recorded fp32 masked reference on the validation prompts.
+    Round-to-nearest int4 is lossy on small models: SmolLM2-135M's int4 graph measured mean KL 0.73, top-1 0.58,
+    greedy 0.27 against its fp32 reference (onnxruntime-genai's own int4 graph: KL 0.39 on WikiText), so the
+    defaults catch a broken graph (KL of several nats, top-1 near 0), not rounding (docs/results/speed.md)."""
+
+    max_mean_kl: float = Field(default=1.0, gt=0)  # mean KL(reference || int4) of next-token distributions
+    min_top1: float = Field(default=0.5, ge=0, le=1)  # share of positions whose argmax agrees (teacher-forced)
+    min_greedy: float = Field(default=0.2, ge=0, le=1)  # share of the reference's greedy tokens reproduced, free-running
+
+
 class Export(_Strict):
     opset: int = Field(default=18, ge=18, le=23)
     max_batch: int = Field(default=4, ge=1)
     max_context: int = Field(default=2048, ge=2)
     # graphs to export; default: the model's dtype. Half graphs keep norms' variance, softmax and logits fp32
-    precisions: list[Precision] | None = Field(default=None, min_length=1)
+    precisions: list[GraphPrecision] | None = Field(default=None, min_length=1)
+    int4: Int4 = Int4()  # how the int4 graph is quantized (when precisions lists int4)
     genai: bool = True  # genai_config.json beside the ONNX (onnxruntime-genai runs the artifact as is)
     checkpoint: bool = False  # also a Nemotron-NAS / DeciLM-style HF checkpoint in checkpoint/ (vLLM, TRT-LLM)
     # optimized fp32 graph: batch-1 decode steps read unpacked weights (ONNX Runtime's one-row kernel, faster);
@@ -140,6 +165,9 @@ class Export(_Strict):
     # fp32 model.opt.onnx: a batch-1 decode branch reading unpacked weights (faster on some CPUs, a second layout
     # of the weights resident); "auto": on for models of at most 2 GiB of kept weights (stages/optimize.py)
     batch1_decode_path: bool | Literal["auto"] = "auto"
+    # time the optimized graph's variants (plain, packed weights, the batch-1 branch) on the machine that builds
+    # and keep the fastest (exporter/bench/tune.py); false (or `--no-tune`): the default variant, reproducibly
+    tune: bool = True
 
 
 class Validate(_Strict):
@@ -150,6 +178,7 @@ class Validate(_Strict):
     padded_batch: bool = True  # also check a batch of 2 prompts of different lengths, left-padded
     # fp16 / bf16 graphs against the fp32 reference: rounding of 16-bit weights and activations
     half_atol: Atol = Atol(prefill=0.5, decode=0.5)
+    int4: Int4Fit = Int4Fit()  # the int4 graph against the fp32 reference: quantization-fit thresholds
     # time decode full vs skipped in ORT for the report (exports the unskipped model once per machine);
     # false: the report carries the cost model's prediction only (`export-skip bench` measures on demand)
     speed: bool = True
@@ -190,14 +219,27 @@ class Recipe(_Strict):
 
     @property
     def precisions(self) -> list[str]:
-        """Exported graph precisions, in order; the first is the model's dtype unless the recipe says otherwise."""
-        return list(dict.fromkeys(self.export.precisions or [_PRECISION_OF[self.model.dtype]]))
+        """Graph precisions exported from PyTorch, in order; the first is the model's dtype unless the recipe says
+        otherwise. int4 is not among them (`int4`)."""
+        listed = self.export.precisions or [_PRECISION_OF[self.model.dtype]]
+        return list(dict.fromkeys(p for p in listed if p != "int4")) or [_PRECISION_OF[self.model.dtype]]
+
+    @property
+    def int4(self) -> bool:
+        """Whether the run writes an int4 graph (quantized from the optimized fp32 graph)."""
+        return "int4" in (self.export.precisions or [])
 
     @property
     def engine_precisions(self) -> list[str]:
         if self.tensorrt is None:
             return []
         return list(dict.fromkeys(self.tensorrt.precisions or self.precisions))
+
+    @model_validator(mode="after")
+    def _int4_from_fp32(self):
+        if self.int4 and self.model.dtype != "float32":
+            raise ValueError("export.precisions: int4 is quantized from the fp32 graph; it needs model.dtype: float32")
+        return self
 
     @model_validator(mode="after")
     def _engines_from_exported_graphs(self):

@@ -46,6 +46,9 @@ class Report(BaseModel):
     engines: dict | None
     optimized_graph: dict | None
     speed: dict
+    tuning: dict | None = None  # the variants timed on the building machine and the choice (bench/tune.py)
+    served_graph: str | None = None  # the graph genai_config.json names
+    int4: dict | None = None  # the int4 graph: what was quantized, its fit to the fp32 reference (stages/quantize.py)
     stages: list[dict]
     wall_seconds: float | None
     versions: dict
@@ -171,6 +174,7 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {a['kind']} | {a['precision'] or ''} | `{a['path']}` | {_mb(a['bytes'])} | `{a['sha256'][:16]}…` |")
     lines += engines_markdown(r)
     lines += speed_markdown(r)
+    lines += tuning_markdown(r)
     lines += ["", "## Stages", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s['peak_rss_mb']:,.0f} |")
@@ -197,6 +201,25 @@ def engines_markdown(r: dict) -> list[str]:
     if r.get("not_run"):
         lines += ["", "## Checks not run (not passed)", ""]
         lines += [f"- {n['check']}: {n['reason']}" for n in r["not_run"]]
+    return lines
+
+
+def tuning_markdown(r: dict) -> list[str]:
+    """Which graph variant the run chose on its machine, and the timings it chose by."""
+    from exporter.machine import describe_machine
+
+    t, served = r.get("tuning"), r.get("served_graph")
+    if not t:
+        return ["", "## Graph served", "", f"`{served}` (the default variant: not tuned)."] if served else []
+    names = list(t["scores"])
+    lines = ["", "## Graph variant, chosen on this machine", "",
+             f"Chosen: **{t['chosen']}** (default {t['default']}); onnxruntime-genai serves `{served}`. "
+             f"Timed on {describe_machine(t['machine'])}, about {sum(t['budget_s'].values()):.1f} s in all, calls interleaved; "
+             f"score = geometric mean of the time relative to the default (a variant must beat it by {t['margin']:.0%}).", "",
+             "| shape | " + " | ".join(f"{n} ms" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for shape, ms in t["median_ms"].items():
+        lines.append(f"| {shape} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + " |")
+    lines.append("| score | " + " | ".join(f"{t['scores'][n]:.3f}" for n in names) + " |")
     return lines
 
 

@@ -107,6 +107,22 @@ def test_bench_with_a_peer_measures_it_alike(tiny, tiny_artifact_copy, monkeypat
     assert r["graph_ops"]["full:optimized"]["com.microsoft.GroupQueryAttention"] == model.config.num_hidden_layers
     md = (out / "bench.md").read_text()
     assert "peer:twin" in md and "Load average" in md
+    # every figure comes with the machine it was measured on (kernel choice depends on the ISA)
+    assert r["machine"]["threads"] == 1 and r["machine"]["onnxruntime"] == r["onnxruntime"] and r["machine"]["cpu"]
+    assert f"Machine: {r['machine']['cpu']}" in md
+
+
+def test_machine_info_reads_cpu_model_and_isa_flags(monkeypatch):
+    from exporter import machine
+
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 fma avx512f "
+                                                      "avx512_vnni avx512_bf16 ht\n")
+    info = machine.machine_info(threads=2)
+    assert info["cpu"] == "AMD EPYC 9R14" and info["isa"] == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert info["threads"] == 2 and info["onnxruntime"]
+    line = machine.describe_machine(info)
+    assert line.startswith("AMD EPYC 9R14 (avx2 fma avx512f avx512_vnni avx512_bf16)") and "2 threads" in line
+    assert machine.machine_key() == {k: machine.machine_info()[k] for k in ("cpu", "isa", "onnxruntime")}
 
 
 def test_rounds_from_the_environment_are_checked(monkeypatch):

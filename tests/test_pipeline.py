@@ -9,10 +9,16 @@ from helpers import ROOT, TINY_RECIPE, cli
 
 def test_tiny_recipe_passes_and_writes_the_artifact(tmp_path):
     out = tmp_path / "tiny-llama"
-    result = cli(TINY_RECIPE, "--out", out)
+    result = cli(TINY_RECIPE, "--out", out, "--no-tune")
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.onnx.data", "model.opt.onnx", "model.opt.onnx.data", "report.json",
                                                "report.md", "manifest.json", "recipe.yaml", "genai_config.json", "reference.npz"}
+    # --no-tune: the default variant (the batch-1 branch, for a model this small), served, and the recipe says so
+    r = json.loads((out / "report.json").read_text())
+    assert r["tuning"] is None and r["recipe"]["resolved"]["export"]["tune"] is False
+    assert r["optimized_graph"]["variant"] == "batch1-branch" and r["optimized_graph"]["batch1_unpacked_matmuls"] > 0
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.opt.onnx"
+    assert "`model.opt.onnx` (the default variant: not tuned)" in (out / "report.md").read_text()
 
 
 def test_report_json_contents(tiny_artifact):
@@ -47,8 +53,21 @@ def test_report_json_contents(tiny_artifact):
     assert r["kv_cache"]["bytes_per_token_skipped"] * 6 == r["kv_cache"]["bytes_per_token_full"] * 4
     md = (out / "report.md").read_text()
     assert "PASSED" in md and "onnx:fp32" in md
-    # onnxruntime-genai is pointed at the optimized graph (parity-checked like the plain one)
-    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.opt.onnx"
+    # the variants were timed here and the fastest is served: onnxruntime-genai is pointed at it (plain, or the
+    # optimized graph, parity-checked like the plain one, in the chosen variant)
+    tuning = r["tuning"]
+    assert set(tuning["scores"]) == {"plain", "packed", "batch1-branch"} and tuning["default"] == "batch1-branch"
+    assert tuning["scores"]["batch1-branch"] == 1.0 and tuning["chosen"] in tuning["scores"]
+    assert set(tuning["median_ms"]) == {"decode batch 1", "decode batch 4", "prefill 32"}
+    assert all(ms > 0 for shape in tuning["median_ms"].values() for ms in shape.values())
+    machine = tuning["machine"]
+    assert machine["cpu"] and machine["onnxruntime"] == r["versions"]["onnxruntime"] and machine["threads"] == 1
+    assert isinstance(machine["isa"], list) and machine["cpus"] >= 1
+    served = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    assert served == r["served_graph"] == ("model.onnx" if tuning["chosen"] == "plain" else "model.opt.onnx")
+    assert r["optimized_graph"]["variant"] == ("packed" if tuning["chosen"] == "packed" else "batch1-branch")
+    assert f"Chosen: **{tuning['chosen']}**" in md and machine["cpu"] in md
+    assert not (out / "tune-packed.onnx").exists()  # the candidate is not left behind
 
 
 def test_failed_parity_exits_1_and_keeps_the_previous_artifact(tiny_artifact_copy, tmp_path):

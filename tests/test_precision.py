@@ -5,7 +5,7 @@ import pytest
 
 from conftest import PROMPTS, make_mask
 from exporter.errors import UserError
-from exporter.backends.ort import ort_unsupported_op
+from exporter.backends.session import ort_unsupported_op
 from exporter.dtypes import precision_of
 from exporter.onnx.contract import onnx_signature
 from exporter.onnx.export import export_onnx, model_in_precision

@@ -92,7 +92,7 @@ def test_verify_parity_rechecks_a_folder_from_its_recording(tiny_artifact_copy):
 
 def test_parity_sessions_prepack_small_graphs_only(tmp_path, monkeypatch):
     from helpers import one_node_onnx
-    from exporter.backends import ort as ort_backend
+    from exporter.backends import session as ort_backend
 
     graph = one_node_onnx(tmp_path / "g.onnx")
     (tmp_path / "g.onnx.data").write_bytes(b"\0" * 4096)

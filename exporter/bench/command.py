@@ -25,6 +25,7 @@ import psutil
 from exporter.architectures import head_dim
 from exporter.bench.full_graph import full_graph, graph_pairs
 from exporter.bench.timing import compare, load_average, summarize, time_interleaved
+from exporter.machine import describe_machine, machine_info
 from exporter.bench.worker import close_workers, open_workers, peak_memory
 from exporter.cost import kv_bytes_per_token, predicted_decode_speedup, predicted_prefill_speedup
 from exporter.errors import UserError
@@ -87,6 +88,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     peak_context = min(PEAK_CONTEXT, max_ctx)
     result = {"recipe": str(recipe.source_path), "graphs": {k: str(v) for k, v in graphs.items()},
               "threads": used_threads, "onnxruntime": ort.__version__, "precision": precision,
+              "machine": machine_info(threads),  # CPU model and ISA flags: kernel choice (so every figure) depends on them
               "method": f"medians of interleaved calls (order alternates each round) after warm-up, one process "
                         f"per graph; decode {rounds} rounds, prefill {PREFILL_ROUNDS}",
               "load_average_start": load_average(), "graph_ops": {k: op_counts(v) for k, v in graphs.items()},
@@ -193,6 +195,7 @@ def _memory(kv: dict, graphs, config, mask, precision, context, threads, quick, 
 
 def render(r: dict) -> list[str]:
     lines = [f"ONNX Runtime {r['onnxruntime']}, threads: {r['threads']}, {r['precision']}; {r['method']}.", "",
+             *([f"Machine: {describe_machine(r['machine'])}.", ""] if r.get("machine") else []),
              "| phase | batch | context / tokens | graphs | full ms (p10-p90) | skipped ms (p10-p90) | measured speedup | "
              "predicted | removal efficiency |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for phase in ("decode", "prefill"):

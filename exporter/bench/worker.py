@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from exporter.backends.ort import open_session
+from exporter.backends.session import open_session
 from exporter.errors import UserError
 from exporter.measure import PeakSampler
 from exporter.onnx.contract import is_past, is_present
@@ -120,7 +120,7 @@ class GraphWorker:
     outputs. Every worker starts from the same state, whatever was opened before it.
     """
 
-    def __init__(self, path: Path, threads: int | None = None, head_dim: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, head_dim: int | None = None, wait: bool = True):
         import tempfile
 
         self.path = Path(path)
@@ -128,6 +128,11 @@ class GraphWorker:
         cmd = [sys.executable, "-m", WORKER, "--worker", str(self.path), str(threads or 0), str(head_dim or 0)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                      text=True, bufsize=1)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Returns once the worker has opened its session (raises if it died doing so)."""
         self._ask({"op": "ping"})
 
     def _ask(self, message: dict):
@@ -195,11 +200,16 @@ def _worker_main(path: str, threads: int, head_dim: int) -> None:
         sys.stdout.flush()
 
 
-def open_workers(graphs: dict, threads: int | None = None, head_dim: int | None = None) -> dict:
+def open_workers(graphs: dict, threads: int | None = None, head_dim: int | None = None,
+                 together: bool = False) -> dict:
+    """One worker per graph, opened in the order given; `together`: all started at once (faster to open, for
+    tuning; the bench opens them one after another in a rotated order, which its timings account for)."""
     workers = {}
     try:
         for name, path in graphs.items():
-            workers[name] = GraphWorker(path, threads, head_dim)
+            workers[name] = GraphWorker(path, threads, head_dim, wait=not together)
+        for worker in workers.values() if together else ():
+            worker.wait_ready()
     except BaseException:
         close_workers(workers)
         raise

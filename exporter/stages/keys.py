@@ -8,17 +8,20 @@ from dataclasses import dataclass
 
 from exporter.cache import code_fingerprint, stage_key
 from exporter.files import optional_sha256
+from exporter.machine import machine_key
 from exporter.recipe import Recipe
 from exporter.versions import tool_versions
 
 # The modules each stage runs (dotted names under exporter/): editing one redoes the stages that list it.
 EXPORT_CODE = ("models", "architectures", "surgery", "mask", "onnx.contract", "onnx.export")
 REFERENCE_CODE = ("parity", "reference", "backends.base", "backends.pytorch", "prompts", "stages.reference")
-CHECKS_CODE = ("parity", "reference", "backends.base", "backends.ort", "stages.validate")
+CHECKS_CODE = ("parity", "reference", "backends.base", "backends.ort", "backends.session",
+               "stages.validate")
 PRECISIONS_CODE = ("stages.precisions",)
 REWRITE_CODE = ("onnx.optimize", "onnx.gemv", "onnx.graph")  # what model.opt.onnx depends on
-OPTIMIZE_CODE = (*REWRITE_CODE, "stages.optimize")
+OPTIMIZE_CODE = (*REWRITE_CODE, "stages.optimize", "bench.tune", "bench.timing", "bench.worker")
 ENGINES_CODE = ("backends.trt", "stages.engines")
+INT4_CODE = (*REWRITE_CODE, "onnx.int4", "stages.quantize")
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,12 @@ class StageKeys:
     precisions: str
     validate: str
     optimize: str
+    int4: str
 
     @classmethod
     def for_run(cls, recipe: Recipe, model_info: dict, mask) -> StageKeys:
         export = stage_key({"model": model_info, "dtype": recipe.model.dtype, "mask": [mask.attention, mask.mlp],
-                            "export": recipe.export.model_dump(mode="json", exclude={"batch1_decode_path"}),
+                            "export": recipe.export.model_dump(mode="json", exclude={"batch1_decode_path", "tune", "int4"}),
                             "code": code_fingerprint(*EXPORT_CODE), "versions": tool_versions()})
         checks = code_fingerprint(*CHECKS_CODE)
         checked_with = recipe.validation.model_dump(mode="json", exclude={"speed"})  # speed is timing, not a check
@@ -46,7 +50,11 @@ class StageKeys:
                                 "code": checks}),
             optimize=stage_key({"export": export, "reference": reference,
                                 "batch1_decode_path": recipe.export.batch1_decode_path,
+                                # a tuned choice holds for the machine it was timed on
+                                "tune": machine_key() if recipe.export.tune else False,
                                 "code": [checks, code_fingerprint(*OPTIMIZE_CODE)]}),
+            int4=stage_key({"export": export, "reference": reference, "int4": recipe.export.int4.model_dump(mode="json"),
+                            "fit": checked_with, "code": [checks, code_fingerprint(*INT4_CODE)]}),
         )
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.backends.ort import SECOND_LAYOUT_MAX_BYTES, OrtRunner
+from exporter.backends.ort import OrtRunner
+from exporter.backends.session import SECOND_LAYOUT_MAX_BYTES
 from exporter.files import describe_file
+from exporter.onnx.contract import OPT_FILE, data_path
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.parity import check_recorded
 from exporter.recipe import Recipe
@@ -23,18 +25,30 @@ def batch1_path(setting, weight_bytes: int) -> bool:
     return weight_bytes <= SECOND_LAYOUT_MAX_BYTES if setting == "auto" else bool(setting)
 
 
-def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int) -> dict:
+PLAIN, PACKED, BRANCH = "plain", "packed", "batch1-branch"  # the variants the tuner times
+TUNE_SOURCE = "tune-packed.onnx"  # the packed candidate while the branch variant is timed (removed after)
+
+
+def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int,
+                   tune: bool = True) -> dict:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
+    With `tune` (fp32, the batch-1 branch allowed), the variants are timed on this machine (bench/tune.py): the
+    plain graph, the optimized graph with packed weights only, and with the batch-1 branch; model.opt.onnx is
+    the faster optimized one and "serve" names the graph genai_config.json points at. Without, the default
+    variant is built (the branch where `export.batch1_decode_path` allows it) and served.
     A graph this rewrite does not handle is reported under not_run with the reason; the plain graph is then
     the only ONNX artifact.
     """
     out_dir = plain_path.parent
+    branch = batch1_path(recipe.export.batch1_decode_path, weight_bytes) and precision == "fp32"
     try:
-        fused = optimize_onnx(plain_path, config,
-                              batch1_path=batch1_path(recipe.export.batch1_decode_path, weight_bytes))
+        fused = optimize_onnx(plain_path, config, batch1_path=branch)
+        tuning = _tune(plain_path, config, branch, recipe.export.max_context) if tune else None
+        if tuning is not None and tuning["chosen"] == PACKED:  # rebuilt as model.opt.onnx, deterministically
+            fused = optimize_onnx(plain_path, config, batch1_path=False)
     except NotOptimizable as exc:
-        return {"artifacts": [], "parity": [], "fused": None,
+        return {"artifacts": [], "parity": [], "fused": None, "tuning": None, "serve": plain_path.name,
                 "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
     opt = out_dir / fused["path"]
     v = recipe.validation
@@ -46,4 +60,25 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
     artifacts = [artifact]
     if fused["data"]:  # the fused q/k/v weights (the other weights are read from the plain graph's file)
         artifacts.append(describe_file(out_dir / fused["data"], out_dir, "onnx-external-data", precision))
-    return {"artifacts": artifacts, "parity": parity, "not_run": [], "fused": fused}
+    fused["variant"] = BRANCH if fused["batch1_unpacked_matmuls"] else PACKED
+    serve = plain_path.name if tuning is not None and tuning["chosen"] == PLAIN else opt.name
+    return {"artifacts": artifacts, "parity": parity, "not_run": [], "fused": fused, "tuning": tuning, "serve": serve}
+
+
+def _tune(plain_path: Path, config, branch: bool, max_context: int) -> dict:
+    """Time plain, packed and (where allowed) branch variants; model.opt.onnx is the branch variant when
+    `branch`, else the packed one, on entry (and is left as it was)."""
+    from exporter.bench.tune import choose_variant
+
+    opt = plain_path.with_name(OPT_FILE)
+    candidates = {PLAIN: plain_path, PACKED: opt}
+    packed = plain_path.with_name(TUNE_SOURCE)
+    try:
+        if branch:
+            optimize_onnx(plain_path, config, out_path=packed, batch1_path=False)
+            candidates = {PLAIN: plain_path, PACKED: packed, BRANCH: opt}
+        return choose_variant(candidates, default=BRANCH if branch else PACKED,
+                              max_context=min(max_context, config.max_position_embeddings))
+    finally:
+        packed.unlink(missing_ok=True)
+        data_path(packed).unlink(missing_ok=True)

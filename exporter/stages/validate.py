@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from exporter import prompts
-from exporter.backends.ort import OrtRunner, ort_unsupported_op
+from exporter.backends.ort import OrtRunner
+from exporter.backends.session import ort_unsupported_op
 from exporter.parity import check_recorded, greedy_tokens
 from exporter.dtypes import PRECISION_OF
 from exporter.onnx.contract import data_path

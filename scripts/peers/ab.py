@@ -1,23 +1,22 @@
-"""Focused A/B decode timing of two (or more) ONNX graphs: one process per graph, interleaved calls, repeated
-over fresh sets of processes whose opening order rotates (the first process opened is sometimes slower on
-this shared VM), times pooled. Prints each set's medians, the pooled medians and the ratio first/second.
+"""A/B decode timing of several graphs, each in a fresh worker process per set (opening order rotated per set),
+calls interleaved (order alternating per round), 3 warmup calls; pooled medians and per-set ratios of the first
+graph named to the second; the machine (CPU model, ISA flags, ONNX Runtime, threads, load) printed with them.
 
-    .venv/bin/python scripts/peers/ab.py ours=PATH,genai=PATH BATCH CONTEXT ROUNDS SETS [THREADS]
+    .venv/bin/python scripts/peers/ab.py A=PATH,B=PATH[,C=PATH...] BATCH CONTEXT ROUNDS SETS [THREADS]
 
-docs/results/speed.md uses it for the bar cases (decode, batch 1, contexts 512 and 2048) with 8-12 sets.
+`bars.py` runs the issue-14 bar table with `measure`.
 """
-
 import statistics
 import sys
 
 from exporter.bench import timing as bench_timing
 from exporter.bench import worker as bench_worker
+from exporter.machine import describe_machine, machine_info
 
 
-def main(argv: list[str]) -> None:
-    paths = dict(a.split("=", 1) for a in argv[0].split(","))
-    batch, context, rounds, sets = (int(x) for x in argv[1:5])
-    threads = int(argv[5]) if len(argv) > 5 else 1
+def measure(paths: dict, batch: int, context: int, rounds: int, sets: int, threads: int = 1) -> dict:
+    """{"per_set": [{name: median ms}], "pooled": {name: median ms}, "ratios": [first/second per set],
+    "ratio": pooled first/second, "machine": ...}."""
     names = list(paths)
     pooled = {n: [] for n in names}
     per_set = []
@@ -34,15 +33,25 @@ def main(argv: list[str]) -> None:
         for n in names:
             pooled[n] += times[n]
     medians = {n: statistics.median(t) * 1e3 for n, t in pooled.items()}
-    ratios = [s[names[0]] / s[names[1]] for s in per_set]
+    return {"per_set": per_set, "pooled": medians, "ratios": [s[names[0]] / s[names[1]] for s in per_set],
+            "ratio": medians[names[0]] / medians[names[1]], "opened_first": [names[r % len(names)] for r in range(sets)],
+            "machine": machine_info(threads)}
+
+
+def main(argv: list[str]) -> None:
+    paths = dict(a.split("=", 1) for a in argv[0].split(","))
+    batch, context, rounds, sets = (int(x) for x in argv[1:5])
+    threads = int(argv[5]) if len(argv) > 5 else 1
+    names = list(paths)
+    m = measure(paths, batch, context, rounds, sets, threads)
     print(f"threads {threads}, batch {batch}, context {context}, {rounds} rounds x {sets} sets; opened first: "
-          + ", ".join(s for s in (names[r % len(names)] for r in range(sets))))
-    for s, q in zip(per_set, ratios):
+          + ", ".join(m["opened_first"]))
+    for s, q in zip(m["per_set"], m["ratios"]):
         print(f"  set: {s}  {names[0]}/{names[1]} {q:.3f}")
-    print(f"pooled medians (ms): { {n: round(v, 2) for n, v in medians.items()} }")
-    print(f"ratio {names[0]}/{names[1]}: pooled {medians[names[0]] / medians[names[1]]:.3f}, "
-          f"median of sets {statistics.median(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
-    print(f"load average: {bench_timing.load_average()}")
+    print(f"pooled medians (ms): { {n: round(v, 2) for n, v in m['pooled'].items()} }")
+    print(f"ratio {names[0]}/{names[1]}: pooled {m['ratio']:.3f}, median of sets {statistics.median(m['ratios']):.3f}, "
+          f"range {min(m['ratios']):.3f}-{max(m['ratios']):.3f}")
+    print(f"machine: {describe_machine(machine_info(threads))}")
 
 
 if __name__ == "__main__":

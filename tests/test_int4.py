@@ -1,0 +1,118 @@
+"""int4 graphs: what the quantizer rewrites (every constant-weight MatMul, the tied LM head too), their fit to the
+fp32 reference and that a wrong graph fails it, the recipe's int4 keys, and the pipeline's int4 artifact."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from conftest import PROMPTS, build_model, make_mask
+from exporter.backends.ort import OrtRunner
+from exporter.errors import UserError
+from exporter.onnx.export import export_onnx
+from exporter.onnx.int4 import quantize_int4
+from exporter.parity import fit_recorded
+from exporter.prompts import left_padded
+from exporter.recipe import load_recipe
+from exporter.reference import load_reference
+from exporter.stages.reference import record_reference
+from exporter.surgery import apply_skip
+from helpers import TINY_RECIPE, cli
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.fixture(scope="module")
+def qwen3_plain(tiny_models, tmp_path_factory):
+    """qwen3 (tied embeddings: the LM head is MatMul(h, Transpose(embedding))), attention skipped in 1-2."""
+    model, _ = tiny_models["qwen3"]
+    return export_onnx(apply_skip(model, make_mask("attention")), tmp_path_factory.mktemp("qwen3"))
+
+
+def test_every_matmul_and_the_tied_lm_head_become_matmulnbits(qwen3_plain, tmp_path):
+    plain_matmuls = _ops(qwen3_plain).count("MatMul")
+    info = quantize_int4(qwen3_plain, tmp_path / "int4" / "model.onnx", block_size=32, accuracy_level=4)
+    ops = _ops(tmp_path / "int4" / "model.onnx")
+    assert info["lm_head"] == "int4" and info["accuracy_level"] == 4
+    # 2 layers x (q, k, v, o) attention + 4 layers x (gate, up, down) + the LM head; the attention's own
+    # MatMuls (scores, probabilities x values) read activations and stay
+    assert ops.count("MatMulNBits") == info["matmul_nbits"] == 2 * 4 + 4 * 3 + 1
+    assert ops.count("MatMul") == plain_matmuls - info["matmul_nbits"]
+    assert "Gather" in ops  # the embedding stays fp32
+    nodes = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph.node
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in next(n for n in nodes if n.op_type == "MatMulNBits").attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+
+
+def test_lm_head_false_keeps_it_fp32(qwen3_plain, tmp_path):
+    info = quantize_int4(qwen3_plain, tmp_path / "model.onnx", block_size=16, accuracy_level=0, lm_head=False)
+    assert info["lm_head"] == "fp32" and info["matmul_nbits"] == 2 * 4 + 4 * 3
+    nodes = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node
+    # accuracy level 0 is left unset on the node (MatMulNBits' default)
+    assert all("accuracy_level" not in {a.name for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits")
+
+
+def test_fit_is_close_for_int4_and_fails_for_a_wrong_graph(tiny_models, qwen3_plain, tmp_path):
+    model, tok = tiny_models["qwen3"]
+    mask = make_mask("attention")
+    ids, attn = left_padded(tok, PROMPTS)
+    recorded = record_reference(model, mask, [(ids[:1], attn[:1]), (ids, attn)], steps=8)
+    quantize_int4(qwen3_plain, tmp_path / "int4.onnx", block_size=32, accuracy_level=4)
+    fit = fit_recorded(recorded, OrtRunner(tmp_path / "int4.onnx"), 8, "onnx:int4")
+    exact = fit_recorded(recorded, OrtRunner(qwen3_plain), 8, "onnx:fp32")
+    assert exact["mean_kl"] < 1e-6 and exact["top1"] == 1.0 and exact["greedy"] == 1.0
+    assert 0 < fit["mean_kl"] < 0.01 and fit["positions"] == exact["positions"] == int(attn[:1].sum() + attn.sum()) + 8 * 3
+    other = export_onnx(apply_skip(build_model("qwen3", seed=1)[0], mask), tmp_path / "other")  # other weights
+    wrong = fit_recorded(recorded, OrtRunner(other), 8, "onnx:wrong")
+    # tiny random models give near-uniform distributions, so KLs are small; the ratio is what separates them
+    assert wrong["mean_kl"] > 20 * fit["mean_kl"] and wrong["top1"] < fit["top1"], (wrong, fit)
+
+
+def _recipe_with(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(TINY_RECIPE.read_text().replace("  opset: 18\n", "  opset: 18\n" + text))
+    return path
+
+
+def test_recipe_int4_keys(tmp_path):
+    recipe = load_recipe(_recipe_with(tmp_path, "  precisions: [fp32, int4]\n"))
+    assert recipe.int4 and recipe.precisions == ["fp32"]
+    assert (recipe.export.int4.block_size, recipe.export.int4.accuracy_level) == (32, 4)
+    assert not load_recipe(TINY_RECIPE).int4
+    with pytest.raises(UserError, match=r"export\.int4\.block_size"):
+        load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {block_size: 48}\n"))
+    half = _recipe_with(tmp_path, "  precisions: [fp16, int4]\n").read_text().replace("dtype: float32", "dtype: float16")
+    (tmp_path / "half.yaml").write_text(half)
+    with pytest.raises(UserError, match="int4 is quantized from the fp32 graph"):
+        load_recipe(tmp_path / "half.yaml")
+
+
+def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
+    recipe = _recipe_with(tmp_path, "  precisions: [fp32, int4]\n").read_text() + "  speed: false\n"
+    (tmp_path / "int4.yaml").write_text(recipe)
+    out = tmp_path / "art" / "tiny-int4"
+    result = cli(tmp_path / "int4.yaml", "--out", out, env={"EXPORT_SKIP_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert {(a["path"], a["precision"]) for a in report["artifacts"] if a["precision"] == "int4"} == {
+        ("int4/model.onnx", "int4"), ("int4/model.onnx.data", "int4")}
+    checks = [c for c in report["checks"] if c["name"].startswith("int4:")]
+    assert len(checks) == 3 and all(c["passed"] for c in checks)
+    assert report["int4"]["matmul_nbits"] > 0 and report["int4"]["fit"]["greedy_tokens"] == 3 * 17
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "int4/model.onnx"
+    assert "int4" in (out / "report.md").read_text()
+    assert cli("verify", out).returncode == 0
+    generated = cli("generate", out, "--prompt", "Hi", "--max-new-tokens", "3")
+    assert generated.returncode == 0 and generated.stdout.strip()
+
+    # a threshold the graph cannot meet fails the run, names the check, and publishes nothing
+    strict = (tmp_path / "int4.yaml").read_text() + "  int4: {min_top1: 1.0}\n"
+    (tmp_path / "strict.yaml").write_text(strict)
+    shutil.rmtree(out)
+    failed = cli(tmp_path / "strict.yaml", "--out", out, env={"EXPORT_SKIP_CACHE": str(tmp_path / "cache")})
+    assert failed.returncode == 1 and "int4: top-1 agreement" in failed.stderr + failed.stdout
+    assert not out.exists() and (out.parent / "tiny-int4.failed").is_dir()
+    assert load_reference(out.parent / "tiny-int4.failed" / "reference.npz")
