@@ -136,13 +136,15 @@ def window_units(model, windows, masks: dict) -> dict:
 
 
 @torch.no_grad()
-def lambada_hits(model, passages, masks: dict, batch: int = 16) -> dict:
+def lambada_hits(model, passages, masks: dict, batch: int = 16, skip_full: bool = False) -> dict:
     """1 per passage whose final word greedy decoding reproduces token by token (true tokens fed), else 0;
-    right-padded batches (causal attention: padding after a passage cannot change it)."""
-    hits = {name: [] for name in ["full", *masks]}
-    for s in range(0, len(passages), batch):
-        chunk = passages[s:s + batch]
-        seqs = [c + t for c, t in chunk]
+    right-padded batches of similar lengths (causal attention: padding after a passage cannot change it),
+    the LM head applied only where a target token is predicted."""
+    hits = {name: [0] * len(passages) for name in ([] if skip_full else ["full"]) + list(masks)}
+    order = sorted(range(len(passages)), key=lambda i: len(passages[i][0]) + len(passages[i][1]))
+    for s in range(0, len(order), batch):
+        rows = order[s:s + batch]
+        seqs = [passages[i][0] + passages[i][1] for i in rows]
         width = max(len(x) for x in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -151,10 +153,11 @@ def lambada_hits(model, passages, masks: dict, batch: int = 16) -> dict:
             attn[b, :len(x)] = 1
         for name in hits:
             with Skip(model, masks.get(name, [])):
-                logits = model(ids, attention_mask=attn).logits
-            for b, (c, t) in enumerate(chunk):
-                pred = logits[b, len(c) - 1:len(c) - 1 + len(t)].argmax(-1)
-                hits[name].append(int(bool((pred == torch.tensor(t)).all())))
+                h = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, T, C]
+            for b, i in enumerate(rows):
+                c, t = passages[i]
+                pred = model.lm_head(h[b, len(c) - 1:len(c) - 1 + len(t)]).argmax(-1)
+                hits[name][i] = int(bool((pred == torch.tensor(t)).all()))
     return hits
 
 
@@ -184,6 +187,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--passages", type=int, default=1000)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--reuse", type=Path, help="an earlier --out of the same windows/passages: its LAMBADA hits are "
+                                               "reused for masks it already scored (the full model's included)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.time()
@@ -198,9 +203,22 @@ def main() -> None:
     print("masks:", masks, flush=True)
     units = window_units(model, windows, masks)
     print(f"WikiText-2 done ({time.time() - started:.0f} s)", flush=True)
-    hits = lambada_hits(model, lambada(tok, args.passages), masks) if args.passages else {}
+    old = json.loads(args.reuse.read_text()) if args.reuse else None
+    if old and (old["windows"], old["length"], old["passages"]) != (args.windows, args.length, args.passages):
+        sys.exit(f"--reuse {args.reuse}: other windows or passages")
+    known = {tuple(v): k for k, v in (old or {}).get("masks", {}).items()}
+    hits = {}
+    if args.passages:
+        todo = {n: m for n, m in masks.items() if tuple(m) not in known}
+        hits = lambada_hits(model, lambada(tok, args.passages), todo, skip_full=bool(old))
+        for n, m in masks.items():
+            if n not in todo:
+                hits[n] = old["hits"][known[tuple(m)]]
+        if old:
+            hits["full"] = old["hits"]["full"]
     ref = next(iter(masks), None)
-    result = {"masks": masks, "windows": args.windows, "length": args.length, "passages": args.passages, "models": {}}
+    result = {"masks": masks, "windows": args.windows, "length": args.length, "passages": args.passages, "models": {},
+              "hits": hits, "units": units}
     print(f"{len(windows)} WikiText-2 windows x {args.length} (held out), {args.passages} LAMBADA passages; ± bootstrap SE")
     for name in ["full", *masks]:
         m = {}

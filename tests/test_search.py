@@ -255,7 +255,7 @@ def test_search_cli_with_a_lambada_budget_writes_a_recipe(tmp_path, data_folder)
             "--calibration-length", "40", "--out", str(out)]
     assert main(argv) == 0
     text = out.read_text()
-    assert "minimises kl subject to: LAMBADA accuracy drop <= 5 points;" in text
+    assert "minimises kl subject to: LAMBADA accuracy drop <= 5 points." in text
     # a 30-passage file: drawn from its second half, and the comment says so
     assert "; 10 LAMBADA test passages after the first 15." in text
     steps = [line for line in text.splitlines() if line.startswith("#   attention ") and ": KL " in line]
