@@ -187,8 +187,11 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--passages", type=int, default=1000)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--reuse", type=Path, help="an earlier --out of the same windows/passages: its LAMBADA hits are "
-                                               "reused for masks it already scored (the full model's included)")
+    ap.add_argument("--reuse", type=Path, action="append", default=[],
+                    help="an earlier --out of the same windows/passages (repeatable): its LAMBADA hits are reused for "
+                         "masks it already scored (the full model's included)")
+    ap.add_argument("--skip-full-lambada", action="store_true",
+                    help="score only the masks on LAMBADA (the full model's hits come from a --reuse file later)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.time()
@@ -203,19 +206,25 @@ def main() -> None:
     print("masks:", masks, flush=True)
     units = window_units(model, windows, masks)
     print(f"WikiText-2 done ({time.time() - started:.0f} s)", flush=True)
-    old = json.loads(args.reuse.read_text()) if args.reuse else None
-    if old and (old["windows"], old["length"], old["passages"]) != (args.windows, args.length, args.passages):
-        sys.exit(f"--reuse {args.reuse}: other windows or passages")
-    known = {tuple(v): k for k, v in (old or {}).get("masks", {}).items()}
+    olds = [json.loads(path.read_text()) for path in args.reuse]
+    for path, old in zip(args.reuse, olds):
+        if (old["windows"], old["length"], old["passages"]) != (args.windows, args.length, args.passages):
+            sys.exit(f"--reuse {path}: other windows or passages")
+    known = {tuple(v): old["hits"][k] for old in olds for k, v in old["masks"].items() if k in old["hits"]}
+    full_hits = next((old["hits"]["full"] for old in olds if "full" in old["hits"]), None)
     hits = {}
     if args.passages:
         todo = {n: m for n, m in masks.items() if tuple(m) not in known}
-        hits = lambada_hits(model, lambada(tok, args.passages), todo, skip_full=bool(old))
-        for n, m in masks.items():
-            if n not in todo:
-                hits[n] = old["hits"][known[tuple(m)]]
-        if old:
-            hits["full"] = old["hits"]["full"]
+        hits = lambada_hits(model, lambada(tok, args.passages), todo,
+                            skip_full=full_hits is not None or args.skip_full_lambada)
+        hits.update({n: known[tuple(m)] for n, m in masks.items() if n not in todo})
+        if full_hits is not None:
+            hits["full"] = full_hits
+        elif args.skip_full_lambada:  # this run's output only feeds a later --reuse
+            args.out.write_text(json.dumps({"masks": masks, "windows": args.windows, "length": args.length,
+                                            "passages": args.passages, "hits": hits}) + "\n")
+            print(f"wrote {args.out} (masks' LAMBADA hits only)")
+            return
     ref = next(iter(masks), None)
     result = {"masks": masks, "windows": args.windows, "length": args.length, "passages": args.passages, "models": {},
               "hits": hits, "units": units}

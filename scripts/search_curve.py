@@ -53,7 +53,15 @@ def run(args) -> None:
     order = rankings(pool, scores)
     memory: dict = {}
     masks, found = {}, {}
+    logged = _logged_masks(args.searched_log) if args.searched_log else {}
     for k in range(1, args.max_k + 1):
+        if k in logged:  # found by an earlier `run` (its log line): only the held-out scoring is redone
+            chosen = [("attention", i) for i in logged[k]]
+            found[k] = {"chosen": chosen, "from_log": str(args.searched_log)}
+            masks[f"searched-{k}"] = mask_of(chosen)
+            for name in METHODS[1:]:
+                masks[f"{name}-{k}"] = mask_of(order[name][:k])
+            continue
         budget = Budget(count=k)
         scorer = Scorer(cal, budget, "kl", max_evals=None)
         scorer.metrics = memory  # greedy's path to k-1 and earlier swaps are measured once
@@ -82,6 +90,16 @@ def run(args) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     console.print(f"wrote {args.out} ({out['seconds']:.0f} s)")
+
+
+def _logged_masks(path: Path) -> dict[int, list[int]]:
+    """{k: layers} from the `k=K: [a, b, ...] calibration KL ...` lines an earlier `run` printed."""
+    import re
+
+    out = {}
+    for m in re.finditer(r"^k=(\d+): \[([\d, ]*)\]", path.read_text(), re.M):
+        out[int(m.group(1))] = [int(i) for i in m.group(2).split(",") if i.strip()]
+    return out
 
 
 def _rows(result: dict):
@@ -128,21 +146,22 @@ def plot(args) -> None:
     full = result["held_out"]["models"]["full"]
     fig, (ax_kl, ax_lam) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
     marks = dict(zip(METHODS, ("o-", "s--", "^--", "v--")))
+    lam = "lambada_accuracy" in full  # without LAMBADA, the right panel is perplexity
+    key, scale = ("lambada_accuracy", 100) if lam else ("perplexity", 1)
     for method in METHODS:
         rows = [(k, m) for meth, k, _, m, _ in _rows(result) if meth == method]
         ks = [k for k, _ in rows]
         ax_kl.errorbar(ks, [m["kl"] for _, m in rows], yerr=[m["kl_se"] for _, m in rows], fmt=marks[method],
                        label=method, capsize=2, ms=4)
-        if "lambada_accuracy" in rows[0][1]:
-            ax_lam.errorbar(ks, [100 * m["lambada_accuracy"] for _, m in rows],
-                            yerr=[100 * m["lambada_accuracy_se"] for _, m in rows], fmt=marks[method], capsize=2, ms=4)
+        ax_lam.errorbar(ks, [scale * m[key] for _, m in rows], yerr=[scale * m[f"{key}_se"] for _, m in rows],
+                        fmt=marks[method], capsize=2, ms=4)
     ax_kl.axhline(0.25, color="grey", lw=0.8, ls=":")
     ax_kl.set(xlabel="attention sub-layers removed (k)", ylabel="held-out KL to the full model", yscale="log")
     ax_kl.legend(fontsize=7)
-    if "lambada_accuracy" in full:
-        ax_lam.axhline(100 * full["lambada_accuracy"], color="black", lw=0.8, label="full model")
-        ax_lam.legend(fontsize=7)
-    ax_lam.set(xlabel="attention sub-layers removed (k)", ylabel="held-out LAMBADA accuracy (%)")
+    ax_lam.axhline(scale * full[key], color="black", lw=0.8, label="full model")
+    ax_lam.legend(fontsize=7)
+    ax_lam.set(xlabel="attention sub-layers removed (k)",
+               ylabel="held-out LAMBADA accuracy (%)" if lam else "held-out WikiText-2 perplexity")
     fig.suptitle("SmolLM2-135M-Instruct: searched vs one-shot masks (held out, ± 1 SE)", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.png)
@@ -162,6 +181,7 @@ def main() -> None:
     r.add_argument("--swap-evals", type=int, default=30, help="evaluations for swaps at each k (default 30)")
     r.add_argument("--held-out-windows", type=int, default=8)
     r.add_argument("--held-out-passages", type=int, default=200)
+    r.add_argument("--searched-log", type=Path, help="take the searched masks from an earlier run's log (k=K lines)")
     for name in ("table", "plot"):
         p = sub.add_parser(name)
         p.add_argument("json", type=Path)
