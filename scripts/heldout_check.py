@@ -206,6 +206,11 @@ def main() -> None:
     print("masks:", masks, flush=True)
     units = window_units(model, windows, masks)
     print(f"WikiText-2 done ({time.time() - started:.0f} s)", flush=True)
+    for path in args.reuse:  # another run may still be writing one: wait for it (up to 30 min)
+        for _ in range(180):
+            if path.is_file():
+                break
+            time.sleep(10)
     olds = [json.loads(path.read_text()) for path in args.reuse]
     for path, old in zip(args.reuse, olds):
         if (old["windows"], old["length"], old["passages"]) != (args.windows, args.length, args.passages):

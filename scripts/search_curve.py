@@ -88,7 +88,7 @@ def run(args) -> None:
            "found": {k: {**v, "chosen": [list(c) for c in v["chosen"]]} for k, v in found.items()},
            "importance": scores.as_dict(), "held_out": evaluated, "seconds": round(time.time() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     console.print(f"wrote {args.out} ({out['seconds']:.0f} s)")
 
 
