@@ -42,9 +42,11 @@ USAGE = """export-skip RECIPE [--out DIR] [--force] [--no-wait] [--no-tune]
                                             stream greedy text from an artifact
        export-skip eval RECIPE [--artifact DIR [--onnx FILE]] [--data DIR] [--limit N] [--window N] [--out FILE]
                                             perplexity, LAMBADA, KL / top-1 vs the full model (eval.json)
-       export-skip search RECIPE [--strategy greedy|oneshot] [--kind attention|mlp|block|any]
-                      [--max-kl X | --max-ppl-increase PCT | --max-lambada-drop POINTS | --count N]
-                      [--metric kl|ppl|lambada] [--out FILE] [--ray [ADDRESS]] [--workers N]
+       export-skip search RECIPE [--strategy local|greedy|oneshot] [--kind attention|mlp|block|any]
+                      [--max-kl X] [--max-ppl-increase PCT] [--max-lambada-drop POINTS] [--count N]
+                      [--match-tokens N] [--metric kl|ppl|lambada] [--budget-evals N]
+                      [--calibration-prompts FILE] [--held-out-windows N] [--held-out-passages N]
+                      [--out FILE] [--ray [ADDRESS]] [--workers N]
                                             find a mask under a quality budget; writes a recipe
        export-skip sweep RECIPE... --out DIR [--ray [ADDRESS]] [--force]
                                             run many recipes (on Ray with --ray); sweep.json / sweep.md"""
@@ -255,27 +257,40 @@ def _eval(argv: list[str], console) -> int:
 
 
 def _search(argv: list[str], console) -> int:
-    from exporter.search import Budget, RayOptions, SearchSettings, run_search
+    from exporter.search import Budget, RayOptions, SearchSettings, read_prompts, run_search
 
     parser = _parser("export-skip search")
-    parser.add_argument("--strategy", choices=("greedy", "oneshot"), default="greedy",
-                        help="greedy: remove the least harmful sub-layer, re-measure, repeat; oneshot: by importance score")
+    parser.add_argument("--strategy", choices=("local", "greedy", "oneshot"), default="local",
+                        help="local (default): greedy, then swaps seeded by greedy and every one-shot ranking; "
+                             "greedy: remove the least harmful sub-layer, re-measure, repeat; oneshot: by LLM-Drop cosine")
     parser.add_argument("--kind", choices=("attention", "mlp", "block", "any"), default="attention",
                         help="candidate sub-layers (default attention; any = attention and MLP separately)")
-    budget = parser.add_mutually_exclusive_group(required=True)
+    budget = parser.add_argument_group("budget (any combination; at least one)")
     budget.add_argument("--max-kl", type=float, help="largest mean KL vs the full model on the calibration windows")
     budget.add_argument("--max-ppl-increase", type=float, help="largest calibration perplexity increase, in percent")
     budget.add_argument("--max-lambada-drop", type=float, metavar="POINTS",
-                        help="largest LAMBADA last-word accuracy drop on held-out passages, in points (metric lambada)")
-    budget.add_argument("--count", type=int, help="remove exactly this many candidates")
-    parser.add_argument("--metric", choices=("kl", "ppl", "lambada"),
-                        help="calibration metric greedy minimises (default: the budget's; KL for --count): KL or "
-                             "perplexity on WikiText-2 windows, or the final-word NLL of held-out LAMBADA passages")
+                        help="largest LAMBADA last-word accuracy drop on calibration passages (after the first 1,000), in points")
+    budget.add_argument("--count", type=int, help="remove exactly this many candidates (default: as many as the rest allows)")
+    budget.add_argument("--match-tokens", type=int, metavar="N",
+                        help="greedy answers to the recipe's validation prompts must equal the full model's for N tokens")
+    parser.add_argument("--metric", choices=("kl", "ppl", "lambada"), default="kl",
+                        help="what the search minimises (default kl): KL or perplexity on the calibration windows, "
+                             "or the final-word NLL of LAMBADA calibration passages")
+    parser.add_argument("--budget-evals", type=_positive, help="stop after this many mask evaluations (best so far wins)")
     _data_args(parser)
     parser.add_argument("--calibration-windows", type=int, default=4, help="WikiText windows to calibrate on (default 4)")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window (default 256)")
     parser.add_argument("--calibration-passages", type=int, default=200,
                         help="LAMBADA passages to calibrate on, drawn after the first 1,000 (default 200)")
+    parser.add_argument("--calibration-prompts", type=Path, metavar="FILE",
+                        help="one prompt a line: the full model's chat answers to them join the calibration windows")
+    parser.add_argument("--calibration-answer-tokens", type=_positive, default=64,
+                        help="tokens of each such answer (default 64)")
+    parser.add_argument("--held-out-windows", type=int, default=0,
+                        help="score the result against the one-shot masks on the first N WikiText-2 windows (default 0: no)")
+    parser.add_argument("--held-out-window", type=_positive, default=512, help="tokens per held-out window (default 512)")
+    parser.add_argument("--held-out-passages", type=int, default=0,
+                        help="... and on the first N LAMBADA passages (at most 1,000; default 0: no)")
     parser.add_argument("--seed", type=int, default=0, help="which calibration windows/passages are drawn (default 0)")
     parser.add_argument("--include-final-layer", action="store_true", help="allow removing from the final layer")
     parser.add_argument("--out", type=Path, help="recipe to write (default: RECIPE's folder, <stem>-searched.yaml)")
@@ -287,10 +302,15 @@ def _search(argv: list[str], console) -> int:
     ray = None if args.ray is None else RayOptions(args.ray, args.workers, args.worker_cpus)
     settings = SearchSettings(
         budget=Budget(max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase,
-                      max_lambada_drop=args.max_lambada_drop, count=args.count),
+                      max_lambada_drop=args.max_lambada_drop, count=args.count, match_tokens=args.match_tokens),
         strategy=args.strategy, kind=args.kind, data=data_dir(args.data), windows=args.calibration_windows,
         length=args.calibration_length, seed=args.seed, keep_final_layer=not args.include_final_layer,
-        metric=args.metric, passages=args.calibration_passages)
+        metric=args.metric, passages=args.calibration_passages, budget_evals=args.budget_evals,
+        chat_prompts=read_prompts(args.calibration_prompts) if args.calibration_prompts else (),
+        chat_tokens=args.calibration_answer_tokens, source_prompts=str(args.calibration_prompts or "") or None,
+        answer_prompts=tuple(recipe.validation.prompts), chat=recipe.validation.chat,
+        held_out_windows=args.held_out_windows, held_out_window=args.held_out_window,
+        held_out_passages=args.held_out_passages)
     out = args.out or args.recipe.with_name(f"{args.recipe.stem}-searched.yaml")
     # where the candidates were scored does not change the result: the recipe records the search without it
     recorded = _without(argv, {"--ray": args.ray, "--workers": None, "--worker-cpus": None})

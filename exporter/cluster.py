@@ -161,8 +161,8 @@ def _balanced_shares(pool: list, parts: int, num_layers: int) -> list[list]:
 
 
 class RayCalibrator:
-    """The calibrator interface (`trials`, `measure`, `importance`, `evaluations`) over `count` Ray actors of
-    `worker_cls` (exporter.search.CalibrationWorker): each loads the model once and keeps its calibrator (and
+    """The calibrator interface (`trials`, `measure`, `check`, `importance`, `evaluations`) over `count` Ray actors
+    of `worker_cls` (exporter.calibration.CalibrationWorker): each loads the model once and keeps its calibrator (and
     the base mask's residual stream, or the branched LAMBADA pass) for its share of each step's candidates.
     The driver only merges the metrics; the pick stays in exporter.search.greedy."""
 
@@ -211,6 +211,11 @@ class RayCalibrator:
 
     def measure(self, mask) -> dict:
         metrics, self.counts[0] = _get([self.actors[0].measure.remote(mask)], "measuring a mask")[0]
+        return metrics
+
+    def check(self, mask) -> dict:
+        """The lazy constraint checks (LAMBADA, chat answers) of one mask, on the first worker."""
+        metrics, self.counts[0] = _get([self.actors[0].check.remote(mask)], "checking a mask")[0]
         return metrics
 
     def importance(self):

@@ -25,14 +25,21 @@ from exporter.quality import windows
 
 
 def calibration_windows(tokenizer, folder, count: int, length: int, seed: int) -> list[list[int]]:
-    """`count` non-overlapping WikiText-2 windows of `length` tokens, drawn with `seed` (deterministic)."""
+    """`count` non-overlapping WikiText-2 windows of `length` tokens, drawn with `seed` (deterministic) from the
+    second half of the test split's tokens: the first half is held out for reporting (`held_out_tokens`)."""
     ids = encode_plain(tokenizer, data.read_wikitext(folder))
-    pool = [w for w in windows(ids, length) if len(w) == length]
+    half = held_out_tokens(len(ids))
+    pool = [w for w in windows(ids[half:], length) if len(w) == length]
     if count < 1 or length < 2 or count > len(pool):
-        raise UserError(f"calibration: cannot draw {count} windows of {length} tokens from WikiText-2 "
-                        f"({len(pool)} available)")
+        raise UserError(f"calibration: cannot draw {count} windows of {length} tokens from the second half of "
+                        f"WikiText-2 ({len(pool)} available)")
     picks = sorted(random.Random(seed).sample(range(len(pool)), count))
     return [pool[i] for i in picks]
+
+
+def held_out_tokens(total: int) -> int:
+    """How many leading WikiText-2 test tokens no search calibrates on (the first half)."""
+    return total // 2
 
 
 @dataclass

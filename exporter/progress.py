@@ -37,6 +37,11 @@ class _LoggedProgress(Progress):
         super().advance(task_id, advance)
         self.log_all()
 
+    def update(self, task_id, **kwargs) -> None:  # search advances through update (it also renames the task)
+        super().update(task_id, **kwargs)
+        if kwargs.get("advance"):
+            self.log_all()
+
     def log_all(self, final: bool = False) -> None:
         now = time.monotonic()
         if not final and now - self._last_line < self.INTERVAL:

@@ -22,6 +22,7 @@ import torch
 
 from exporter import data
 from exporter.backends.ort import OrtRunner
+from exporter.bootstrap import exp_ratio, paired_difference, standard_error
 from exporter.errors import UserError
 from exporter.manifest import record_files
 from exporter.mask import SkipMask, resolve_mask
@@ -101,6 +102,8 @@ class Tally:
     compared: int = 0
     hits: int = 0
     passages: int = 0
+    windows: list = field(default_factory=list)  # per window: [nll, tokens, kl, agree, compared] (bootstrap units)
+    passage_hits: list = field(default_factory=list)  # per passage: 1 hit / 0 miss
 
     def perplexity(self) -> float:
         return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
@@ -123,9 +126,9 @@ def score_windows(scorer, chunks: list[list[int]], tallies: dict[str, Tally], ad
             t = tallies.setdefault(name, Tally())
             nll, n = nll_sum(lg, ids, attn)
             t.nll, t.tokens = t.nll + nll, t.tokens + n
-            if name != FULL:
-                kl, agree, count = kl_top1_sum(ref, lg, attn)
-                t.kl, t.agree, t.compared = t.kl + kl, t.agree + agree, t.compared + count
+            kl, agree, count = kl_top1_sum(ref, lg, attn) if name != FULL else (0.0, 0, 0)
+            t.kl, t.agree, t.compared = t.kl + kl, t.agree + agree, t.compared + count
+            t.windows.append([nll, n, kl, agree, count])
         del logits, ref
         if advance:
             advance(1)
@@ -187,8 +190,10 @@ def score_lambada(scorer, examples, tallies: dict[str, Tally], pad_id: int = 0, 
         ids, attn, select, target = lambada_batch(examples, rows, pad_id)
         for name, lg in scorer(ids, attn, select).items():  # lg: [N, V]
             t = tallies.setdefault(name, Tally())
-            t.hits += int(lambada_hits(lg, target, select[0], len(rows)).sum())
+            hit = lambada_hits(lg, target, select[0], len(rows))
+            t.hits += int(hit.sum())
             t.passages += len(rows)
+            t.passage_hits += [(i, int(h)) for i, h in zip(rows, hit)]
         if advance:
             advance(len(rows))
 
@@ -229,19 +234,44 @@ def evaluate(scorer, tokenizer, settings: Settings, console=None) -> dict:
                           lambda n: progress.advance(task, n))
             result["lambada"] = {"passages": len(examples), "subset": settings.passages is not None}
     result["models"] = {}
+    result["units"] = {}
     for name in dict.fromkeys([*wiki, *lamb]):
         m: dict = {}
+        units: dict = {}
         if name in wiki:
             t = wiki[name]
             m["perplexity"] = t.perplexity()
+            m["perplexity_se"] = standard_error([[w[0], w[1]] for w in t.windows], exp_ratio)
+            units["windows"] = t.windows
             if name != FULL:
                 m["kl"] = t.kl / t.compared
+                m["kl_se"] = standard_error([[w[2], w[4]] for w in t.windows])
                 m["top1_agreement"] = t.agree / t.compared
+                m["top1_agreement_se"] = standard_error([[w[3], w[4]] for w in t.windows])
         if name in lamb:
+            hits = [h for _, h in sorted(lamb[name].passage_hits)]  # in passage order, as read
             m["lambada_accuracy"] = lamb[name].hits / lamb[name].passages
+            m["lambada_accuracy_se"] = standard_error([[h, 1] for h in hits])
+            units["hits"] = hits
         result["models"][name] = m
+        result["units"][name] = units
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def compare(result: dict, a: str, b: str) -> dict:
+    """Model a minus model b on the same windows / passages, paired bootstrap: {metric: difference, se,
+    distinguishable} for KL, perplexity and LAMBADA accuracy where both were scored."""
+    ua, ub = result["units"][a], result["units"][b]
+    out = {}
+    if "windows" in ua and "windows" in ub:
+        wa, wb = ua["windows"], ub["windows"]
+        out["perplexity"] = paired_difference([[w[0], w[1]] for w in wa], [[w[0], w[1]] for w in wb], exp_ratio)
+        if FULL not in (a, b):
+            out["kl"] = paired_difference([[w[2], w[4]] for w in wa], [[w[2], w[4]] for w in wb])
+    if "hits" in ua and "hits" in ub:
+        out["lambada_accuracy"] = paired_difference([[h, 1] for h in ua["hits"]], [[h, 1] for h in ub["hits"]])
+    return out
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -325,9 +355,14 @@ def print_table(result: dict, console) -> None:
     for col in ("model", "perplexity", "KL vs full", "top-1 agree", "LAMBADA acc"):
         table.add_column(col, justify="right")
     for name, m in result["models"].items():
-        table.add_row(name, _fmt(m.get("perplexity"), "{:.3f}"), _fmt(m.get("kl"), "{:.4f}"),
-                      _fmt(m.get("top1_agreement"), "{:.2%}"), _fmt(m.get("lambada_accuracy"), "{:.2%}"))
+        table.add_row(name, _fmt(m, "perplexity", "{:.3f}"), _fmt(m, "kl", "{:.4f}"),
+                      _fmt(m, "top1_agreement", "{:.2%}"), _fmt(m, "lambada_accuracy", "{:.2%}"))
     console.print(table)
+    console.print("± one bootstrap standard error over windows / passages")
+    if "skipped" in result["models"] and FULL in result["models"]:
+        for metric, d in compare(result, "skipped", FULL).items():
+            verdict = "distinguishable" if d["distinguishable"] else "not distinguishable from the full model"
+            console.print(f"skipped - full, {metric}: {d['difference']:+.4g} ± {d['se']:.2g} (paired): {verdict}")
     added = result.get("int4_vs_fp32")
     if added:
         word = "[green]ok[/]" if added["passed"] else "[red]over the limit[/]"
@@ -343,5 +378,8 @@ def _is_subset(result: dict) -> bool:
     return any(result.get(t, {}).get("subset") for t in ("wikitext", "lambada"))
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else spec.format(value)
+def _fmt(m: dict, key: str, spec: str) -> str:
+    value, se = m.get(key), m.get(f"{key}_se")
+    if value is None:
+        return "-"
+    return spec.format(value) + ("" if se is None or se != se else " ± " + spec.format(se))

@@ -117,6 +117,29 @@ def test_identical_model_has_zero_kl_and_full_agreement(tiny_models, data_folder
     assert same["perplexity"] == pytest.approx(full["perplexity"], rel=1e-6)
     assert attn["kl"] > 1e-4  # removing attention changes the distributions
     assert r["wikitext"]["windows"] == 3 and r["wikitext"]["subset"] is True and r["lambada"]["passages"] == 5
+    # every number has its bootstrap SE; a model against itself is never distinguishable, paired
+    assert attn["kl_se"] > 0 and full["perplexity_se"] > 0 and "lambada_accuracy_se" in attn
+    assert len(r["units"]["attn"]["windows"]) == 3 and len(r["units"]["attn"]["hits"]) == 5
+    assert all(not d["distinguishable"] and d["difference"] == 0 for d in Q.compare(r, "same", "same").values())
+    assert Q.compare(r, "attn", "same")["kl"]["difference"] == pytest.approx(attn["kl"] - same["kl"])
+
+
+def test_bootstrap_se_of_an_accuracy_is_the_binomial_one_and_paired_differences_are_tighter():
+    import numpy as np
+
+    from exporter.bootstrap import paired_difference, standard_error
+
+    rng = np.random.default_rng(1)
+    hits = (rng.random(1000) < 0.3).astype(float)
+    p = hits.mean()
+    assert standard_error([[h, 1] for h in hits]) == pytest.approx((p * (1 - p) / 1000) ** 0.5, rel=0.1)
+    flipped = hits.copy()
+    flipped[:10] = 1 - flipped[:10]  # two models that disagree on 10 passages of 1,000
+    d = paired_difference([[h, 1] for h in flipped], [[h, 1] for h in hits])
+    assert d["se"] < standard_error([[h, 1] for h in hits]) / 2  # pairing removes the shared passages' noise
+    assert standard_error([[1.0, 1.0]] * 50) == 0.0
+    moved = paired_difference([[h, 1] for h in np.maximum(hits, rng.random(1000) < 0.2)], [[h, 1] for h in hits])
+    assert moved["difference"] > 0.1 and moved["distinguishable"]
 
 
 # ---------------------------------------------------------------- data and the CLI
@@ -200,3 +223,16 @@ def test_progress_in_a_log_prints_plain_lines(capsys):
     with progress_bar(None) as progress:  # no console: nothing anywhere
         progress.advance(progress.add_task("x", total=1), 1)
     assert capsys.readouterr() == ("", "")
+
+
+def test_progress_in_a_log_also_prints_when_advanced_through_update():
+    """search advances its bar with update(advance=..., description=...): that must log too."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    with progress_bar(Console(file=out, force_terminal=False)) as progress:
+        task = progress.add_task("search", total=3)
+        progress.update(task, advance=1, description="search, best kl 0.1")
+    assert out.getvalue().splitlines()[0].startswith("search, best kl 0.1: 1/3 (")
