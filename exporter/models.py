@@ -129,23 +129,34 @@ def _converted_gguf_folder(source: ModelSource) -> Path:
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
+_PARSING_ONCE = False
+
+
 @contextmanager
-def _gguf_parsed_once():
-    """Within one conversion, each GGUF file is parsed once and gguf's tensor-name map built once.
+def gguf_parsed_once():
+    """Within this block, each GGUF file is parsed once and gguf's tensor-name map built once.
 
     transformers 5 parses the file for the config, again for the weights and again for the tokenizer, and rebuilds
-    the name map for every module it walks (397 times on SmolLM2). Measured on the default recipe with an empty
+    the name map for every module it walks (397 times on SmolLM2). The load stage wraps reading the config and the
+    conversion in one block, so the config's parse is reused too. Measured on the default recipe with an empty
     cache: the load stage took 32.5 s before, 15.5 s after (docs/results/pipeline.md).
-    Both are pure functions of their arguments; the patch is undone when the conversion ends.
+    Both are pure functions of their arguments; the patch is undone when the outermost block ends (nested blocks
+    are part of it).
     """
+    global _PARSING_ONCE
+    if _PARSING_ONCE:
+        yield
+        return
     import gguf
 
     originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
     for name, original in originals.items():
         setattr(gguf, name, functools.lru_cache(maxsize=None)(original))
+    _PARSING_ONCE = True
     try:
         yield
     finally:
+        _PARSING_ONCE = False
         for name, original in originals.items():
             setattr(gguf, name, original)
 
@@ -159,13 +170,17 @@ def _convert_gguf(source: ModelSource) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     path = gguf_path(source)
-    with _gguf_parsed_once():
+    with gguf_parsed_once():
         quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is overwritten next: a random init of the copy cost ~4 s on SmolLM2
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.tie_weights()  # as from_config does with initialisation on (a tied LM head is saved once)
     plain.load_state_dict(quantised.state_dict())
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp)

@@ -291,3 +291,27 @@ def test_linked_external_data_is_one_clear_line_and_leaves_nothing(tiny_models, 
         optimize_onnx(tmp_path / plain.name, tiny_models["llama"][0].config)
     assert "\n" not in str(err.value)
     assert not (tmp_path / OPT_FILE).exists() and not (tmp_path / (OPT_FILE + ".data")).exists()
+
+
+def test_a_candidate_graph_moved_into_place_reads_its_own_and_the_plain_graphs_data(tiny_models, tmp_path):
+    """The tuner builds a candidate under another name and renames the winner (exporter/onnx/graph.move_graph):
+    its packed weights follow it into model.opt.onnx.data, the plain graph's weights stay shared, and it runs
+    with parity."""
+    from exporter.onnx.contract import data_path
+    from exporter.onnx.graph import move_graph
+
+    model, tok = tiny_models["llama"]
+    plain = export_onnx(apply_skip(model, make_mask("attention")), tmp_path)
+    candidate = tmp_path / "tune-branch.onnx"
+    fused = optimize_onnx(plain, model.config, out_path=candidate)
+    assert fused["data"] == "tune-branch.onnx.data" and fused["batch1_unpacked_matmuls"] > 0
+    move_graph(candidate, tmp_path / OPT_FILE)
+    assert not candidate.exists() and not data_path(candidate).exists()
+    proto = onnx.load(str(tmp_path / OPT_FILE), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {plain.name + ".data", OPT_FILE + ".data"}
+    ids, attn = left_padded(tok, PROMPTS)
+    with masked(model, make_mask("attention")):  # batch 1 decodes through the branch's moved, unpacked weights
+        phases, _ = check_parity(HFRunner(model), OrtRunner(tmp_path / OPT_FILE), ids[:1], attn[:1], 4, 1e-4, 1e-4,
+                                 "onnx:moved")
+    assert all(p.passed and p.greedy_match for p in phases), phases

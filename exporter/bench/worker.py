@@ -34,6 +34,9 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
     where numpy's heap gives 16: the bench feeds what real decoding feeds. (Measured on SmolLM2: no
     difference either way, docs/results/speed.md; it rules out one way two workers could differ.)
 
+    The layers' caches hold the same values, each in a buffer of its own (as a decode loop's are): one random
+    draw per shape, not one per layer, which made preparing a batch-4 case cost a second per worker.
+
     `head_dim` is needed only for graphs whose past inputs leave it symbolic (onnxruntime-genai's builder).
     """
     import numpy as np
@@ -41,7 +44,7 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
     rng = np.random.default_rng(seed)
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32}
-    feeds = {}
+    feeds, filled = {}, {}
     for inp in session.get_inputs():
         name, dtype = inp.name, dtypes.get(inp.type)
         if name == "input_ids":
@@ -55,9 +58,11 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
             dim = dim if isinstance(dim, int) else head_dim
             if not isinstance(heads, int) or dim is None:
                 raise UserError(f"graph input {name!r} has symbolic heads/head_dim {inp.shape}: cannot size the cache")
-            shape = (batch, heads, past, dim)
-            feeds[name] = (np.zeros(shape, dtype or np.float32) if zero_past else
-                           rng.standard_normal(shape, dtype=np.float32).astype(dtype or np.float32))
+            shape, dtype = (batch, heads, past, dim), dtype or np.float32
+            if (shape, dtype) not in filled:  # one random draw per shape, copied into each input's own buffer
+                filled[shape, dtype] = (np.zeros(shape, dtype) if zero_past else
+                                        rng.standard_normal(shape, dtype=np.float32).astype(dtype))
+            feeds[name] = filled[shape, dtype]
         else:
             raise UserError(f"cannot feed graph input {name!r}: the bench drives graphs that follow the ONNX "
                             "contract (input_ids, attention_mask, position_ids, past_key_values.*)")

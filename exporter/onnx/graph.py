@@ -53,6 +53,34 @@ class Graph:
         return users[0]
 
 
+def _initializers_everywhere(graph):
+    """The initializers of `graph` and of every subgraph (the batch-1 dispatch's branches)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _initializers_everywhere(sub)
+
+
+def move_graph(src: Path, dst: Path) -> None:
+    """Rename a graph and its own external data file (`src.data` -> `dst.data`), pointing its tensors at the new
+    name; tensors it reads from another graph's file (the plain graph's weights) are left as they are."""
+    from exporter.onnx.contract import data_path
+
+    proto = onnx.load(str(src), load_external_data=False)
+    old, new = data_path(src).name, data_path(dst).name
+    for tensor in _initializers_everywhere(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    if data_path(src).exists():
+        data_path(src).replace(data_path(dst))
+    else:
+        data_path(dst).unlink(missing_ok=True)
+    onnx.save(proto, str(dst))
+    src.unlink()
+
+
 def initializer_array(tensor, folder: Path):
     """An initializer's values, reading external data from `folder` (the proto is left as it was).
 

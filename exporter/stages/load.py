@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from exporter.checkpoint import check_supported, merge_removed
 from exporter.mask import resolve_mask
-from exporter.models import describe_source, load_config, load_model
+from exporter.models import describe_source, gguf_parsed_once, load_config, load_model
 from exporter.recipe import Recipe
 
 
@@ -16,9 +16,10 @@ def require_supported(recipe: Recipe) -> None:
 
 
 def load_stage(recipe: Recipe):
-    config = load_config(recipe.model)  # validate the mask against the model before loading weights
-    mask = merge_removed(resolve_mask(recipe, config.num_hidden_layers), config)  # a serving checkpoint's no_ops
-    model, tokenizer = load_model(recipe.model)
+    with gguf_parsed_once():  # a GGUF source is parsed once for the config and the conversion
+        config = load_config(recipe.model)  # validate the mask against the model before loading weights
+        mask = merge_removed(resolve_mask(recipe, config.num_hidden_layers), config)  # a serving checkpoint's no_ops
+        model, tokenizer = load_model(recipe.model)
     info = describe_source(recipe.model)
     if getattr(tokenizer, "fallback", None):  # the folder had no usable tokenizer: the report says so
         info["tokenizer"] = {"kind": "byte", "vocab_size": tokenizer.vocab_size, "fallback": tokenizer.fallback}

@@ -8,6 +8,7 @@ from exporter.backends.ort import OrtRunner
 from exporter.backends.session import SECOND_LAYOUT_MAX_BYTES
 from exporter.files import describe_file
 from exporter.onnx.contract import OPT_FILE, data_path
+from exporter.onnx.graph import move_graph
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.parity import check_recorded
 from exporter.recipe import Recipe
@@ -26,31 +27,38 @@ def batch1_path(setting, weight_bytes: int) -> bool:
 
 
 PLAIN, PACKED, BRANCH = "plain", "packed", "batch1-branch"  # the variants the tuner times
-TUNE_SOURCE = "tune-packed.onnx"  # the packed candidate while the branch variant is timed (removed after)
+TUNE_BRANCH = "tune-branch.onnx"  # the branch candidate while it is timed (model.opt.onnx if chosen, else removed)
 
 
 def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int,
                    tune: bool = True) -> dict:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
-    With `tune` (fp32, the batch-1 branch allowed), the variants are timed on this machine (bench/tune.py): the
-    plain graph, the optimized graph with packed weights only, and with the batch-1 branch; model.opt.onnx is
-    the faster optimized one and "serve" names the graph genai_config.json points at. Without, the default
-    variant is built (the branch where `export.batch1_decode_path` allows it) and served.
+    With `tune`, the variants are timed on this machine (bench/tune.py): the plain graph, the optimized
+    graph with packed weights only, and, where `export.batch1_decode_path` allows it, with the batch-1 branch;
+    model.opt.onnx is the faster optimized one (each candidate is built once: the winner is renamed, not
+    rebuilt) and "serve" names the graph genai_config.json points at. Without, the default variant is built (the
+    branch where allowed) and served.
     A graph this rewrite does not handle is reported under not_run with the reason; the plain graph is then
     the only ONNX artifact.
     """
     out_dir = plain_path.parent
+    opt = out_dir / OPT_FILE
     branch = batch1_path(recipe.export.batch1_decode_path, weight_bytes) and precision == "fp32"
+    tuning, not_run = None, []
+    if tune and weight_bytes > SECOND_LAYOUT_MAX_BYTES:  # each candidate's session holds the weights again
+        tune = False
+        not_run.append({"check": "variant tuning (bench/tune.py)", "reason":
+                        f"the candidates' sessions would hold the {weight_bytes / 2**30:.1f} GiB of weights once each, "
+                        f"at once (tuned up to {SECOND_LAYOUT_MAX_BYTES / 2**30:.0f} GiB); the default variant was built"})
     try:
-        fused = optimize_onnx(plain_path, config, batch1_path=branch)
-        tuning = _tune(plain_path, config, branch, recipe.export.max_context) if tune else None
-        if tuning is not None and tuning["chosen"] == PACKED:  # rebuilt as model.opt.onnx, deterministically
-            fused = optimize_onnx(plain_path, config, batch1_path=False)
+        if tune:
+            fused, tuning = _tune(plain_path, config, branch, recipe.export.max_context)
+        else:
+            fused = optimize_onnx(plain_path, config, batch1_path=branch)
     except NotOptimizable as exc:
         return {"artifacts": [], "parity": [], "fused": None, "tuning": None, "serve": plain_path.name,
-                "not_run": [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
-    opt = out_dir / fused["path"]
+                "not_run": not_run + [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
     v = recipe.validation
     recorded = load_reference(out_dir / REFERENCE_FILE)
     parity = check_recorded(recorded, OrtRunner(opt, check=True), v.decode_steps, v.atol.prefill, v.atol.decode,
@@ -62,23 +70,29 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
         artifacts.append(describe_file(out_dir / fused["data"], out_dir, "onnx-external-data", precision))
     fused["variant"] = BRANCH if fused["batch1_unpacked_matmuls"] else PACKED
     serve = plain_path.name if tuning is not None and tuning["chosen"] == PLAIN else opt.name
-    return {"artifacts": artifacts, "parity": parity, "not_run": [], "fused": fused, "tuning": tuning, "serve": serve}
+    return {"artifacts": artifacts, "parity": parity, "not_run": not_run, "fused": fused, "tuning": tuning,
+            "serve": serve}
 
 
-def _tune(plain_path: Path, config, branch: bool, max_context: int) -> dict:
-    """Time plain, packed and (where allowed) branch variants; model.opt.onnx is the branch variant when
-    `branch`, else the packed one, on entry (and is left as it was)."""
+def _tune(plain_path: Path, config, branch: bool, max_context: int) -> tuple[dict, dict]:
+    """Build the packed variant as model.opt.onnx and (where `branch`) the branch variant beside it, time them with
+    the plain graph, keep the chosen optimized one as model.opt.onnx; (what was fused in it, the tuning record)."""
     from exporter.bench.tune import choose_variant
 
-    opt = plain_path.with_name(OPT_FILE)
+    opt, candidate = plain_path.with_name(OPT_FILE), plain_path.with_name(TUNE_BRANCH)
+    fused = {PACKED: optimize_onnx(plain_path, config, batch1_path=False)}
     candidates = {PLAIN: plain_path, PACKED: opt}
-    packed = plain_path.with_name(TUNE_SOURCE)
     try:
         if branch:
-            optimize_onnx(plain_path, config, out_path=packed, batch1_path=False)
-            candidates = {PLAIN: plain_path, PACKED: packed, BRANCH: opt}
-        return choose_variant(candidates, default=BRANCH if branch else PACKED,
-                              max_context=min(max_context, config.max_position_embeddings))
+            fused[BRANCH] = optimize_onnx(plain_path, config, out_path=candidate, batch1_path=True)
+            candidates[BRANCH] = candidate
+        tuning = choose_variant(candidates, default=BRANCH if branch else PACKED,
+                                max_context=min(max_context, config.max_position_embeddings))
+        kept = tuning["default"] if tuning["chosen"] == PLAIN else tuning["chosen"]  # plain: the default is written
+        if kept == BRANCH:
+            move_graph(candidate, opt)
+            fused[BRANCH].update(path=opt.name, data=data_path(opt).name if fused[BRANCH]["data"] else None)
+        return fused[kept], tuning
     finally:
-        packed.unlink(missing_ok=True)
-        data_path(packed).unlink(missing_ok=True)
+        candidate.unlink(missing_ok=True)
+        data_path(candidate).unlink(missing_ok=True)
