@@ -14,6 +14,8 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   (`x' = [x, sum_block(x)]`: Reshape, ReduceSum, Concat, shared by the MatMuls reading the same x) and B gains
   the rows `r` (quantized like every other block of the same MatMulNBits, so the correction's own error is that
   of 4-bit offsets, about 1/15 of the rounding it removes). A MatMul whose offsets all round exactly keeps x.
+  Cost: K grows by K/block_size and three small nodes per distinct input: on SmolLM2-135M (ctx 512, batch 1,
+  1 thread) 5-18% more time per decode step than `rtn` in three interleaved runs.
 - `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
   runs for `-p int4`): faster (no extra K rows, no block-sum nodes) and much further from the fp32 graph on a
   Q4_1 source, whose 16 values per block a symmetric grid cannot hold.
@@ -22,12 +24,14 @@ Why `affine` packs its own blocks instead of calling ONNX Runtime's quantizer (d
 int4 graph is"): its asymmetric RTN rounds the zero point to a uint4 and derives the scale from the block's min
 and max, so Q4_1 values land off the grid (WikiText KL to the full model 0.80 on the default recipe, symmetric
 0.75, affine 0.29, fp32 0.22); its HQQ and an exact float zero point give MatMulNBits float zero points, which
-ONNX Runtime 1.32's CPU MatMulNBits runs without its fast kernel (6.1 ms vs 0.087 ms per 576x1536 call, 1 thread).
+ONNX Runtime 1.32's CPU MatMulNBits runs without its fast kernel (6.1 ms per 576x1536 call at batch 1, 1 thread,
+against 0.085 ms symmetric and 0.087 ms with uint4 zero points, accuracy level 4).
 
 The tied LM head of our graphs is `MatMul(h, Transpose(embedding))`, which a quantizer does not see as a constant
 weight: it is materialised as its own initializer first, so it is quantized like every other MatMul (`lm_head=False`
 keeps it fp32). SmolLM2's embedding is Q8_0 in its GGUF, so its int4 blocks are min-max, not exact: on the default
-recipe it is most of what the affine graph loses (validation KL 0.050 with it int4, 0.010 with it fp32). The
+recipe it is most of what the affine graph loses (validation KL 0.053 with it int4; 0.010 with it fp32 or 8-bit,
+in an exact-offset prototype; 8-bit cost about 1.7 ms more per step there). The
 embedding Gather stays fp32 (it reads one row per token: quantizing it saves memory, not time).
 
 The source is the optimized graph without the batch-1 branch (MatMulNBits has no packed/unpacked split to
