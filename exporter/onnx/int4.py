@@ -53,6 +53,7 @@ from exporter.onnx.graph import initializer_array
 
 LM_HEAD_WEIGHT = "int4.lm_head.weight"  # the materialised [hidden, vocab] LM head
 METHODS = ("affine", "rtn")
+CHUNK = 4096  # output columns per grid search: bounds its float64 temporaries (the LM head has 49,152)
 GRID_TOLERANCE = 1e-3  # a block is on a grid of step s when every (w - min) / s is this close to an integer
 
 
@@ -156,7 +157,10 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
             continue
         k, cols = b.dims
         kb = k // block_size
-        q, scale, zero, offset, grid = affine_blocks(numpy_helper.to_array(b).T.reshape(cols, kb, block_size))
+        weight = numpy_helper.to_array(b)
+        parts = [affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size)) for c in range(0, cols, CHUNK)]
+        q, scale, zero, offset, grid = (np.concatenate(a) for a in zip(*parts))
+        del weight, parts
         on_grid, blocks = on_grid + int(grid.sum()), blocks + grid.size
         x, width = n.input[0], k
         if np.any(offset != 0):  # offset rows for the block sums
