@@ -20,10 +20,11 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   runs for `-p int4`): faster (no extra K rows, no block-sum nodes) and much further from the fp32 graph on a
   Q4_1 source, whose 16 values per block a symmetric grid cannot hold.
 
-Why `affine` packs its own blocks instead of calling ONNX Runtime's quantizer (docs/results/speed.md, "What the
-int4 graph is"): its asymmetric RTN rounds the zero point to a uint4 and derives the scale from the block's min
-and max, so Q4_1 values land off the grid (WikiText KL to the full model 0.80 on the default recipe, symmetric
-0.75, affine 0.29, fp32 0.22); its HQQ and an exact float zero point give MatMulNBits float zero points, which
+Why `affine` packs its own blocks instead of calling ONNX Runtime's quantizer (docs/results/speed.md, section
+"int4 quantizer: affine blocks vs round-to-nearest"): its asymmetric RTN rounds the zero point to a uint4, which
+moves a whole Q4_1 block by up to half a step, and nothing adds that back (WikiText KL to the full model 0.80 on the
+default recipe; the recovered grids with the zero point rounded and no correction 0.83; symmetric 0.75; affine
+0.29; fp32 0.22); its HQQ and an exact float zero point give MatMulNBits float zero points, which
 ONNX Runtime 1.32's CPU MatMulNBits runs without its fast kernel (6.1 ms per 576x1536 call at batch 1, 1 thread,
 against 0.085 ms symmetric and 0.087 ms with uint4 zero points, accuracy level 4).
 
