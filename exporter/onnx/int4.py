@@ -15,7 +15,7 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   the rows `r` (quantized like every other block of the same MatMulNBits, so the correction's own error is that
   of 4-bit offsets, about 1/15 of the rounding it removes). A MatMul whose offsets all round exactly keeps x.
   Cost: K grows by K/block_size and three small nodes per distinct input: on SmolLM2-135M (ctx 512, batch 1,
-  1 thread) 5-18% more time per decode step than `rtn` in three interleaved runs.
+  1 thread) 5-18% more time per decode step than `rtn` in four interleaved runs.
 - `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
   runs for `-p int4`): faster (no extra K rows, no block-sum nodes) and much further from the fp32 graph on a
   Q4_1 source, whose 16 values per block a symmetric grid cannot hold.
