@@ -1,17 +1,21 @@
-"""int4 graphs: what the quantizer rewrites (every constant-weight MatMul, the tied LM head too), their fit to the
-fp32 reference and that a wrong graph fails it, the recipe's int4 keys, and the pipeline's int4 artifact."""
+"""int4 graphs: what the quantizer rewrites (every constant-weight MatMul, the tied LM head too), that the affine
+method reproduces Q4_1-style block grids exactly, their fit to the fp32 reference and that a wrong graph fails it,
+the recipe's int4 keys, and the pipeline's int4 artifact."""
 
 import json
 import shutil
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import PROMPTS, build_model, make_mask
 from exporter.backends.ort import OrtRunner
 from exporter.errors import UserError
 from exporter.onnx.export import export_onnx
-from exporter.onnx.int4 import quantize_int4
+from exporter.onnx.int4 import affine_blocks, quantize_int4
 from exporter.parity import fit_recorded
 from exporter.prompts import left_padded
 from exporter.recipe import load_recipe
@@ -36,7 +40,7 @@ def test_every_matmul_and_the_tied_lm_head_become_matmulnbits(qwen3_plain, tmp_p
     plain_matmuls = _ops(qwen3_plain).count("MatMul")
     info = quantize_int4(qwen3_plain, tmp_path / "int4" / "model.onnx", block_size=32, accuracy_level=4)
     ops = _ops(tmp_path / "int4" / "model.onnx")
-    assert info["lm_head"] == "int4" and info["accuracy_level"] == 4
+    assert info["lm_head"] == "int4" and info["accuracy_level"] == 4 and info["method"] == "affine"
     # 2 layers x (q, k, v, o) attention + 4 layers x (gate, up, down) + the LM head; the attention's own
     # MatMuls (scores, probabilities x values) read activations and stay
     assert ops.count("MatMulNBits") == info["matmul_nbits"] == 2 * 4 + 4 * 3 + 1
@@ -45,6 +49,52 @@ def test_every_matmul_and_the_tied_lm_head_become_matmulnbits(qwen3_plain, tmp_p
     nodes = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph.node
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in next(n for n in nodes if n.op_type == "MatMulNBits").attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+
+
+def _q4_1(rng, k: int, n: int) -> np.ndarray:
+    """A [k, n] weight as a GGUF Q4_1 file holds it: per 32 along k, w = d*q + m, q in 0..15, d and m fp16."""
+    d = (rng.random((n, k // 32)) * 0.02 + 1e-3).astype(np.float16).astype(np.float32)
+    m = (-d * 15 * rng.random((n, k // 32))).astype(np.float16).astype(np.float32)  # 0 inside most blocks
+    q = rng.integers(0, 16, (n, k // 32, 32)).astype(np.float32)
+    return (d[..., None] * q + m[..., None]).reshape(n, k).T.copy()
+
+
+def _matmul_graph(path, w: np.ndarray):
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", n])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+              save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return path
+
+
+def test_affine_blocks_reproduce_a_q4_1_grid():
+    w = _q4_1(np.random.default_rng(0), 64, 48).T.reshape(48, 2, 32)
+    q, scale, zero, offset, on_grid = affine_blocks(w)
+    assert on_grid.all() and q.max() <= 15 and zero.max() <= 15
+    rebuilt = scale[..., None] * (q.astype(np.float64) - zero[..., None]) + offset[..., None]
+    assert np.abs(rebuilt - w).max() < 1e-6
+    assert np.abs(offset).max() > 1e-4  # the zero points do not round exactly: the offsets carry the rest
+
+
+def test_q4_1_weights_in_onnx_runtime(tmp_path):
+    """affine: the weights are exact and only the 4-bit offset rows round; rtn (symmetric) cannot hold Q4_1."""
+    rng = np.random.default_rng(1)
+    w = _q4_1(rng, 96, 64)
+    src = _matmul_graph(tmp_path / "src.onnx", w)
+    x = rng.standard_normal((2, 3, 96)).astype(np.float32)
+    error = {}
+    for method in ("affine", "rtn"):
+        info = quantize_int4(src, tmp_path / method / "model.onnx", block_size=32, accuracy_level=0, method=method)
+        ops = _ops(tmp_path / method / "model.onnx")
+        assert info["matmul_nbits"] == 1 and ops.count("MatMul") == 0
+        assert ("Concat" in ops) == (method == "affine")  # the block sums of x feed the offset rows
+        got = ort.InferenceSession(str(tmp_path / method / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0]
+        error[method] = float(np.abs(got - x @ w).max() / np.abs(x @ w).max())
+    assert error["affine"] < 3e-3 and error["rtn"] > 10 * error["affine"], error
 
 
 def test_lm_head_false_keeps_it_fp32(qwen3_plain, tmp_path):
@@ -81,6 +131,10 @@ def test_recipe_int4_keys(tmp_path):
     recipe = load_recipe(_recipe_with(tmp_path, "  precisions: [fp32, int4]\n"))
     assert recipe.int4 and recipe.precisions == ["fp32"]
     assert (recipe.export.int4.block_size, recipe.export.int4.accuracy_level) == (32, 4)
+    assert recipe.export.int4.method == "affine"
+    assert load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {method: rtn}\n")).export.int4.method == "rtn"
+    with pytest.raises(UserError, match=r"export\.int4\.method"):
+        load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {method: hqq}\n"))
     assert not load_recipe(TINY_RECIPE).int4
     with pytest.raises(UserError, match=r"export\.int4\.block_size"):
         load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {block_size: 48}\n"))
@@ -91,7 +145,10 @@ def test_recipe_int4_keys(tmp_path):
 
 
 def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
-    recipe = _recipe_with(tmp_path, "  precisions: [fp32, int4]\n").read_text() + "  speed: false\n"
+    # a tiny random model's next-token distributions are near uniform: its argmax flips on rounding that moves
+    # no probability (KL 0.000), so top-1 and greedy are held to the old loose values here
+    loose = "  int4: {min_top1: 0.5, min_greedy: 0.2}\n"
+    recipe = _recipe_with(tmp_path, "  precisions: [fp32, int4]\n").read_text() + "  speed: false\n" + loose
     (tmp_path / "int4.yaml").write_text(recipe)
     out = tmp_path / "art" / "tiny-int4"
     result = cli(tmp_path / "int4.yaml", "--out", out, env={"EXPORT_SKIP_CACHE": str(tmp_path / "cache")})
@@ -109,7 +166,7 @@ def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
     assert generated.returncode == 0 and generated.stdout.strip()
 
     # a threshold the graph cannot meet fails the run, names the check, and publishes nothing
-    strict = (tmp_path / "int4.yaml").read_text() + "  int4: {min_top1: 1.0}\n"
+    strict = (tmp_path / "int4.yaml").read_text().replace(loose, "  int4: {min_top1: 1.0}\n")
     (tmp_path / "strict.yaml").write_text(strict)
     shutil.rmtree(out)
     failed = cli(tmp_path / "strict.yaml", "--out", out, env={"EXPORT_SKIP_CACHE": str(tmp_path / "cache")})

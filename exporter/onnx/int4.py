@@ -1,18 +1,43 @@
-"""quantize_int4(source.onnx, out.onnx): weight-only int4 of an fp32 graph, with ONNX Runtime's own quantizer.
+"""quantize_int4(source.onnx, out.onnx): weight-only int4 of an fp32 graph (MatMulNBits, block `block_size` along K).
 
-Every MatMul whose B is a constant 2-D initializer becomes `com.microsoft.MatMulNBits` (4-bit weights, blocks of
-`block_size` along K, symmetric, one fp32 scale per block: `onnxruntime.quantization.matmul_nbits_quantizer`,
-round-to-nearest, the same quantizer onnxruntime-genai's builder calls for `-p int4`). Activations, norms,
-attention and the KV cache stay fp32. `accuracy_level` is MatMulNBits' own attribute: 4 quantizes the activations
-to int8 per block for the dot products (the fast CPU kernel), 0 leaves it unset (fp32 compute).
+Every MatMul whose B is a constant 2-D initializer becomes `com.microsoft.MatMulNBits` (4-bit weights, one fp32
+scale and one uint4 zero point per block of `block_size` along K). Activations, norms, attention and the KV cache
+stay fp32. `accuracy_level` is MatMulNBits' own attribute: 4 quantizes the activations to int8 per block for the dot
+products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`export.int4.method`):
 
-The tied LM head of our graphs is `MatMul(h, Transpose(embedding))`, which the quantizer does not see as a
-constant weight: it is materialised as its own initializer first, so it is quantized like every other MatMul
-(`lm_head=False` keeps it fp32). The embedding Gather stays fp32 (it reads one row per token: quantizing it saves
-memory, not time); the builder instead shares the LM head's int4 weight with a GatherBlockQuantized.
+- `affine` (default): each block keeps its own affine grid, `w = s * q + lo` (q in 0..15). Weights read from a
+  GGUF Q4_1 file (SmolLM2's `.Q4_1.gguf`: blocks of 32 along the input dim, `w = d*q + m`) already lie on such a
+  grid; it is recovered per block (the largest grid step count <= 15 whose step fits every value), so those
+  weights are reproduced exactly; other blocks get min-max (`s = (max - min) / 15`). The zero point `-lo / s` is
+  in general not an integer: it is rounded to a uint4, and what that rounding moves, `r = s * (round(z) - z)` per
+  block and output column, is added back exactly in form: the MatMul's input gains the block sums of x
+  (`x' = [x, sum_block(x)]`: Reshape, ReduceSum, Concat, shared by the MatMuls reading the same x) and B gains
+  the rows `r` (quantized like every other block of the same MatMulNBits, so the correction's own error is that
+  of 4-bit offsets, about 1/15 of the rounding it removes). A MatMul whose offsets all round exactly keeps x.
+  Cost: K grows by K/block_size and three small nodes per distinct input: on SmolLM2-135M (ctx 512, batch 1,
+  1 thread) 5-18% more time per decode step than `rtn` in four interleaved runs.
+- `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
+  runs for `-p int4`): faster (no extra K rows, no block-sum nodes) and much further from the fp32 graph on a
+  Q4_1 source, whose 16 values per block a symmetric grid cannot hold.
+
+Why `affine` packs its own blocks instead of calling ONNX Runtime's quantizer (docs/results/speed.md, section
+"int4 quantizer: affine blocks vs round-to-nearest"): its asymmetric RTN rounds the zero point to a uint4, which
+moves a whole Q4_1 block by up to half a step, and nothing adds that back (WikiText KL to the full model 0.80 on the
+default recipe; the recovered grids with the zero point rounded and no correction 0.83; symmetric 0.75; affine
+0.29; fp32 0.22); its HQQ and an exact float zero point give MatMulNBits float zero points, which
+ONNX Runtime 1.32's CPU MatMulNBits runs without its fast kernel (6.1 ms per 576x1536 call at batch 1, 1 thread,
+against 0.085 ms symmetric and 0.087 ms with uint4 zero points, accuracy level 4).
+
+The tied LM head of our graphs is `MatMul(h, Transpose(embedding))`, which a quantizer does not see as a constant
+weight: it is materialised as its own initializer first, so it is quantized like every other MatMul (`lm_head=False`
+keeps it fp32). SmolLM2's embedding is Q8_0 in its GGUF, so its int4 blocks are min-max, not exact: on the default
+recipe it is most of what the affine graph loses (validation KL 0.053 with it int4; 0.010 with it fp32 or 8-bit,
+in an exact-offset prototype; 8-bit cost about 1.7 ms more per step there). The
+embedding Gather stays fp32 (it reads one row per token: quantizing it saves memory, not time).
 
 The source is the optimized graph without the batch-1 branch (MatMulNBits has no packed/unpacked split to
-dispatch on), so the int4 graph has the optimized graph's fused attention and norms.
+dispatch on), so the int4 graph has the optimized graph's fused attention and norms. The MatMuls' inputs are
+`[batch, sequence, K]` (rank 3, as every graph this project exports): the block sums reshape them so.
 """
 
 from __future__ import annotations
@@ -22,12 +47,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from exporter.onnx.contract import data_path
 from exporter.onnx.graph import initializer_array
 
 LM_HEAD_WEIGHT = "int4.lm_head.weight"  # the materialised [hidden, vocab] LM head
+METHODS = ("affine", "rtn")
+CHUNK = 4096  # output columns per grid search: bounds its float64 temporaries (the LM head has 49,152)
+GRID_TOLERANCE = 1e-3  # a block is on a grid of step s when every (w - min) / s is this close to an integer
 
 
 def materialize_transposed_weights(proto, model_dir: Path) -> list[str]:
@@ -61,10 +89,142 @@ def lm_head_nodes(proto) -> list[str]:
             if n.op_type == "MatMul" and len(shapes.get(n.input[1], [])) == 2 and shapes[n.input[1]][1] == vocab]
 
 
-def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_level: int = 4,
-                  lm_head: bool = True) -> dict:
-    """Write the int4 graph of `source` (fp32, external data beside it) to `out_path` + `out_path.data`;
-    returns what was quantized."""
+# ---------------------------------------------------------------- affine blocks
+
+
+def affine_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """w [N, blocks, block] -> q (uint8, 0..15), scale, uint4 zero point, offset r, on_grid (all [N, blocks] but q)
+    with `w = scale * (q - zero) + r` exactly up to float rounding for on-grid blocks (and min-max rounding else)."""
+    w = w.astype(np.float64)
+    lo, hi = w.min(-1), w.max(-1)
+    span = hi - lo
+    wide = span > 0
+    safe = np.where(wide, span, 1.0)
+    steps = np.zeros(lo.shape, np.int64)
+    for j in range(1, 16):  # the finest grid (most steps) that holds every value of the block
+        t = (w - lo[..., None]) / (safe / j)[..., None]
+        steps = np.where(np.abs(t - np.round(t)).max(-1) < GRID_TOLERANCE, j, steps)
+    on_grid = (steps > 0) | ~wide
+    scale = np.where(wide, safe / np.where(steps > 0, steps, 15), np.maximum(np.abs(lo), 1e-30) / 8)
+    q = np.clip(np.round((w - lo[..., None]) / scale[..., None]), 0, 15)
+    z = -lo / scale  # w = scale * (q - z), z a float
+    # a block using fewer than 16 levels may shift q up by t (z + t): keep the t whose z + t rounds least
+    best_err, best_t, best_zi = None, None, None
+    top = q.max(-1)
+    for t in range(16):
+        zi = np.clip(np.round(z + t), 0, 15)
+        err = np.where(top + t <= 15, np.abs(zi - (z + t)), np.inf)
+        if best_err is None:
+            best_err, best_t, best_zi = err, np.zeros_like(top), zi
+        else:
+            better = err < best_err
+            best_err, best_t, best_zi = (np.where(better, err, best_err), np.where(better, t, best_t),
+                                         np.where(better, zi, best_zi))
+    q = q + best_t[..., None]
+    offset = scale * (best_zi - (z + best_t))  # w = scale * (q - zi) + offset
+    return q.astype(np.uint8), scale.astype(np.float32), best_zi.astype(np.uint8), offset, on_grid
+
+
+def _offset_blocks(offset: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The offset rows [N, rows] as uint4 blocks along K: min-max with 0 inside the range, uint4 zero point."""
+    n, rows = offset.shape
+    padded = np.zeros((n, -(-rows // block_size) * block_size))
+    padded[:, :rows] = offset
+    blocks = padded.reshape(n, -1, block_size)
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    scale = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    zero = np.clip(np.round(-lo / scale), 0, 15)
+    q = np.clip(np.round(blocks / scale[..., None] + zero[..., None]), 0, 15)
+    return q.astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def _pack4(values: np.ndarray) -> np.ndarray:
+    """uint4 values along the last axis -> bytes, the even element in the low nibble (MatMulNBits' layout)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], -1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[str]) -> dict:
+    """Rewrite `proto` (weights loaded) in place: constant-weight MatMuls -> MatMulNBits with affine blocks."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, used, augmented, added = [], set(), {}, []
+    on_grid, blocks, extra_rows = 0, 0, 0
+    for n in g.node:
+        b = inits.get(n.input[1]) if n.op_type == "MatMul" else None
+        if b is None or len(b.dims) != 2 or n.name in exclude or b.dims[0] % block_size:
+            nodes.append(n)
+            continue
+        k, cols = b.dims
+        kb = k // block_size
+        weight = numpy_helper.to_array(b)
+        parts = [affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size)) for c in range(0, cols, CHUNK)]
+        q, scale, zero, offset, grid = (np.concatenate(a) for a in zip(*parts))
+        del weight, parts
+        on_grid, blocks = on_grid + int(grid.sum()), blocks + grid.size
+        x, width = n.input[0], k
+        if np.any(offset != 0):  # offset rows for the block sums
+            oq, oscale, ozero = _offset_blocks(offset, block_size)
+            q, scale, zero = (np.concatenate([q, oq], 1), np.concatenate([scale, oscale], 1),
+                              np.concatenate([zero, ozero], 1))
+            width = k + kb
+            kept_blocks = -(-width // block_size)  # the offset rows' padding past K + kb holds no block
+            q, scale, zero = q[:, :kept_blocks], scale[:, :kept_blocks], zero[:, :kept_blocks]
+            extra_rows += kb
+            if x not in augmented:
+                augmented[x] = _block_sums(g, nodes, x, kb, block_size)
+            x = augmented[x]
+        name = b.name
+        added += [numpy_helper.from_array(_pack4(q), f"{name}.int4"),
+                  numpy_helper.from_array(scale.reshape(-1), f"{name}.int4_scales"),
+                  numpy_helper.from_array(_pack4(zero), f"{name}.int4_zero_points")]
+        used.add(name)
+        attrs = {"K": width, "N": cols, "bits": 4, "block_size": block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        nodes.append(helper.make_node("MatMulNBits", [x, f"{name}.int4", f"{name}.int4_scales", f"{name}.int4_zero_points"],
+                                      list(n.output), name=f"{n.name}_Q4", domain="com.microsoft", **attrs))
+    nodes = _live(nodes, {o.name for o in g.output})  # the LM head's Transpose of the embedding has no reader now
+    still = {i for node in nodes for i in node.input}
+    kept = [t for t in g.initializer if t.name not in used or t.name in still]
+    del g.initializer[:]
+    g.initializer.extend(kept + added)
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
+            "block_sum_inputs": len(augmented)}
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """`nodes` less those whose outputs nothing reads (repeatedly), in order."""
+    while True:
+        read = {i for n in nodes for i in n.input} | outputs
+        keep = [n for n in nodes if any(o in read for o in n.output)]
+        if len(keep) == len(nodes):
+            return nodes
+        nodes = keep
+
+
+def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
+    """Append the nodes of `[x, sum over each block of x]` along the last axis; returns that tensor's name."""
+    shape, axes = f"{x}.int4_blocks_shape", f"{x}.int4_blocks_axes"
+    g.initializer.extend([numpy_helper.from_array(np.array([0, 0, blocks, block_size], np.int64), shape),
+                          numpy_helper.from_array(np.array([-1], np.int64), axes)])
+    nodes += [helper.make_node("Reshape", [x, shape], [f"{x}.int4_blocks"], name=f"{x}.int4_blocks"),
+              helper.make_node("ReduceSum", [f"{x}.int4_blocks", axes], [f"{x}.int4_block_sums"],
+                               name=f"{x}.int4_block_sums", keepdims=0),
+              helper.make_node("Concat", [x, f"{x}.int4_block_sums"], [f"{x}.int4_with_sums"],
+                               name=f"{x}.int4_with_sums", axis=-1)]
+    return f"{x}.int4_with_sums"
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _ort_rtn(proto, block_size: int, accuracy_level: int, exclude: list[str]):
     import logging
 
     root = logging.getLogger()
@@ -74,17 +234,31 @@ def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_l
     # importing it calls logging.basicConfig(level=INFO): every library's INFO lines (a line per node) would print
     root.setLevel(level)
     root.handlers[:] = handlers
+    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level or None, nodes_to_exclude=exclude)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_level: int = 4,
+                  lm_head: bool = True, method: str = "affine") -> dict:
+    """Write the int4 graph of `source` (fp32, external data beside it) to `out_path` + `out_path.data`;
+    returns what was quantized."""
+    if method not in METHODS:
+        raise ValueError(f"int4 method {method!r}: one of {METHODS}")
     source, out_path = Path(source), Path(out_path)
     proto = onnx.load(str(source), load_external_data=False)
     materialize_transposed_weights(proto, source.parent)
     head = lm_head_nodes(proto)
     onnx.load_external_data_for_model(proto, str(source.parent))
-    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level or None,
-                                     nodes_to_exclude=[] if lm_head else head)
-    quantizer.process()
-    out = quantizer.model.model
-    del proto
+    exclude = [] if lm_head else head
+    extra = {}
+    if method == "affine":
+        extra = quantize_affine(proto, block_size, accuracy_level, set(exclude))
+        out = proto
+    else:
+        out = _ort_rtn(proto, block_size, accuracy_level, exclude)
+        del proto
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data_path(out_path).unlink(missing_ok=True)
     onnx.save(out, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -93,6 +267,6 @@ def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_l
     os.umask(mask)
     data_path(out_path).chmod(0o666 & ~mask)  # onnx writes external data 0600; the other files follow the umask
     ops = [n.op_type for n in out.graph.node]
-    return {"matmul_nbits": ops.count("MatMulNBits"), "matmul_fp32": ops.count("MatMul"),
+    return {"method": method, "matmul_nbits": ops.count("MatMulNBits"), "matmul_fp32": ops.count("MatMul"),
             "block_size": block_size, "accuracy_level": accuracy_level,
-            "lm_head": "int4" if lm_head and head else "fp32", "embedding": "fp32 (Gather)"}
+            "lm_head": "int4" if lm_head and head else "fp32", "embedding": "fp32 (Gather)", **extra}

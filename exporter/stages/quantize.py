@@ -30,7 +30,8 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
         source, note = plain_path, f"quantized from the plain graph: {exc}"
     q = recipe.export.int4
     try:
-        info = quantize_int4(source, out_dir / INT4_GRAPH, q.block_size, q.accuracy_level, q.lm_head)
+        info = quantize_int4(source, out_dir / INT4_GRAPH, q.block_size, q.accuracy_level, q.lm_head,
+                             q.method)
     finally:
         if source != plain_path:
             source.unlink(missing_ok=True)
