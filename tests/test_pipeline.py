@@ -128,3 +128,22 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_a_graph_over_2_gib_is_not_tuned_and_the_report_says_so(tiny_artifact_copy):
+    """Each tuning candidate's session holds the weights again, all at once: above SECOND_LAYOUT_MAX_BYTES of
+    weights the default variant is built and checked, and the tuning is listed under checks not run."""
+    from exporter.backends.session import SECOND_LAYOUT_MAX_BYTES
+    from exporter.models import load_config
+    from exporter.recipe import load_recipe
+    from exporter.stages.optimize import optimize_stage
+
+    recipe = load_recipe(TINY_RECIPE)
+    out = optimize_stage(recipe, load_config(recipe.model), tiny_artifact_copy / "model.onnx", "fp32",
+                         SECOND_LAYOUT_MAX_BYTES + 1, tune=True)
+    assert out["tuning"] is None and out["serve"] == "model.opt.onnx"
+    assert [n["check"] for n in out["not_run"]] == ["variant tuning (bench/tune.py)"]
+    assert "2 GiB" in out["not_run"][0]["reason"]
+    # over 2 GiB the default variant has no batch-1 branch (batch1_decode_path: auto), and it passed parity
+    assert out["fused"]["variant"] == "packed" and out["parity"] and all(p["passed"] for p in out["parity"])
+    assert not list(tiny_artifact_copy.glob("tune-*"))
