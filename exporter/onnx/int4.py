@@ -50,7 +50,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from exporter.onnx.contract import data_path
-from exporter.onnx.graph import initializer_array
+from exporter.onnx.graph import drop_dead_nodes, drop_unused_initializers, initializer_array
 
 LM_HEAD_WEIGHT = "int4.lm_head.weight"  # the materialised [hidden, vocab] LM head
 METHODS = ("affine", "rtn")
@@ -149,7 +149,7 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
     """Rewrite `proto` (weights loaded) in place: constant-weight MatMuls -> MatMulNBits with affine blocks."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    nodes, used, augmented, added = [], set(), {}, []
+    nodes, augmented, added = [], {}, []
     on_grid, blocks, extra_rows = 0, 0, 0
     for n in g.node:
         b = inits.get(n.input[1]) if n.op_type == "MatMul" else None
@@ -179,33 +179,20 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
         added += [numpy_helper.from_array(_pack4(q), f"{name}.int4"),
                   numpy_helper.from_array(scale.reshape(-1), f"{name}.int4_scales"),
                   numpy_helper.from_array(_pack4(zero), f"{name}.int4_zero_points")]
-        used.add(name)
         attrs = {"K": width, "N": cols, "bits": 4, "block_size": block_size}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         nodes.append(helper.make_node("MatMulNBits", [x, f"{name}.int4", f"{name}.int4_scales", f"{name}.int4_zero_points"],
                                       list(n.output), name=f"{n.name}_Q4", domain="com.microsoft", **attrs))
-    nodes = _live(nodes, {o.name for o in g.output})  # the LM head's Transpose of the embedding has no reader now
-    still = {i for node in nodes for i in node.input}
-    kept = [t for t in g.initializer if t.name not in used or t.name in still]
-    del g.initializer[:]
-    g.initializer.extend(kept + added)
     del g.node[:]
     g.node.extend(nodes)
+    drop_dead_nodes(g)  # the LM head's Transpose of the embedding has no reader now
+    g.initializer.extend(added)
+    drop_unused_initializers(g)  # the fp32 weights the MatMulNBits replaced
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
             "block_sum_inputs": len(augmented)}
-
-
-def _live(nodes: list, outputs: set[str]) -> list:
-    """`nodes` less those whose outputs nothing reads (repeatedly), in order."""
-    while True:
-        read = {i for n in nodes for i in n.input} | outputs
-        keep = [n for n in nodes if any(o in read for o in n.output)]
-        if len(keep) == len(nodes):
-            return nodes
-        nodes = keep
 
 
 def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
