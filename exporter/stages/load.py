@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from exporter.checkpoint import check_supported, merge_removed
 from exporter.mask import resolve_mask
 from exporter.models import describe_source, gguf_parsed_once, load_config, load_model
@@ -16,7 +18,8 @@ def require_supported(recipe: Recipe) -> None:
 
 
 def load_stage(recipe: Recipe):
-    with gguf_parsed_once():  # a GGUF source is parsed once for the config and the conversion
+    # a GGUF source is parsed once for the config and the conversion
+    with gguf_parsed_once() if recipe.model.kind == "gguf" else nullcontext():
         config = load_config(recipe.model)  # validate the mask against the model before loading weights
         mask = merge_removed(resolve_mask(recipe, config.num_hidden_layers), config)  # a serving checkpoint's no_ops
         model, tokenizer = load_model(recipe.model)
