@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 from conftest import CONFIGS, PROMPTS, make_mask
+from exporter.onnx.decode import DISPATCH
 from exporter.onnx.gemv import ROW
 from exporter.onnx.graph import body_graph
 from exporter.onnx.contract import onnx_signature
@@ -113,9 +114,12 @@ def test_batch1_decode_reads_unpacked_weights(tiny_models, exported, arch, mask_
     assert dispatch.op_type == "If" and [n.op_type for n in proto.graph.node] == ["Size", "Equal", "If"]
     row = next(a.g for a in dispatch.attribute if a.name == "then_branch")
     inits = {t.name: t for t in proto.graph.initializer}
-    matmuls = [n for n in row.node if n.op_type in ("MatMul", "FusedMatMul")]
-    assert len(matmuls) == fused["batch1_unpacked_matmuls"] == \
-        sum(n.op_type == "MatMul" for n in body_graph(proto).node)
+    # the batch-1 branch holds the decode dispatch (exporter/onnx/decode.py): both of its bodies read unpacked
+    bodies = [a.g for a in row.node[-1].attribute]
+    assert row.node[-1].op_type == "If" and len(bodies) == 2
+    matmuls = [n for body in bodies for n in body.node if n.op_type in ("MatMul", "FusedMatMul")]
+    assert len(matmuls) == 2 * fused["batch1_unpacked_matmuls"] == \
+        2 * sum(n.op_type == "MatMul" for n in body_graph(proto).node)
     transposed_b = 0
     for n in matmuls:
         w = inits[n.input[1]]
@@ -161,9 +165,9 @@ def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported,
         # FusedMatMul nodes keep their MatMul names
         ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}
         assert ran[(batch, new)], "no MatMul in the profile"
-    assert all(n.startswith(ROW) for n in ran[(1, 1)])
+    assert all(ROW in n for n in ran[(1, 1)])  # ROW, or DECODE + ROW: the batch-1 branch's decode body
     for case in ((2, 1), (1, 5)):
-        assert not any(n.startswith(ROW) for n in ran[case]), case
+        assert not any(ROW in n for n in ran[case]), case
 
 
 def test_batch1_path_can_be_turned_off(tiny_models, tmp_path):
@@ -173,8 +177,80 @@ def test_batch1_path_can_be_turned_off(tiny_models, tmp_path):
     fused = optimize_onnx(plain, model.config, batch1_path=False)
     proto = onnx.load(str(tmp_path / OPT_FILE), load_external_data=False)
     assert fused["batch1_unpacked_matmuls"] == 0
-    assert "If" not in {n.op_type for n in proto.graph.node} and body_graph(proto) is proto.graph
+    assert not any(n.name == "batch1_dispatch" for n in proto.graph.node)
+    assert proto.graph.node[-1].name == DISPATCH  # only the decode dispatch (exporter/onnx/decode.py)
     assert not any(t.name.startswith(ROW) for t in proto.graph.initializer)
+    fused = optimize_onnx(plain, model.config, batch1_path=False, decode_path=False)
+    proto = onnx.load(str(tmp_path / OPT_FILE), load_external_data=False)
+    assert fused["decode_folded_attention"] == 0
+    assert "If" not in {n.op_type for n in proto.graph.node} and body_graph(proto) is proto.graph
+
+
+def _decode_body(proto):
+    """The decode branch of the packed (else) branch of the batch-1 dispatch."""
+    packed = next(a.g for a in proto.graph.node[-1].attribute if a.name == "else_branch")
+    assert packed.node[-1].name.endswith(DISPATCH)
+    return next(a.g for a in packed.node[-1].attribute if a.name == "then_branch")
+
+
+@pytest.mark.parametrize("arch,mask_name", CASES)
+def test_decode_body_rotates_inside_attention(tiny_models, exported, arch, mask_name):
+    """The decode body (one token per row, no padding) has no RotaryEmbedding and no Split: every attention is one
+    GroupQueryAttention with do_rotary=1 at `position_ids` on the packed q/k/v (qwen3: q, k, v), with the
+    bias only where the layer has a sliding window (mistral: every layer; qwen2: layers 2 and 3)."""
+    from exporter.architectures import sliding_window_for
+
+    config = tiny_models[arch][0].config
+    _, opt, fused = exported[(arch, mask_name)]
+    body = _decode_body(onnx.load(str(opt), load_external_data=False))
+    ops = collections.Counter(n.op_type for n in body.node)
+    kept = make_mask(mask_name).kept_attention(4)
+    assert ops["RotaryEmbedding"] == ops["Split"] == 0
+    assert ops["GroupQueryAttention"] == fused["decode_folded_attention"] == len(kept)
+    for node in body.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        layer = int(node.output[1].split(".")[-2])
+        assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
+        assert node.input[9] == "position_ids" and node.input[7] and node.input[8]
+        assert bool(node.input[1]) == (arch == "qwen3")  # packed q/k/v reads one input
+        bias = len(node.input) > 10 and node.input[10]
+        assert bool(bias) == (sliding_window_for(config, layer) is not None), layer
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_decode_body_gives_the_prompt_bodys_outputs(tiny_models, exported, arch):
+    """An unpadded batch of 2 whose rows sit at different positions (row 2 three ahead), decoded 4 steps: the graph
+    with the decode body and the same graph without it give the same logits and caches (per-row positions
+    reach the folded rotary). A left-padded batch takes the prompt body: covered by the parity tests above."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model, _ = tiny_models[arch]
+    plain, opt, _ = exported[(arch, "attention")]
+    without = plain.with_name("model.nodecode.onnx")
+    optimize_onnx(plain, model.config, out_path=without, decode_path=False)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (opt, without)]
+    past_names = [i.name for i in sessions[0].get_inputs() if i.name.startswith("past_key_values.")]
+    config = model.config
+    head = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, config.vocab_size, (2, 5))
+    positions = np.arange(5)[None] + np.array([[0], [3]])
+    mask = np.ones((2, 5), np.int64)
+    state = [{n: np.zeros((2, config.num_key_value_heads, 0, head), np.float32) for n in past_names}] * 2
+    for step in range(5):
+        outs = []
+        for i, sess in enumerate(sessions):
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **state[i]}
+            outs.append(dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds))))
+        for name in outs[0]:
+            assert np.abs(outs[0][name] - outs[1][name]).max() <= 1e-5, (step, name)
+        state = [{n: out[n.replace("past_key_values", "present")] for n in past_names} for out in outs]
+        ids = outs[0]["logits"][:, -1:].argmax(-1)
+        positions = positions[:, -1:] + 1
+        mask = np.ones((2, mask.shape[1] + 1), np.int64)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -1,20 +1,22 @@
 """A decode path for the optimized graph: one-token steps rotate q and k inside GroupQueryAttention.
 
 The optimized graph (optimize.py) rotates q and k with two `RotaryEmbedding` nodes per layer at `position_ids`,
-after a Split of the packed q/k/v, because GroupQueryAttention's own rotary reads only the first position of
-each row for a prompt (measured on ONNX Runtime 1.32: a left-padded prompt batch gets its cached keys rotated
-at the wrong positions). For a one-token call (every decode step) the kernel reads each row's own position, so
-there the three nodes fold into the attention node, exactly (tests/test_decode_path.py compares both forms,
-including onnxruntime-genai's right-padded rows with holes). On SmolLM2 that is 78 of 419 nodes a step: the
-per-op profile put the builder's lead at batch 1 on these nodes (docs/results/speed.md). So:
+after a Split of the packed q/k/v, and masks with an additive bias, because GroupQueryAttention's own rotary
+reads only the first position of each row for a prompt (measured on ONNX Runtime 1.32: a left-padded prompt
+batch gets its cached keys rotated at the wrong positions). For a one-token call the kernel reads each row's own
+position, so there the three nodes fold into the attention node, exactly; and with no padding anywhere in the
+mask, a one-token call attends to every cached position, so the bias is all zeros and is dropped too (not for a
+layer with a sliding window, whose bias carries the window). On SmolLM2 that takes a decode step from 419 nodes
+to 325 (the builder's full graph: 342), bit-identical outputs (tests/test_optimize.py). So:
 
-    If(Shape(input_ids)[1] == 1)
-      then: the body with each layer's Split + RotaryEmbedding x2 + GroupQueryAttention as one
-            GroupQueryAttention(packed q/k/v, do_rotary=1, cos/sin caches, position_ids)
-      else: the body as it was (prompts)
+    If(Shape(input_ids)[1] == 1 and ReduceMin(attention_mask) == 1)
+      then: the body with each layer's Split + RotaryEmbedding x2 + GroupQueryAttention(bias) as one
+            GroupQueryAttention(packed q/k/v, do_rotary=1, cos/sin caches, position_ids[, bias])
+      else: the body as it was (prompts; padded batches, e.g. onnxruntime-genai's right-padded rows with holes)
 
-Only nodes are duplicated: both branches read the same initializers. The batch-1 branch (gemv.py) only ever
-sees one-token calls, so it takes the folded form without a dispatch.
+Only nodes are duplicated: both branches read the same initializers. With the batch-1 dispatch (gemv.py), each of
+its branches gets this dispatch inside it. Heads whose size is not a multiple of 16 are left as they are
+(GroupQueryAttention's rotary refuses them).
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from __future__ import annotations
 import copy
 import re
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper
 
+from exporter.architectures import head_dim, sliding_window_for
+from exporter.onnx.contract import kept_layers
 from exporter.onnx.graph import drop_dead_nodes
 
 MS = "com.microsoft"
@@ -91,7 +98,42 @@ def fold_rotary(nodes: list, bias_free: set[int] = frozenset()) -> tuple[list, i
     return folded, len(replace)
 
 
-def add_decode_dispatch(graph, outer: set[str], bias_free: set[int] = frozenset()) -> int:
+def decode_layers(config, kept: list[int]) -> set[int] | None:
+    """The kept layers whose decode-step bias may be dropped (no sliding window: with no padding, a one-token
+    call attends to every cached position), or None where the fold cannot run at all: ONNX Runtime's
+    GroupQueryAttention rotates only heads whose size is a multiple of 16."""
+    if head_dim(config) % 16:
+        return None
+    return {i for i in kept if sliding_window_for(config, i) is None}
+
+
+def add_decode_path(proto, config, kept: list[int]) -> int:
+    """Give `proto` (the optimized graph, with or without the batch-1 dispatch of gemv.py) its decode path;
+    returns the attentions folded per body (0: none, `proto` left as it was)."""
+    bias_free = decode_layers(config, kept)
+    if bias_free is None:
+        return 0
+    top = proto.graph
+    dispatch = top.node[-1] if len(top.node) else None
+    if dispatch is None or dispatch.op_type != "If" or dispatch.name != "batch1_dispatch":
+        return add_decode_dispatch(top, set(), bias_free)
+    outer = {i.name for i in top.input} | {t.name for t in top.initializer} | {o for n in top.node for o in n.output}
+    folded = 0
+    for attr in dispatch.attribute:  # each branch gets its own dispatch (names kept apart by prefix)
+        folded = add_decode_dispatch(attr.g, outer, bias_free, prefix=f"{attr.name}/")
+    return folded
+
+
+def add_decode_path_to(path: Path, config) -> int:
+    """add_decode_path on a saved graph file (its external data untouched: only nodes change)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    folded = add_decode_path(proto, config, kept_layers({i.name: i for i in proto.graph.input}))
+    if folded:
+        onnx.save(proto, str(path))
+    return folded
+
+
+def add_decode_dispatch(graph, outer: set[str], bias_free: set[int] = frozenset(), prefix: str = "") -> int:
     """Rewrite `graph` (the top-level graph, or a branch of the batch-1 dispatch) into the If above; returns the
     attentions folded in the decode branch (0: nothing to fold, `graph` left as it was). `outer` holds the names
     visible from outside the body (graph inputs, initializers, outer-scope values): they keep their names."""
@@ -127,28 +169,29 @@ def add_decode_dispatch(graph, outer: set[str], bias_free: set[int] = frozenset(
     else_g = helper.make_graph(prompt, "prompt", [], branch_outputs(PROMPT))
     else_g.value_info.extend(v for v in graph.value_info if v.name not in outputs)
     drop_dead_nodes(then_g)  # what only the bias or the separate rotary read (the body was sorted: order kept)
-    one, idx = f"{DISPATCH}/one", f"{DISPATCH}/seq_axis"
+    d = prefix + DISPATCH  # this dispatch's value names (sibling branches may each hold one)
+    one, idx = f"{d}/one", f"{d}/seq_axis"
     del graph.value_info[:]
     del graph.node[:]
     graph.node.extend([  # constants as nodes: the graph may be a branch, whose initializers live above it
         helper.make_node("Constant", [], [one], name=one, value=numpy_helper.from_array(np.array([1], np.int64))),
         helper.make_node("Constant", [], [idx], name=idx, value=numpy_helper.from_array(np.array([1], np.int64))),
-        helper.make_node("Constant", [], [f"{DISPATCH}/one_scalar"], name=f"{DISPATCH}/one_scalar",
+        helper.make_node("Constant", [], [f"{d}/one_scalar"], name=f"{d}/one_scalar",
                          value=numpy_helper.from_array(np.array(1, np.int64))),
-        helper.make_node("Shape", ["input_ids"], [f"{DISPATCH}/shape"], name=f"{DISPATCH}/shape"),
-        helper.make_node("Gather", [f"{DISPATCH}/shape", idx], [f"{DISPATCH}/tokens"], name=f"{DISPATCH}/tokens",
+        helper.make_node("Shape", ["input_ids"], [f"{d}/shape"], name=f"{d}/shape"),
+        helper.make_node("Gather", [f"{d}/shape", idx], [f"{d}/tokens"], name=f"{d}/tokens",
                          axis=0),
-        helper.make_node("Equal", [f"{DISPATCH}/tokens", one], [f"{DISPATCH}/one_token_1d"],
-                         name=f"{DISPATCH}/one_token_1d"),
-        helper.make_node("ReduceMin", ["attention_mask"], [f"{DISPATCH}/mask_min"], name=f"{DISPATCH}/mask_min",
+        helper.make_node("Equal", [f"{d}/tokens", one], [f"{d}/one_token_1d"],
+                         name=f"{d}/one_token_1d"),
+        helper.make_node("ReduceMin", ["attention_mask"], [f"{d}/mask_min"], name=f"{d}/mask_min",
                          keepdims=0),
-        helper.make_node("Equal", [f"{DISPATCH}/mask_min", f"{DISPATCH}/one_scalar"], [f"{DISPATCH}/unpadded"],
-                         name=f"{DISPATCH}/unpadded"),
-        helper.make_node("Squeeze", [f"{DISPATCH}/one_token_1d"], [f"{DISPATCH}/one_token"],
-                         name=f"{DISPATCH}/one_token"),
-        helper.make_node("And", [f"{DISPATCH}/one_token", f"{DISPATCH}/unpadded"], [f"{DISPATCH}/take_decode"],
-                         name=f"{DISPATCH}/take_decode"),
-        helper.make_node("If", [f"{DISPATCH}/take_decode"], [o.name for o in graph.output], name=DISPATCH,
+        helper.make_node("Equal", [f"{d}/mask_min", f"{d}/one_scalar"], [f"{d}/unpadded"],
+                         name=f"{d}/unpadded"),
+        helper.make_node("Squeeze", [f"{d}/one_token_1d"], [f"{d}/one_token"],
+                         name=f"{d}/one_token"),
+        helper.make_node("And", [f"{d}/one_token", f"{d}/unpadded"], [f"{d}/take_decode"],
+                         name=f"{d}/take_decode"),
+        helper.make_node("If", [f"{d}/take_decode"], [o.name for o in graph.output], name=d,
                          then_branch=then_g, else_branch=else_g),
     ])
     return folded

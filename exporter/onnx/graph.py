@@ -153,13 +153,20 @@ def topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
+DISPATCHES = ("batch1_dispatch", "decode_dispatch")  # gemv.py's and decode.py's If nodes (the latter prefixed)
+
+
+def body_of(graph):
+    """The body a reader should look at for the model's structure: through each dispatch (gemv.py's batch-1
+    If, decode.py's decode If) to its general branch, the one prompts run; else the graph itself."""
+    while len(graph.node) and graph.node[-1].op_type == "If" and graph.node[-1].name.endswith(DISPATCHES):
+        graph = next(a.g for a in graph.node[-1].attribute if a.name == "else_branch")
+    return graph
+
+
 def body_graph(proto):
-    """The graph a reader should look at for the model's structure: the general branch of the dispatch when
-    the graph has one, else the graph itself."""
-    top = proto.graph
-    if len(top.node) and top.node[-1].op_type == "If" and top.node[-1].name == "batch1_dispatch":
-        return next(a.g for a in top.node[-1].attribute if a.name == "else_branch")
-    return top
+    """body_of the model's top-level graph."""
+    return body_of(proto.graph)
 
 
 def onnx_weight_elements(path: Path) -> int:

@@ -15,7 +15,10 @@ optimizer fuses none of that, so this module rewrites it, keeping the I/O contra
   `com.microsoft.SkipSimplifiedLayerNormalization` (the add and the norm in one pass).
 
 That is close to onnxruntime-genai's builder graph (which rotates inside the attention node, at cache
-slots), with our bias for padding and rotary at `position_ids`. Then, for fp32 graphs, the body is wrapped
+slots), with our bias for padding and rotary at `position_ids`. One-token calls without padding (decode steps)
+get a body of their own where each attention's Split + RotaryEmbedding pair folds into GroupQueryAttention and
+the bias is dropped where no window needs it (exporter/onnx/decode.py: exact there, not for padded prompts).
+Then, for fp32 graphs, the body is wrapped
 in an If that sends one-row calls (batch-1 decode) to a copy whose MatMuls read unpacked weights, where
 ONNX Runtime's one-row kernels run (exporter/gemv.py says why and what it costs in memory). Measured and not
 done: packing the MLP's gate/up MatMuls (one MatMul + Split) left MatMul time unchanged on SmolLM2 and
@@ -47,6 +50,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporter.architectures import head_dim as head_dim_of, rope_kind_for
 from exporter.onnx.contract import OPT_FILE, data_path as data_path_of, input_names, kept_layers
+from exporter.onnx.decode import add_decode_path
 from exporter.onnx.gemv import add_batch1_path
 from exporter.onnx.graph import (Graph, drop_dead_nodes, drop_unused_initializers, external_initializer,
                                  initializer_array, topological_sort)
@@ -362,8 +366,10 @@ def _fuse_norms(g: Graph) -> tuple[int, int]:
 
 
 def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_positions: int | None = None,
-                  batch1_path: bool = True) -> dict:
+                  batch1_path: bool = True, decode_path: bool = True) -> dict:
     """Write the optimized graph beside `plain_path` (sharing its external data); returns what was fused.
+    `decode_path`: one-token calls without padding run a body whose attention rotates inside
+    GroupQueryAttention (exporter/onnx/decode.py).
 
     Raises NotOptimizable with the reason when the graph cannot be rewritten safely.
     """
@@ -425,6 +431,7 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
         gemv = 0
         if batch1_path and (not kept or elem == onnx.TensorProto.FLOAT):  # one-row calls: unpacked (gemv.py)
             gemv = add_batch1_path(proto, data_path, plain_path.parent)
+        folded = add_decode_path(proto, config, kept) if decode_path and kept else 0
         onnx.save(proto, str(out_path))
     except BaseException:  # nothing half-written: no data file without its graph, no graph without its data
         data_path.unlink(missing_ok=True)
@@ -434,4 +441,5 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     # which the checker rejects. ONNX Runtime loading the graph, and parity, are the checks.
     return {"path": out_path.name, "data": data_path.name if data_path.exists() else None,
             "group_query_attention": len(kept), "packed_qkv": len(plans), "simplified_layer_norm": norms,
-            "skip_simplified_layer_norm": skips, "nodes": nodes, "batch1_unpacked_matmuls": gemv}
+            "skip_simplified_layer_norm": skips, "nodes": nodes, "batch1_unpacked_matmuls": gemv,
+            "decode_folded_attention": folded}

@@ -10,6 +10,7 @@ from pathlib import Path
 from exporter.backends.ort import OrtRunner
 from exporter.files import describe_file
 from exporter.onnx.contract import ONNX_FILE, data_path
+from exporter.onnx.decode import add_decode_path_to
 from exporter.onnx.int4 import quantize_int4
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.parity import fit_recorded
@@ -25,7 +26,8 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
     out_dir = plain_path.parent
     source, note = out_dir / SOURCE, None
     try:
-        optimize_onnx(plain_path, config, out_path=source, batch1_path=False)
+        # flat (no dispatch): the quantizer rewrites top-level MatMuls; the decode path is added once quantized
+        optimize_onnx(plain_path, config, out_path=source, batch1_path=False, decode_path=False)
     except NotOptimizable as exc:  # the plain graph's MatMuls quantize just the same
         source, note = plain_path, f"quantized from the plain graph: {exc}"
     q = recipe.export.int4
@@ -37,6 +39,7 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
             source.unlink(missing_ok=True)
             data_path(source).unlink(missing_ok=True)
     info["source"] = note or "optimized graph (no batch-1 branch)"
+    info["decode_folded_attention"] = 0 if note else add_decode_path_to(out_dir / INT4_GRAPH, config)
     v, t = recipe.validation, recipe.validation.int4
     fit = fit_recorded(load_reference(out_dir / REFERENCE_FILE), OrtRunner(out_dir / INT4_GRAPH, check=True),
                        v.decode_steps, "onnx:int4")
