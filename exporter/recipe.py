@@ -142,6 +142,9 @@ class Int4(_Strict):
     # 29849: can flip greedy tokens, which validate.int4's greedy agreement catches)
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     lm_head: bool = True  # quantize the LM head too (the largest MatMul); false keeps it fp32
+    # awq: the int4 LM head's input channels scaled by their activations on the validation prompts (alpha by grid
+    # search), folded into the final norm's weight (method affine); none: quantized as it is
+    lm_head_scaling: Literal["awq", "none"] = "none"
 
 
 class Int4Fit(_Strict):

@@ -208,6 +208,143 @@ def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
     return f"{x}.int4_with_sums"
 
 
+# ---------------------------------------------------------------- activation-aware scaling of the LM head
+
+LM_HEAD_SCALINGS = ("awq", "none")
+AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+LM_HEAD_NORM_WEIGHT = "int4.lm_head.norm_weight"  # the final norm's weight divided by the chosen scales
+
+
+def lm_head_norm(proto, head: str) -> tuple[object, int] | str:
+    """The norm node whose weight the LM head's per-input-channel scales fold into, and that weight's input
+    index; a reason (str) when there is none: the head's input must come from SimplifiedLayerNormalization
+    (weight input 1), SkipSimplifiedLayerNormalization (2) or a Mul by a 1-D [K] initializer (the plain graph's
+    RMSNorm), and feed nothing but the head."""
+    g = proto.graph
+    node = next(n for n in g.node if n.name == head)
+    x = node.input[0]
+    readers = [n for n in g.node if x in n.input]
+    if len(readers) != 1 or any(o.name == x for o in g.output):
+        return f"{x} feeds more than the LM head"
+    producer = next((n for n in g.node if x in n.output), None)
+    shapes = {t.name: list(t.dims) for t in g.initializer}
+    k = shapes[node.input[1]][0]
+    if producer is None:
+        return f"{x} is a graph input"
+    if producer.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        if producer.output[0] != x:
+            return f"{x} is not {producer.name}'s normalized output"
+        index = 1 if producer.op_type == "SimplifiedLayerNormalization" else 2
+    elif producer.op_type == "Mul":
+        index = next((i for i, name in enumerate(producer.input) if shapes.get(name) == [k]), None)
+        if index is None:
+            return f"{producer.name} (Mul) has no [{k}] weight initializer"
+    else:
+        return f"{x} comes from {producer.op_type} {producer.name}, not a norm with a weight"
+    if shapes.get(producer.input[index]) != [k]:
+        return f"{producer.name}'s weight is not a [{k}] initializer"
+    return producer, index
+
+
+def reference_sequences(recorded) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The recorded reference's batches as teacher-forced sequences: (input_ids, attention_mask), the prompts
+    followed by the reference's greedy tokens (all but the last, which no position reads)."""
+    out = []
+    for b in recorded:
+        tokens = b.tokens[:, :len(b.steps)]
+        out.append((np.concatenate([b.input_ids, tokens], 1).astype(np.int64),
+                    np.concatenate([b.attention_mask, np.ones_like(tokens)], 1).astype(np.int64)))
+    return out
+
+
+def lm_head_inputs(source: Path, x: str, sequences) -> np.ndarray:
+    """The activations [n, K] reaching the LM head (tensor `x`) when the fp32 `source` runs each sequence in
+    one prefill (padding positions dropped)."""
+    from exporter.backends.session import open_session
+    from exporter.onnx.contract import is_past
+
+    proto = onnx.load(str(source), load_external_data=False)
+    proto.graph.output.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    probe = source.parent / f"{source.stem}.int4-calibration.onnx"  # beside the source: same external data
+    onnx.save(proto, str(probe))
+    try:
+        session = open_session(probe, threads=1)
+        pasts = [i for i in session.get_inputs() if is_past(i.name)]
+        rows = []
+        for ids, mask in sequences:
+            feeds = {"input_ids": ids, "attention_mask": mask,
+                     "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None).astype(np.int64)}
+            feeds.update({p.name: np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), np.float32) for p in pasts})
+            h = session.run([x], feeds)[0]
+            rows.append(h[mask.astype(bool)])
+        return np.concatenate(rows).astype(np.float32)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _minmax_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """[K, N] -> the same weights through 4-bit min-max blocks along K (float zero point: the affine method's
+    off-grid blocks, whose rounded zero points the offset rows add back)."""
+    k, n = w.shape
+    b = w.reshape(k // block_size, block_size, n)
+    lo, hi = b.min(1, keepdims=True), b.max(1, keepdims=True)
+    step = np.where(hi > lo, (hi - lo) / 15, 1)
+    return (lo + step * np.round((b - lo) / step)).reshape(k, n)
+
+
+def _kl_rows(ref: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(ref) || softmax(logits))."""
+    ref = ref.astype(np.float64) - ref.max(-1, keepdims=True)
+    logits = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    lp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    lq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def awq_scales(x: np.ndarray, w: np.ndarray, block_size: int, alphas=AWQ_ALPHAS) -> tuple[np.ndarray, dict]:
+    """Per-input-channel scales s = mean|x_k|^alpha (divided by their geometric mean) for the [K, N] weight `w`
+    read by activations `x` [n, K]: the alpha whose `(x / s) @ Q(diag(s) w)` has the least squared error to
+    `x @ w` (Q: 4-bit min-max blocks of `block_size` along K). Returns s and what each alpha measured."""
+    magnitude = np.maximum(np.abs(x).astype(np.float64).mean(0), 1e-8)
+    ref = x @ w
+    tried = []
+    for alpha in alphas:
+        s = magnitude ** alpha
+        s = s / np.exp(np.log(s).mean())
+        got = (x / s.astype(np.float32)) @ _minmax_blocks(w * s[:, None].astype(np.float32), block_size)
+        tried.append({"alpha": alpha, "sq_error": float(((got - ref).astype(np.float64) ** 2).sum()),
+                      "kl": round(_kl_rows(ref, got), 5), "s": s})
+    best = min(tried, key=lambda t: t["sq_error"])
+    base = next((t for t in tried if t["alpha"] == 0), tried[0])
+    info = {"alpha": best["alpha"], "calibration_rows": int(x.shape[0]),
+            "error_ratio": round(best["sq_error"] / base["sq_error"], 4),
+            "tried": [{k: (round(v, 6) if k == "sq_error" else v) for k, v in t.items() if k != "s"} for t in tried]}
+    return best["s"], info
+
+
+def scale_lm_head(proto, head: str, source: Path, sequences, block_size: int) -> dict:
+    """AWQ-style scaling of the LM head (weights loaded in `proto`): W -> diag(s) W, the final norm's weight
+    gamma -> gamma / s (a new initializer), so `norm(h) @ W` is unchanged before quantization and the 4-bit blocks
+    of the rows the activations weigh most get the finer steps. Returns what was chosen."""
+    found = lm_head_norm(proto, head)
+    if isinstance(found, str):
+        return {"lm_head_scaling": "none", "lm_head_scaling_reason": found}
+    norm, index = found
+    g = proto.graph
+    node = next(n for n in g.node if n.name == head)
+    inits = {t.name: t for t in g.initializer}
+    w = numpy_helper.to_array(inits[node.input[1]])
+    x = lm_head_inputs(source, node.input[0], sequences)
+    s, info = awq_scales(x, w, block_size)
+    if info["alpha"] == 0:
+        return {"lm_head_scaling": "none", "lm_head_scaling_reason": "alpha 0 measured best", "awq": info}
+    gamma = numpy_helper.to_array(inits[norm.input[index]])
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
+    g.initializer.append(numpy_helper.from_array((gamma / s).astype(np.float32), LM_HEAD_NORM_WEIGHT))
+    norm.input[index] = LM_HEAD_NORM_WEIGHT
+    return {"lm_head_scaling": "awq", "awq": info}
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -228,20 +365,33 @@ def _ort_rtn(proto, block_size: int, accuracy_level: int, exclude: list[str]):
 
 
 def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_level: int = 4,
-                  lm_head: bool = True, method: str = "affine") -> dict:
+                  lm_head: bool = True, method: str = "affine", lm_head_scaling: str = "none",
+                  calibration=None) -> dict:
     """Write the int4 graph of `source` (fp32, external data beside it) to `out_path` + `out_path.data`;
-    returns what was quantized."""
+    returns what was quantized. `lm_head_scaling="awq"` (method affine, LM head int4) scales the LM head's input
+    channels by their activations on `calibration` ((input_ids, attention_mask) sequences run through `source`)
+    and folds the scales into the final norm's weight."""
     if method not in METHODS:
         raise ValueError(f"int4 method {method!r}: one of {METHODS}")
+    if lm_head_scaling not in LM_HEAD_SCALINGS:
+        raise ValueError(f"int4 lm_head_scaling {lm_head_scaling!r}: one of {LM_HEAD_SCALINGS}")
+    if lm_head_scaling == "awq" and not calibration:
+        raise ValueError("int4 lm_head_scaling awq needs calibration sequences")
     source, out_path = Path(source), Path(out_path)
     proto = onnx.load(str(source), load_external_data=False)
     materialize_transposed_weights(proto, source.parent)
     head = lm_head_nodes(proto)
     onnx.load_external_data_for_model(proto, str(source.parent))
     exclude = [] if lm_head else head
-    extra = {}
+    extra = {"lm_head_scaling": "none"}
+    if lm_head_scaling == "awq":
+        if method != "affine" or not lm_head or len(head) != 1:
+            extra["lm_head_scaling_reason"] = (f"method {method}" if method != "affine" else
+                                               "LM head kept fp32" if not lm_head else f"{len(head)} LM head MatMuls")
+        else:
+            extra = scale_lm_head(proto, head[0], source, calibration, block_size)
     if method == "affine":
-        extra = quantize_affine(proto, block_size, accuracy_level, set(exclude))
+        extra.update(quantize_affine(proto, block_size, accuracy_level, set(exclude)))
         out = proto
     else:
         out = _ort_rtn(proto, block_size, accuracy_level, exclude)
