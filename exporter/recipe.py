@@ -142,9 +142,10 @@ class Int4(_Strict):
     # 29849: can flip greedy tokens, which validate.int4's greedy agreement catches)
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
     lm_head: bool = True  # quantize the LM head too (the largest MatMul); false keeps it fp32
-    # awq: the int4 LM head's input channels scaled by their activations on the validation prompts (alpha by grid
-    # search), folded into the final norm's weight (method affine); none: quantized as it is
-    lm_head_scaling: Literal["awq", "none"] = "none"
+    # method affine, the LM head's blocks off a 16-level grid: weighted = the grid nearest the weights weighted by
+    # the mean square of the input channel each multiplies, measured on the validation prompts through the fp32
+    # graph (exporter/onnx/int4.py, weighted_grids); minmax = each block's min-max range
+    lm_head_fit: Literal["weighted", "minmax"] = "minmax"
 
 
 class Int4Fit(_Strict):

@@ -92,9 +92,11 @@ def lm_head_nodes(proto) -> list[str]:
 # ---------------------------------------------------------------- affine blocks
 
 
-def affine_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def affine_blocks(w: np.ndarray, importance: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """w [N, blocks, block] -> q (uint8, 0..15), scale, uint4 zero point, offset r, on_grid (all [N, blocks] but q)
-    with `w = scale * (q - zero) + r` exactly up to float rounding for on-grid blocks (and min-max rounding else)."""
+    with `w = scale * (q - zero) + r` exactly up to float rounding for on-grid blocks (and min-max rounding else;
+    with `importance` [blocks, block], the off-grid blocks' grids are `weighted_grids` instead of min-max)."""
     w = w.astype(np.float64)
     lo, hi = w.min(-1), w.max(-1)
     span = hi - lo
@@ -106,6 +108,10 @@ def affine_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
         steps = np.where(np.abs(t - np.round(t)).max(-1) < GRID_TOLERANCE, j, steps)
     on_grid = (steps > 0) | ~wide
     scale = np.where(wide, safe / np.where(steps > 0, steps, 15), np.maximum(np.abs(lo), 1e-30) / 8)
+    off_grid = wide & (steps == 0)
+    if importance is not None and off_grid.any():
+        fit_lo, fit_step = weighted_grids(w, importance)
+        lo, scale = np.where(off_grid, fit_lo, lo), np.where(off_grid, fit_step, scale)
     q = np.clip(np.round((w - lo[..., None]) / scale[..., None]), 0, 15)
     z = -lo / scale  # w = scale * (q - z), z a float
     # a block using fewer than 16 levels may shift q up by t (z + t): keep the t whose z + t rounds least
@@ -145,11 +151,13 @@ def _pack4(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[str]) -> dict:
-    """Rewrite `proto` (weights loaded) in place: constant-weight MatMuls -> MatMulNBits with affine blocks."""
+def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[str],
+                    importance: dict[str, np.ndarray] | None = None) -> dict:
+    """Rewrite `proto` (weights loaded) in place: constant-weight MatMuls -> MatMulNBits with affine blocks;
+    `importance` maps MatMul names to their input channels' weights [K] for `weighted_grids`."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    nodes, augmented, added = [], {}, []
+    nodes, augmented, added, fitted = [], {}, [], {}
     on_grid, blocks, extra_rows = 0, 0, 0
     for n in g.node:
         b = inits.get(n.input[1]) if n.op_type == "MatMul" else None
@@ -159,8 +167,13 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
         k, cols = b.dims
         kb = k // block_size
         weight = numpy_helper.to_array(b)
-        parts = [affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size)) for c in range(0, cols, CHUNK)]
+        weights = (importance or {}).get(n.name)
+        weights = None if weights is None else weights.reshape(kb, block_size)
+        parts = [affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size), weights)
+                 for c in range(0, cols, CHUNK)]
         q, scale, zero, offset, grid = (np.concatenate(a) for a in zip(*parts))
+        if weights is not None:  # importance-weighted squared error of these blocks and of plain min-max ones
+            fitted[n.name] = _weighted_errors(weight, q, scale, zero, offset, weights)
         del weight, parts
         on_grid, blocks = on_grid + int(grid.sum()), blocks + grid.size
         x, width = n.input[0], k
@@ -191,8 +204,25 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
     drop_unused_initializers(g)  # the fp32 weights the MatMulNBits replaced
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
-            "block_sum_inputs": len(augmented)}
+    out = {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
+           "block_sum_inputs": len(augmented)}
+    if fitted:  # sum_k importance_k (w_k - w^_k)^2 over the weighted MatMuls, weighted blocks / min-max blocks
+        fit, minmax = (sum(e[i] for e in fitted.values()) for i in (0, 1))
+        out["weighted_fit_error_ratio"] = round(fit / minmax, 4)
+    return out
+
+
+def _weighted_errors(weight, q, scale, zero, offset, importance) -> tuple[float, float]:
+    """sum_k importance_k (w - w^)^2 of the blocks (q, scale, zero, offset: w^ before the offset rows' own 4-bit
+    rounding) and of min-max blocks with an exact zero point, for weight [K, N]."""
+    k, n = weight.shape
+    kb, bs = importance.shape
+    w = weight.T.reshape(n, kb, bs).astype(np.float64)
+    got = scale[..., None].astype(np.float64) * (q.astype(np.float64) - zero[..., None]) + offset[..., None]
+    lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+    step = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    minmax = lo + step * np.round((w - lo) / step)
+    return float((importance * (got - w) ** 2).sum()), float((importance * (minmax - w) ** 2).sum())
 
 
 def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
@@ -208,42 +238,11 @@ def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
     return f"{x}.int4_with_sums"
 
 
-# ---------------------------------------------------------------- activation-aware scaling of the LM head
+# ---------------------------------------------------------------- the LM head's activation-weighted blocks
 
-LM_HEAD_SCALINGS = ("awq", "none")
-AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-LM_HEAD_NORM_WEIGHT = "int4.lm_head.norm_weight"  # the final norm's weight divided by the chosen scales
-
-
-def lm_head_norm(proto, head: str) -> tuple[object, int] | str:
-    """The norm node whose weight the LM head's per-input-channel scales fold into, and that weight's input
-    index; a reason (str) when there is none: the head's input must come from SimplifiedLayerNormalization
-    (weight input 1), SkipSimplifiedLayerNormalization (2) or a Mul by a 1-D [K] initializer (the plain graph's
-    RMSNorm), and feed nothing but the head."""
-    g = proto.graph
-    node = next(n for n in g.node if n.name == head)
-    x = node.input[0]
-    readers = [n for n in g.node if x in n.input]
-    if len(readers) != 1 or any(o.name == x for o in g.output):
-        return f"{x} feeds more than the LM head"
-    producer = next((n for n in g.node if x in n.output), None)
-    shapes = {t.name: list(t.dims) for t in g.initializer}
-    k = shapes[node.input[1]][0]
-    if producer is None:
-        return f"{x} is a graph input"
-    if producer.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
-        if producer.output[0] != x:
-            return f"{x} is not {producer.name}'s normalized output"
-        index = 1 if producer.op_type == "SimplifiedLayerNormalization" else 2
-    elif producer.op_type == "Mul":
-        index = next((i for i, name in enumerate(producer.input) if shapes.get(name) == [k]), None)
-        if index is None:
-            return f"{producer.name} (Mul) has no [{k}] weight initializer"
-    else:
-        return f"{x} comes from {producer.op_type} {producer.name}, not a norm with a weight"
-    if shapes.get(producer.input[index]) != [k]:
-        return f"{producer.name}'s weight is not a [{k}] initializer"
-    return producer, index
+LM_HEAD_FITS = ("weighted", "minmax")
+FIT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)  # the min-max range shrunk about its middle: each a starting grid
+FIT_ITERATIONS = 3  # weighted least-squares refits of (lo, step) per starting grid
 
 
 def reference_sequences(recorded) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -257,9 +256,9 @@ def reference_sequences(recorded) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def lm_head_inputs(source: Path, x: str, sequences) -> np.ndarray:
-    """The activations [n, K] reaching the LM head (tensor `x`) when the fp32 `source` runs each sequence in
-    one prefill (padding positions dropped)."""
+def matmul_inputs(source: Path, x: str, sequences) -> np.ndarray:
+    """The activations [n, K] of tensor `x` (a MatMul's input) when the fp32 `source` runs each sequence in one
+    prefill (padding positions dropped)."""
     from exporter.backends.session import open_session
     from exporter.onnx.contract import is_past
 
@@ -275,74 +274,44 @@ def lm_head_inputs(source: Path, x: str, sequences) -> np.ndarray:
             feeds = {"input_ids": ids, "attention_mask": mask,
                      "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None).astype(np.int64)}
             feeds.update({p.name: np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), np.float32) for p in pasts})
-            h = session.run([x], feeds)[0]
-            rows.append(h[mask.astype(bool)])
+            rows.append(session.run([x], feeds)[0][mask.astype(bool)])
         return np.concatenate(rows).astype(np.float32)
     finally:
         probe.unlink(missing_ok=True)
 
 
-def _minmax_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
-    """[K, N] -> the same weights through 4-bit min-max blocks along K (float zero point: the affine method's
-    off-grid blocks, whose rounded zero points the offset rows add back)."""
-    k, n = w.shape
-    b = w.reshape(k // block_size, block_size, n)
-    lo, hi = b.min(1, keepdims=True), b.max(1, keepdims=True)
-    step = np.where(hi > lo, (hi - lo) / 15, 1)
-    return (lo + step * np.round((b - lo) / step)).reshape(k, n)
-
-
-def _kl_rows(ref: np.ndarray, logits: np.ndarray) -> float:
-    """Mean over rows of KL(softmax(ref) || softmax(logits))."""
-    ref = ref.astype(np.float64) - ref.max(-1, keepdims=True)
-    logits = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-    lp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
-    lq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-
-
-def awq_scales(x: np.ndarray, w: np.ndarray, block_size: int, alphas=AWQ_ALPHAS) -> tuple[np.ndarray, dict]:
-    """Per-input-channel scales s = mean|x_k|^alpha (divided by their geometric mean) for the [K, N] weight `w`
-    read by activations `x` [n, K]: the alpha whose `(x / s) @ Q(diag(s) w)` has the least squared error to
-    `x @ w` (Q: 4-bit min-max blocks of `block_size` along K). Returns s and what each alpha measured."""
-    magnitude = np.maximum(np.abs(x).astype(np.float64).mean(0), 1e-8)
-    ref = x @ w
-    tried = []
-    for alpha in alphas:
-        s = magnitude ** alpha
-        s = s / np.exp(np.log(s).mean())
-        got = (x / s.astype(np.float32)) @ _minmax_blocks(w * s[:, None].astype(np.float32), block_size)
-        tried.append({"alpha": alpha, "sq_error": float(((got - ref).astype(np.float64) ** 2).sum()),
-                      "kl": round(_kl_rows(ref, got), 5), "s": s})
-    best = min(tried, key=lambda t: t["sq_error"])
-    base = next((t for t in tried if t["alpha"] == 0), tried[0])
-    info = {"alpha": best["alpha"], "calibration_rows": int(x.shape[0]),
-            "error_ratio": round(best["sq_error"] / base["sq_error"], 4),
-            "tried": [{k: (round(v, 6) if k == "sq_error" else v) for k, v in t.items() if k != "s"} for t in tried]}
-    return best["s"], info
-
-
-def scale_lm_head(proto, head: str, source: Path, sequences, block_size: int) -> dict:
-    """AWQ-style scaling of the LM head (weights loaded in `proto`): W -> diag(s) W, the final norm's weight
-    gamma -> gamma / s (a new initializer), so `norm(h) @ W` is unchanged before quantization and the 4-bit blocks
-    of the rows the activations weigh most get the finer steps. Returns what was chosen."""
-    found = lm_head_norm(proto, head)
-    if isinstance(found, str):
-        return {"lm_head_scaling": "none", "lm_head_scaling_reason": found}
-    norm, index = found
-    g = proto.graph
-    node = next(n for n in g.node if n.name == head)
-    inits = {t.name: t for t in g.initializer}
-    w = numpy_helper.to_array(inits[node.input[1]])
-    x = lm_head_inputs(source, node.input[0], sequences)
-    s, info = awq_scales(x, w, block_size)
-    if info["alpha"] == 0:
-        return {"lm_head_scaling": "none", "lm_head_scaling_reason": "alpha 0 measured best", "awq": info}
-    gamma = numpy_helper.to_array(inits[norm.input[index]])
-    inits[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
-    g.initializer.append(numpy_helper.from_array((gamma / s).astype(np.float32), LM_HEAD_NORM_WEIGHT))
-    norm.input[index] = LM_HEAD_NORM_WEIGHT
-    return {"lm_head_scaling": "awq", "awq": info}
+def weighted_grids(w: np.ndarray, importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, blocks, block] (float64), importance [blocks, block] (mean x_k^2 of the input channel each weight
+    multiplies) -> lo, step [N, blocks]: per block the 16-level grid `lo + step * q` (q in 0..15) with the least
+    importance-weighted squared error to w found from each of FIT_CLIPS' shrunk min-max ranges by FIT_ITERATIONS
+    least-squares refits of (lo, step) with the levels held."""
+    wt = np.broadcast_to(importance.astype(np.float64), w.shape)
+    lo0, hi0 = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+    mid = (lo0 + hi0) / 2
+    sw = wt.sum(-1, keepdims=True)
+    sb = (wt * w).sum(-1, keepdims=True)
+    best_lo = best_step = best_err = None
+    for clip in FIT_CLIPS:
+        lo = mid - (mid - lo0) * clip
+        step = np.where(hi0 > lo0, (hi0 - lo0) * clip / 15, 1.0)
+        for _ in range(FIT_ITERATIONS):
+            q = np.clip(np.round((w - lo) / step), 0, 15)
+            sq, sqq, sqb = (wt * q).sum(-1, keepdims=True), (wt * q * q).sum(-1, keepdims=True), (wt * q * w).sum(-1, keepdims=True)
+            det = sw * sqq - sq * sq
+            fit = det > 1e-12 * np.maximum(sw * sqq, 1e-300)
+            new_step = np.where(fit, (sw * sqb - sq * sb) / np.where(fit, det, 1), step)
+            keep = new_step > 0
+            lo = np.where(keep, (sb - new_step * sq) / sw, lo)
+            step = np.where(keep, new_step, step)
+        q = np.clip(np.round((w - lo) / step), 0, 15)
+        err = (wt * (lo + step * q - w) ** 2).sum(-1, keepdims=True)
+        if best_err is None:
+            best_lo, best_step, best_err = lo, step, err
+        else:
+            better = err < best_err
+            best_lo, best_step, best_err = (np.where(better, lo, best_lo), np.where(better, step, best_step),
+                                            np.where(better, err, best_err))
+    return best_lo[..., 0], best_step[..., 0]
 
 
 # ---------------------------------------------------------------- entry point
@@ -365,33 +334,33 @@ def _ort_rtn(proto, block_size: int, accuracy_level: int, exclude: list[str]):
 
 
 def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_level: int = 4,
-                  lm_head: bool = True, method: str = "affine", lm_head_scaling: str = "none",
+                  lm_head: bool = True, method: str = "affine", lm_head_fit: str = "minmax",
                   calibration=None) -> dict:
     """Write the int4 graph of `source` (fp32, external data beside it) to `out_path` + `out_path.data`;
-    returns what was quantized. `lm_head_scaling="awq"` (method affine, LM head int4) scales the LM head's input
-    channels by their activations on `calibration` ((input_ids, attention_mask) sequences run through `source`)
-    and folds the scales into the final norm's weight."""
+    returns what was quantized. `lm_head_fit="weighted"` (method affine, LM head int4): the LM head's off-grid
+    blocks get `weighted_grids`, weighted by its input channels' mean square on `calibration` ((input_ids,
+    attention_mask) sequences run through `source`)."""
     if method not in METHODS:
         raise ValueError(f"int4 method {method!r}: one of {METHODS}")
-    if lm_head_scaling not in LM_HEAD_SCALINGS:
-        raise ValueError(f"int4 lm_head_scaling {lm_head_scaling!r}: one of {LM_HEAD_SCALINGS}")
-    if lm_head_scaling == "awq" and not calibration:
-        raise ValueError("int4 lm_head_scaling awq needs calibration sequences")
+    if lm_head_fit not in LM_HEAD_FITS:
+        raise ValueError(f"int4 lm_head_fit {lm_head_fit!r}: one of {LM_HEAD_FITS}")
+    if lm_head_fit == "weighted" and not calibration:
+        raise ValueError("int4 lm_head_fit weighted needs calibration sequences")
     source, out_path = Path(source), Path(out_path)
     proto = onnx.load(str(source), load_external_data=False)
     materialize_transposed_weights(proto, source.parent)
     head = lm_head_nodes(proto)
     onnx.load_external_data_for_model(proto, str(source.parent))
     exclude = [] if lm_head else head
-    extra = {"lm_head_scaling": "none"}
-    if lm_head_scaling == "awq":
-        if method != "affine" or not lm_head or len(head) != 1:
-            extra["lm_head_scaling_reason"] = (f"method {method}" if method != "affine" else
-                                               "LM head kept fp32" if not lm_head else f"{len(head)} LM head MatMuls")
-        else:
-            extra = scale_lm_head(proto, head[0], source, calibration, block_size)
+    extra, importance = {"lm_head_fit": "minmax" if method == "affine" else None}, {}
+    if lm_head_fit == "weighted" and method == "affine" and lm_head:
+        readers = {n.name: n.input[0] for n in proto.graph.node if n.name in head}
+        for name, x in readers.items():
+            importance[name] = (matmul_inputs(source, x, calibration).astype(np.float64) ** 2).mean(0)
+        extra = {"lm_head_fit": "weighted" if importance else "minmax",
+                 "lm_head_calibration_rows": int(sum(mask.sum() for _, mask in calibration))}
     if method == "affine":
-        extra.update(quantize_affine(proto, block_size, accuracy_level, set(exclude)))
+        extra.update(quantize_affine(proto, block_size, accuracy_level, set(exclude), importance))
         out = proto
     else:
         out = _ort_rtn(proto, block_size, accuracy_level, exclude)

@@ -29,10 +29,10 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
     except NotOptimizable as exc:  # the plain graph's MatMuls quantize just the same
         source, note = plain_path, f"quantized from the plain graph: {exc}"
     q = recipe.export.int4
-    calibration = reference_sequences(load_reference(out_dir / REFERENCE_FILE)) if q.lm_head_scaling == "awq" else None
+    calibration = reference_sequences(load_reference(out_dir / REFERENCE_FILE)) if q.lm_head_fit == "weighted" else None
     try:
         info = quantize_int4(source, out_dir / INT4_GRAPH, q.block_size, q.accuracy_level, q.lm_head,
-                             q.method, q.lm_head_scaling, calibration)
+                             q.method, q.lm_head_fit, calibration)
     finally:
         if source != plain_path:
             source.unlink(missing_ok=True)
