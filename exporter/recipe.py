@@ -145,7 +145,7 @@ class Int4(_Strict):
     # method affine, the LM head's blocks off a 16-level grid: weighted = the grid nearest the weights weighted by
     # the mean square of the input channel each multiplies, measured on the validation prompts through the fp32
     # graph (exporter/onnx/int4.py, weighted_grids); minmax = each block's min-max range
-    lm_head_fit: Literal["weighted", "minmax"] = "minmax"
+    lm_head_fit: Literal["weighted", "minmax"] = "weighted"
 
 
 class Int4Fit(_Strict):

@@ -169,11 +169,14 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
         weight = numpy_helper.to_array(b)
         weights = (importance or {}).get(n.name)
         weights = None if weights is None else weights.reshape(kb, block_size)
-        parts = [affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size), weights)
-                 for c in range(0, cols, CHUNK)]
+        parts, errors = [], np.zeros(2)
+        for c in range(0, cols, CHUNK):
+            parts.append(affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size), weights))
+            if weights is not None:  # importance-weighted squared error of these blocks and of plain min-max ones
+                errors += _weighted_errors(weight[:, c:c + CHUNK], *parts[-1][:4], weights)
+        if weights is not None:
+            fitted[n.name] = errors
         q, scale, zero, offset, grid = (np.concatenate(a) for a in zip(*parts))
-        if weights is not None:  # importance-weighted squared error of these blocks and of plain min-max ones
-            fitted[n.name] = _weighted_errors(weight, q, scale, zero, offset, weights)
         del weight, parts
         on_grid, blocks = on_grid + int(grid.sum()), blocks + grid.size
         x, width = n.input[0], k
@@ -208,11 +211,11 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
            "block_sum_inputs": len(augmented)}
     if fitted:  # sum_k importance_k (w_k - w^_k)^2 over the weighted MatMuls, weighted blocks / min-max blocks
         fit, minmax = (sum(e[i] for e in fitted.values()) for i in (0, 1))
-        out["weighted_fit_error_ratio"] = round(fit / minmax, 4)
+        out["weighted_fit_error_ratio"] = round(float(fit / minmax), 4)
     return out
 
 
-def _weighted_errors(weight, q, scale, zero, offset, importance) -> tuple[float, float]:
+def _weighted_errors(weight, q, scale, zero, offset, importance) -> np.ndarray:
     """sum_k importance_k (w - w^)^2 of the blocks (q, scale, zero, offset: w^ before the offset rows' own 4-bit
     rounding) and of min-max blocks with an exact zero point, for weight [K, N]."""
     k, n = weight.shape
@@ -222,7 +225,7 @@ def _weighted_errors(weight, q, scale, zero, offset, importance) -> tuple[float,
     lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
     step = np.where(hi > lo, (hi - lo) / 15, 1.0)
     minmax = lo + step * np.round((w - lo) / step)
-    return float((importance * (got - w) ** 2).sum()), float((importance * (minmax - w) ** 2).sum())
+    return np.array([(importance * (got - w) ** 2).sum(), (importance * (minmax - w) ** 2).sum()])
 
 
 def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
