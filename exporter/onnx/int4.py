@@ -30,10 +30,20 @@ against 0.085 ms symmetric and 0.087 ms with uint4 zero points, accuracy level 4
 
 The tied LM head of our graphs is `MatMul(h, Transpose(embedding))`, which a quantizer does not see as a constant
 weight: it is materialised as its own initializer first, so it is quantized like every other MatMul (`lm_head=False`
-keeps it fp32). SmolLM2's embedding is Q8_0 in its GGUF, so its int4 blocks are min-max, not exact: on the default
-recipe it is most of what the affine graph loses (validation KL 0.053 with it int4; 0.010 with it fp32 or 8-bit,
-in an exact-offset prototype; 8-bit cost about 1.7 ms more per step there). The
-embedding Gather stays fp32 (it reads one row per token: quantizing it saves memory, not time).
+keeps it fp32). SmolLM2's embedding is Q8_0 in its GGUF, so its blocks are not on a 16-level grid: with min-max
+blocks it was most of what the affine graph lost (validation KL 0.053 with it int4; 0.010 with it fp32 or 8-bit,
+in an exact-offset prototype; 8-bit cost about 1.7 ms more per step there). So `lm_head_fit="weighted"` (the
+recipe's default, `export.int4.lm_head_fit`) fits each off-grid LM head block to its input channels' weights: the
+fp32 source runs the recorded reference's sequences (the validation prompts and their greedy tokens, 157 positions
+on the default recipe) with the LM head's input as an extra output, each channel k gets `E[x_k^2]`, and each block
+keeps, of five min-max ranges shrunk about their middle (x1 .. x0.8) each refitted three times by weighted least
+squares of (lo, step) with the levels held, the grid of least `sum_k E[x_k^2] (w_k - w^_k)^2` (`weighted_grids`:
+the diagonal of `||x W - x W^||^2`). Same MatMulNBits, same K and block size: the graph's nodes and shapes do not
+change, only the LM head's values. On the default recipe (docs/results/speed.md, "int4 LM head"): that weighted
+error 0.63 of min-max's, WikiText KL to the full model 0.2935 -> 0.2490 (fp32 skipped 0.2225), validation KL
+0.053 -> 0.033; the int4 stage 16 -> 51 s. AWQ-style per-input-channel scaling folded into the final norm's
+weight (s = mean|x_k|^alpha) did not help there: alpha 0 had the least LM head output error of 0, 0.25 .. 1.
+The embedding Gather stays fp32 (it reads one row per token: quantizing it saves memory, not time).
 
 The source is the optimized graph without the batch-1 branch (MatMulNBits has no packed/unpacked split to
 dispatch on), so the int4 graph has the optimized graph's fused attention and norms. The MatMuls' inputs are
