@@ -41,7 +41,7 @@ squares of (lo, step) with the levels held, the grid of least `sum_k E[x_k^2] (w
 the diagonal of `||x W - x W^||^2`). Same MatMulNBits, same K and block size: the graph's nodes and shapes do not
 change, only the LM head's values. On the default recipe (docs/results/speed.md, "int4 LM head"): that weighted
 error 0.63 of min-max's, WikiText KL to the full model 0.2935 -> 0.2490 (fp32 skipped 0.2225), validation KL
-0.053 -> 0.033; the int4 stage 16 -> 51 s. AWQ-style per-input-channel scaling folded into the final norm's
+0.053 -> 0.033; the int4 stage 16 -> 29 s. AWQ-style per-input-channel scaling folded into the final norm's
 weight (s = mean|x_k|^alpha) did not help there: alpha 0 had the least LM head output error of 0, 0.25 .. 1.
 The embedding Gather stays fp32 (it reads one row per token: quantizing it saves memory, not time).
 
