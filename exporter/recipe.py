@@ -151,7 +151,8 @@ class Int4(_Strict):
 class Int4Fit(_Strict):
     """How close the int4 graph must stay to the recorded fp32 masked reference on the validation prompts.
     SmolLM2-135M's default-mask int4 graph (export.int4.method affine) measured mean KL 0.053, top-1 0.90, greedy
-    0.76 against its fp32 reference (with lm_head_fit weighted, fitted on these prompts: 0.033, 0.92, 0.71); the defaults leave a margin over that and fail a broken graph. The rtn method
+    0.76 against its fp32 reference (with lm_head_fit weighted, fitted on these prompts: 0.033, 0.92, 0.71); the
+    defaults leave a margin over that and fail a broken graph. The rtn method
     measured KL 0.73, top-1 0.58, greedy 0.27 there: a recipe choosing it needs looser values (1.0, 0.5, 0.2 were
     the defaults for it; docs/results/speed.md)."""
 

@@ -100,7 +100,7 @@ def test_q4_1_weights_in_onnx_runtime(tmp_path):
 
 def test_lm_head_false_keeps_it_fp32(qwen3_plain, tmp_path):
     info = quantize_int4(qwen3_plain, tmp_path / "model.onnx", block_size=16, accuracy_level=0, lm_head=False)
-    assert info["lm_head"] == "fp32" and info["matmul_nbits"] == 2 * 4 + 4 * 3
+    assert info["lm_head"] == "fp32" and info["matmul_nbits"] == 2 * 4 + 4 * 3 and info["lm_head_fit"] is None
     nodes = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node
     # accuracy level 0 is left unset on the node (MatMulNBits' default)
     assert all("accuracy_level" not in {a.name for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits")
@@ -133,7 +133,8 @@ def test_recipe_int4_keys(tmp_path):
     assert recipe.int4 and recipe.precisions == ["fp32"]
     assert (recipe.export.int4.block_size, recipe.export.int4.accuracy_level) == (32, 4)
     assert recipe.export.int4.method == "affine" and recipe.export.int4.lm_head_fit == "weighted"
-    assert load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {lm_head_fit: minmax}\n")).export.int4.lm_head_fit == "minmax"
+    minmax = load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {lm_head_fit: minmax}\n"))
+    assert minmax.export.int4.lm_head_fit == "minmax"
     with pytest.raises(UserError, match=r"export\.int4\.lm_head_fit"):
         load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {lm_head_fit: awq}\n"))
     assert load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {method: rtn}\n")).export.int4.method == "rtn"

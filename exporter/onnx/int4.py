@@ -309,7 +309,8 @@ def weighted_grids(w: np.ndarray, importance: np.ndarray) -> tuple[np.ndarray, n
         step = np.where(hi0 > lo0, (hi0 - lo0) * clip / 15, 1.0)
         for _ in range(FIT_ITERATIONS):
             q = np.clip(np.round((w - lo) / step), 0, 15)
-            sq, sqq, sqb = (wt * q).sum(-1, keepdims=True), (wt * q * q).sum(-1, keepdims=True), (wt * q * w).sum(-1, keepdims=True)
+            sq, sqq = (wt * q).sum(-1, keepdims=True), (wt * q * q).sum(-1, keepdims=True)
+            sqb = (wt * q * w).sum(-1, keepdims=True)
             det = sw * sqq - sq * sq
             fit = det > 1e-12 * np.maximum(sw * sqq, 1e-300)
             new_step = np.where(fit, (sw * sqb - sq * sb) / np.where(fit, det, 1), step)
@@ -365,7 +366,7 @@ def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_l
     head = lm_head_nodes(proto)
     onnx.load_external_data_for_model(proto, str(source.parent))
     exclude = [] if lm_head else head
-    extra, importance = {"lm_head_fit": "minmax" if method == "affine" else None}, {}
+    extra, importance = {"lm_head_fit": "minmax" if method == "affine" and lm_head and head else None}, {}
     if lm_head_fit == "weighted" and method == "affine" and lm_head:
         readers = {n.name: n.input[0] for n in proto.graph.node if n.name in head}
         for name, x in readers.items():
