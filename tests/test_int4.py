@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import PROMPTS, build_model, make_mask
@@ -99,7 +100,7 @@ def test_q4_1_weights_in_onnx_runtime(tmp_path):
 
 def test_lm_head_false_keeps_it_fp32(qwen3_plain, tmp_path):
     info = quantize_int4(qwen3_plain, tmp_path / "model.onnx", block_size=16, accuracy_level=0, lm_head=False)
-    assert info["lm_head"] == "fp32" and info["matmul_nbits"] == 2 * 4 + 4 * 3
+    assert info["lm_head"] == "fp32" and info["matmul_nbits"] == 2 * 4 + 4 * 3 and info["lm_head_fit"] is None
     nodes = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node
     # accuracy level 0 is left unset on the node (MatMulNBits' default)
     assert all("accuracy_level" not in {a.name for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits")
@@ -131,7 +132,11 @@ def test_recipe_int4_keys(tmp_path):
     recipe = load_recipe(_recipe_with(tmp_path, "  precisions: [fp32, int4]\n"))
     assert recipe.int4 and recipe.precisions == ["fp32"]
     assert (recipe.export.int4.block_size, recipe.export.int4.accuracy_level) == (32, 4)
-    assert recipe.export.int4.method == "affine"
+    assert recipe.export.int4.method == "affine" and recipe.export.int4.lm_head_fit == "weighted"
+    minmax = load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {lm_head_fit: minmax}\n"))
+    assert minmax.export.int4.lm_head_fit == "minmax"
+    with pytest.raises(UserError, match=r"export\.int4\.lm_head_fit"):
+        load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {lm_head_fit: awq}\n"))
     assert load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {method: rtn}\n")).export.int4.method == "rtn"
     with pytest.raises(UserError, match=r"export\.int4\.method"):
         load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {method: hqq}\n"))
@@ -159,6 +164,7 @@ def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
     checks = [c for c in report["checks"] if c["name"].startswith("int4:")]
     assert len(checks) == 3 and all(c["passed"] for c in checks)
     assert report["int4"]["matmul_nbits"] > 0 and report["int4"]["fit"]["greedy_tokens"] == 3 * 17
+    assert report["int4"]["lm_head_fit"] == "weighted" and report["int4"]["weighted_fit_error_ratio"] < 1
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "int4/model.onnx"
     assert "int4" in (out / "report.md").read_text()
     assert cli("verify", out).returncode == 0
@@ -173,3 +179,61 @@ def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
     assert failed.returncode == 1 and "int4: top-1 agreement" in failed.stderr + failed.stdout
     assert not out.exists() and (out.parent / "tiny-int4.failed").is_dir()
     assert load_reference(out.parent / "tiny-int4.failed" / "reference.npz")
+
+
+def test_weighted_grids_lower_the_weighted_error_and_keep_q4_1_blocks_exact():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 4, 32))
+    importance = rng.lognormal(0, 1.5, (4, 32))  # a few input channels weigh most, as after a trained norm
+
+    def weighted_error(q, scale, zero, offset, _):
+        rebuilt = scale[..., None] * (q.astype(np.float64) - zero[..., None]) + offset[..., None]
+        return float((importance * (rebuilt - w) ** 2).sum())
+
+    minmax, weighted = weighted_error(*affine_blocks(w)), weighted_error(*affine_blocks(w, importance))
+    assert weighted < 0.8 * minmax, (weighted, minmax)
+    exact = _q4_1(rng, 64, 48).T.reshape(48, 2, 32)  # on-grid blocks keep their grid whatever the weights
+    q, scale, zero, offset, on_grid = affine_blocks(exact, rng.lognormal(0, 1.5, (2, 32)))
+    assert on_grid.all()
+    assert np.abs(scale[..., None] * (q.astype(np.float64) - zero[..., None]) + offset[..., None] - exact).max() < 1e-6
+
+
+def _outlier_norm(plain, out_dir, rng):
+    """The plain graph with its final norm's weight (the Mul feeding the tied LM head) multiplied per channel by
+    lognormal factors: a few channels then dominate the LM head's input, as a trained model's do."""
+    proto = onnx.load(str(plain))
+    nodes = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name: t for t in proto.graph.initializer}
+    head = next(n for n in proto.graph.node if n.op_type == "MatMul" and nodes.get(n.input[1]) is not None
+                and nodes[n.input[1]].op_type == "Transpose" and nodes[n.input[1]].input[0] in inits)
+    name = next(i for i in nodes[head.input[0]].input if i in inits)
+    gamma = numpy_helper.to_array(inits[name])
+    inits[name].CopyFrom(numpy_helper.from_array((gamma * rng.lognormal(0, 1.5, gamma.shape)).astype(np.float32), name))
+    out_dir.mkdir()
+    onnx.save(proto, str(out_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return out_dir / "model.onnx"
+
+
+def test_weighted_lm_head_fit_is_closer_to_the_fp32_graph(tiny_models, qwen3_plain, tmp_path):
+    _, tok = tiny_models["qwen3"]
+    rng = np.random.default_rng(3)
+    source = _outlier_norm(qwen3_plain, tmp_path / "src", rng)
+    ids, attn = left_padded(tok, PROMPTS)
+    calibration = [(ids.numpy(), attn.numpy())]
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_int4(source, tmp_path / "x" / "model.onnx", lm_head_fit="weighted")
+    info = {fit: quantize_int4(source, tmp_path / fit / "model.onnx", block_size=32, accuracy_level=0,
+                               lm_head_fit=fit, calibration=calibration if fit == "weighted" else None)
+            for fit in ("minmax", "weighted")}
+    assert info["weighted"]["lm_head_fit"] == "weighted" and info["minmax"]["lm_head_fit"] == "minmax"
+    assert info["weighted"]["lm_head_calibration_rows"] == int(attn.sum())
+    assert info["weighted"]["weighted_fit_error_ratio"] < 1 and "weighted_fit_error_ratio" not in info["minmax"]
+    assert _ops(tmp_path / "weighted" / "model.onnx") == _ops(tmp_path / "minmax" / "model.onnx")  # same cost
+    # on other tokens than the calibration's, the LM head's own error (against the same int4 body with an fp32
+    # LM head) is smaller with weighted blocks
+    quantize_int4(source, tmp_path / "fp32" / "model.onnx", block_size=32, accuracy_level=0, lm_head=False)
+    held_out = torch.from_numpy(rng.integers(0, 256, (4, 12)))
+    logits = {name: OrtRunner(tmp_path / name / "model.onnx").prefill(held_out, torch.ones_like(held_out)).numpy()
+              for name in ("fp32", "minmax", "weighted")}
+    error = {fit: float(((logits[fit] - logits["fp32"]) ** 2).mean()) for fit in ("minmax", "weighted")}
+    assert error["weighted"] < 0.5 * error["minmax"], error

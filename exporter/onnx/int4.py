@@ -30,10 +30,20 @@ against 0.085 ms symmetric and 0.087 ms with uint4 zero points, accuracy level 4
 
 The tied LM head of our graphs is `MatMul(h, Transpose(embedding))`, which a quantizer does not see as a constant
 weight: it is materialised as its own initializer first, so it is quantized like every other MatMul (`lm_head=False`
-keeps it fp32). SmolLM2's embedding is Q8_0 in its GGUF, so its int4 blocks are min-max, not exact: on the default
-recipe it is most of what the affine graph loses (validation KL 0.053 with it int4; 0.010 with it fp32 or 8-bit,
-in an exact-offset prototype; 8-bit cost about 1.7 ms more per step there). The
-embedding Gather stays fp32 (it reads one row per token: quantizing it saves memory, not time).
+keeps it fp32). SmolLM2's embedding is Q8_0 in its GGUF, so its blocks are not on a 16-level grid: with min-max
+blocks it was most of what the affine graph lost (validation KL 0.053 with it int4; 0.010 with it fp32 or 8-bit,
+in an exact-offset prototype; 8-bit cost about 1.7 ms more per step there). So `lm_head_fit="weighted"` (the
+recipe's default, `export.int4.lm_head_fit`) fits each off-grid LM head block to its input channels' weights: the
+fp32 source runs the recorded reference's sequences (the validation prompts and their greedy tokens, 157 positions
+on the default recipe) with the LM head's input as an extra output, each channel k gets `E[x_k^2]`, and each block
+keeps, of five min-max ranges shrunk about their middle (x1 .. x0.8) each refitted three times by weighted least
+squares of (lo, step) with the levels held, the grid of least `sum_k E[x_k^2] (w_k - w^_k)^2` (`weighted_grids`:
+the diagonal of `||x W - x W^||^2`). Same MatMulNBits, same K and block size: the graph's nodes and shapes do not
+change, only the LM head's values. On the default recipe (docs/results/speed.md, "int4 LM head"): that weighted
+error 0.63 of min-max's, WikiText KL to the full model 0.2935 -> 0.2490 (fp32 skipped 0.2225), validation KL
+0.053 -> 0.033; the int4 stage 16 -> 29 s. AWQ-style per-input-channel scaling folded into the final norm's
+weight (s = mean|x_k|^alpha) did not help there: alpha 0 had the least LM head output error of 0, 0.25 .. 1.
+The embedding Gather stays fp32 (it reads one row per token: quantizing it saves memory, not time).
 
 The source is the optimized graph without the batch-1 branch (MatMulNBits has no packed/unpacked split to
 dispatch on), so the int4 graph has the optimized graph's fused attention and norms. The MatMuls' inputs are
@@ -92,9 +102,11 @@ def lm_head_nodes(proto) -> list[str]:
 # ---------------------------------------------------------------- affine blocks
 
 
-def affine_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def affine_blocks(w: np.ndarray, importance: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """w [N, blocks, block] -> q (uint8, 0..15), scale, uint4 zero point, offset r, on_grid (all [N, blocks] but q)
-    with `w = scale * (q - zero) + r` exactly up to float rounding for on-grid blocks (and min-max rounding else)."""
+    with `w = scale * (q - zero) + r` exactly up to float rounding for on-grid blocks (and min-max rounding else;
+    with `importance` [blocks, block], the off-grid blocks' grids are `weighted_grids` instead of min-max)."""
     w = w.astype(np.float64)
     lo, hi = w.min(-1), w.max(-1)
     span = hi - lo
@@ -106,6 +118,10 @@ def affine_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
         steps = np.where(np.abs(t - np.round(t)).max(-1) < GRID_TOLERANCE, j, steps)
     on_grid = (steps > 0) | ~wide
     scale = np.where(wide, safe / np.where(steps > 0, steps, 15), np.maximum(np.abs(lo), 1e-30) / 8)
+    off_grid = wide & (steps == 0)
+    if importance is not None and off_grid.any():
+        fit_lo, fit_step = weighted_grids(w, importance)
+        lo, scale = np.where(off_grid, fit_lo, lo), np.where(off_grid, fit_step, scale)
     q = np.clip(np.round((w - lo[..., None]) / scale[..., None]), 0, 15)
     z = -lo / scale  # w = scale * (q - z), z a float
     # a block using fewer than 16 levels may shift q up by t (z + t): keep the t whose z + t rounds least
@@ -145,11 +161,13 @@ def _pack4(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[str]) -> dict:
-    """Rewrite `proto` (weights loaded) in place: constant-weight MatMuls -> MatMulNBits with affine blocks."""
+def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[str],
+                    importance: dict[str, np.ndarray] | None = None) -> dict:
+    """Rewrite `proto` (weights loaded) in place: constant-weight MatMuls -> MatMulNBits with affine blocks;
+    `importance` maps MatMul names to their input channels' weights [K] for `weighted_grids`."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    nodes, augmented, added = [], {}, []
+    nodes, augmented, added, fitted = [], {}, [], {}
     on_grid, blocks, extra_rows = 0, 0, 0
     for n in g.node:
         b = inits.get(n.input[1]) if n.op_type == "MatMul" else None
@@ -159,7 +177,15 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
         k, cols = b.dims
         kb = k // block_size
         weight = numpy_helper.to_array(b)
-        parts = [affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size)) for c in range(0, cols, CHUNK)]
+        weights = (importance or {}).get(n.name)
+        weights = None if weights is None else weights.reshape(kb, block_size)
+        parts, errors = [], np.zeros(2)
+        for c in range(0, cols, CHUNK):
+            parts.append(affine_blocks(weight[:, c:c + CHUNK].T.reshape(-1, kb, block_size), weights))
+            if weights is not None:  # importance-weighted squared error of these blocks and of plain min-max ones
+                errors += _weighted_errors(weight[:, c:c + CHUNK], *parts[-1][:4], weights)
+        if weights is not None:
+            fitted[n.name] = errors
         q, scale, zero, offset, grid = (np.concatenate(a) for a in zip(*parts))
         del weight, parts
         on_grid, blocks = on_grid + int(grid.sum()), blocks + grid.size
@@ -191,8 +217,25 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
     drop_unused_initializers(g)  # the fp32 weights the MatMulNBits replaced
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
-            "block_sum_inputs": len(augmented)}
+    out = {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
+           "block_sum_inputs": len(augmented)}
+    if fitted:  # sum_k importance_k (w_k - w^_k)^2 over the weighted MatMuls, weighted blocks / min-max blocks
+        fit, minmax = (sum(e[i] for e in fitted.values()) for i in (0, 1))
+        out["weighted_fit_error_ratio"] = round(float(fit / minmax), 4)
+    return out
+
+
+def _weighted_errors(weight, q, scale, zero, offset, importance) -> np.ndarray:
+    """sum_k importance_k (w - w^)^2 of the blocks (q, scale, zero, offset: w^ before the offset rows' own 4-bit
+    rounding) and of min-max blocks with an exact zero point, for weight [K, N]."""
+    k, n = weight.shape
+    kb, bs = importance.shape
+    w = weight.T.reshape(n, kb, bs).astype(np.float64)
+    got = scale[..., None].astype(np.float64) * (q.astype(np.float64) - zero[..., None]) + offset[..., None]
+    lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+    step = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    minmax = lo + step * np.round((w - lo) / step)
+    return np.array([(importance * (got - w) ** 2).sum(), (importance * (minmax - w) ** 2).sum()])
 
 
 def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
@@ -206,6 +249,83 @@ def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
               helper.make_node("Concat", [x, f"{x}.int4_block_sums"], [f"{x}.int4_with_sums"],
                                name=f"{x}.int4_with_sums", axis=-1)]
     return f"{x}.int4_with_sums"
+
+
+# ---------------------------------------------------------------- the LM head's activation-weighted blocks
+
+LM_HEAD_FITS = ("weighted", "minmax")
+FIT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)  # the min-max range shrunk about its middle: each a starting grid
+FIT_ITERATIONS = 3  # weighted least-squares refits of (lo, step) per starting grid
+
+
+def reference_sequences(recorded) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The recorded reference's batches as teacher-forced sequences: (input_ids, attention_mask), the prompts
+    followed by the reference's greedy tokens (all but the last, which no position reads)."""
+    out = []
+    for b in recorded:
+        tokens = b.tokens[:, :len(b.steps)]
+        out.append((np.concatenate([b.input_ids, tokens], 1).astype(np.int64),
+                    np.concatenate([b.attention_mask, np.ones_like(tokens)], 1).astype(np.int64)))
+    return out
+
+
+def matmul_inputs(source: Path, x: str, sequences) -> np.ndarray:
+    """The activations [n, K] of tensor `x` (a MatMul's input) when the fp32 `source` runs each sequence in one
+    prefill (padding positions dropped)."""
+    from exporter.backends.session import open_session
+    from exporter.onnx.contract import is_past
+
+    proto = onnx.load(str(source), load_external_data=False)
+    proto.graph.output.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    probe = source.parent / f"{source.stem}.int4-calibration.onnx"  # beside the source: same external data
+    onnx.save(proto, str(probe))
+    try:
+        session = open_session(probe, threads=1)
+        pasts = [i for i in session.get_inputs() if is_past(i.name)]
+        rows = []
+        for ids, mask in sequences:
+            feeds = {"input_ids": ids, "attention_mask": mask,
+                     "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None).astype(np.int64)}
+            feeds.update({p.name: np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), np.float32) for p in pasts})
+            rows.append(session.run([x], feeds)[0][mask.astype(bool)])
+        return np.concatenate(rows).astype(np.float32)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def weighted_grids(w: np.ndarray, importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, blocks, block] (float64), importance [blocks, block] (mean x_k^2 of the input channel each weight
+    multiplies) -> lo, step [N, blocks]: per block the 16-level grid `lo + step * q` (q in 0..15) with the least
+    importance-weighted squared error to w found from each of FIT_CLIPS' shrunk min-max ranges by FIT_ITERATIONS
+    least-squares refits of (lo, step) with the levels held."""
+    wt = np.broadcast_to(importance.astype(np.float64), w.shape)
+    lo0, hi0 = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+    mid = (lo0 + hi0) / 2
+    sw = wt.sum(-1, keepdims=True)
+    sb = (wt * w).sum(-1, keepdims=True)
+    best_lo = best_step = best_err = None
+    for clip in FIT_CLIPS:
+        lo = mid - (mid - lo0) * clip
+        step = np.where(hi0 > lo0, (hi0 - lo0) * clip / 15, 1.0)
+        for _ in range(FIT_ITERATIONS):
+            q = np.clip(np.round((w - lo) / step), 0, 15)
+            sq, sqq = (wt * q).sum(-1, keepdims=True), (wt * q * q).sum(-1, keepdims=True)
+            sqb = (wt * q * w).sum(-1, keepdims=True)
+            det = sw * sqq - sq * sq
+            fit = det > 1e-12 * np.maximum(sw * sqq, 1e-300)
+            new_step = np.where(fit, (sw * sqb - sq * sb) / np.where(fit, det, 1), step)
+            keep = new_step > 0
+            lo = np.where(keep, (sb - new_step * sq) / sw, lo)
+            step = np.where(keep, new_step, step)
+        q = np.clip(np.round((w - lo) / step), 0, 15)
+        err = (wt * (lo + step * q - w) ** 2).sum(-1, keepdims=True)
+        if best_err is None:
+            best_lo, best_step, best_err = lo, step, err
+        else:
+            better = err < best_err
+            best_lo, best_step, best_err = (np.where(better, lo, best_lo), np.where(better, step, best_step),
+                                            np.where(better, err, best_err))
+    return best_lo[..., 0], best_step[..., 0]
 
 
 # ---------------------------------------------------------------- entry point
@@ -228,20 +348,33 @@ def _ort_rtn(proto, block_size: int, accuracy_level: int, exclude: list[str]):
 
 
 def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_level: int = 4,
-                  lm_head: bool = True, method: str = "affine") -> dict:
+                  lm_head: bool = True, method: str = "affine", lm_head_fit: str = "minmax",
+                  calibration=None) -> dict:
     """Write the int4 graph of `source` (fp32, external data beside it) to `out_path` + `out_path.data`;
-    returns what was quantized."""
+    returns what was quantized. `lm_head_fit="weighted"` (method affine, LM head int4): the LM head's off-grid
+    blocks get `weighted_grids`, weighted by its input channels' mean square on `calibration` ((input_ids,
+    attention_mask) sequences run through `source`)."""
     if method not in METHODS:
         raise ValueError(f"int4 method {method!r}: one of {METHODS}")
+    if lm_head_fit not in LM_HEAD_FITS:
+        raise ValueError(f"int4 lm_head_fit {lm_head_fit!r}: one of {LM_HEAD_FITS}")
+    if lm_head_fit == "weighted" and not calibration:
+        raise ValueError("int4 lm_head_fit weighted needs calibration sequences")
     source, out_path = Path(source), Path(out_path)
     proto = onnx.load(str(source), load_external_data=False)
     materialize_transposed_weights(proto, source.parent)
     head = lm_head_nodes(proto)
     onnx.load_external_data_for_model(proto, str(source.parent))
     exclude = [] if lm_head else head
-    extra = {}
+    extra, importance = {"lm_head_fit": "minmax" if method == "affine" and lm_head and head else None}, {}
+    if lm_head_fit == "weighted" and method == "affine" and lm_head:
+        readers = {n.name: n.input[0] for n in proto.graph.node if n.name in head}
+        for name, x in readers.items():
+            importance[name] = (matmul_inputs(source, x, calibration).astype(np.float64) ** 2).mean(0)
+        extra = {"lm_head_fit": "weighted" if importance else "minmax",
+                 "lm_head_calibration_rows": int(sum(mask.sum() for _, mask in calibration))}
     if method == "affine":
-        extra = quantize_affine(proto, block_size, accuracy_level, set(exclude))
+        extra.update(quantize_affine(proto, block_size, accuracy_level, set(exclude), importance))
         out = proto
     else:
         out = _ort_rtn(proto, block_size, accuracy_level, exclude)

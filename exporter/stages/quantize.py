@@ -11,7 +11,7 @@ from exporter.backends.ort import OrtRunner
 from exporter.files import describe_file
 from exporter.onnx.contract import ONNX_FILE, data_path
 from exporter.onnx.decode import add_decode_path_to
-from exporter.onnx.int4 import quantize_int4
+from exporter.onnx.int4 import quantize_int4, reference_sequences
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.parity import fit_recorded
 from exporter.recipe import Recipe
@@ -31,9 +31,10 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
     except NotOptimizable as exc:  # the plain graph's MatMuls quantize just the same
         source, note = plain_path, f"quantized from the plain graph: {exc}"
     q = recipe.export.int4
+    calibration = reference_sequences(load_reference(out_dir / REFERENCE_FILE)) if q.lm_head_fit == "weighted" else None
     try:
         info = quantize_int4(source, out_dir / INT4_GRAPH, q.block_size, q.accuracy_level, q.lm_head,
-                             q.method)
+                             q.method, q.lm_head_fit, calibration)
     finally:
         if source != plain_path:
             source.unlink(missing_ok=True)
