@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from exporter.architectures import head_dim, sliding_window_for
 from exporter.onnx.contract import kept_layers
-from exporter.onnx.graph import drop_dead_nodes
+from exporter.onnx.graph import branch_outputs, drop_dead_nodes, general_branch
 
 MS = "com.microsoft"
 DECODE = "dec/"  # prefix of the decode branch's value and node names (unique across branches)
@@ -150,23 +150,9 @@ def add_decode_dispatch(graph, outer: set[str], bias_free: set[int] = frozenset(
         n.name = DECODE + (n.name or n.op_type)
         n.input[:] = [decode_name(x) for x in n.input]
         n.output[:] = [DECODE + x if x else x for x in n.output]
-    prompt = []
-    for n in graph.node:
-        c = copy.deepcopy(n)
-        c.input[:] = [PROMPT + x if x in outputs else x for x in n.input]
-        c.output[:] = [PROMPT + x if x in outputs else x for x in n.output]
-        prompt.append(c)
-
-    def branch_outputs(prefix):
-        outs = []
-        for o in graph.output:
-            v = copy.deepcopy(o)
-            v.name = prefix + o.name
-            outs.append(v)
-        return outs
-
-    then_g = helper.make_graph(decode, "decode_one_token", [], branch_outputs(DECODE))
-    else_g = helper.make_graph(prompt, "prompt", [], branch_outputs(PROMPT))
+    prompt, prompt_outputs = general_branch(graph, PROMPT)
+    then_g = helper.make_graph(decode, "decode_one_token", [], branch_outputs(graph, DECODE))
+    else_g = helper.make_graph(prompt, "prompt", [], prompt_outputs)
     else_g.value_info.extend(v for v in graph.value_info if v.name not in outputs)
     drop_dead_nodes(then_g)  # what only the bias or the separate rotary read (the body was sorted: order kept)
     d = prefix + DISPATCH  # this dispatch's value names (sibling branches may each hold one)

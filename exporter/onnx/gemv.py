@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.onnx.graph import drop_dead_nodes, external_initializer, initializer_array
+from exporter.onnx.graph import (branch_outputs, drop_dead_nodes, external_initializer, general_branch,
+                                 initializer_array)
 
 ROW = "m1/"  # prefix of the batch-1 branch's value and node names (values must be unique across branches)
 GENERAL = "general/"  # prefix of the else branch's output names (they cannot reuse the If's output names)
@@ -106,23 +107,9 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
                 c.op_type, c.domain = "FusedMatMul", "com.microsoft"
                 c.attribute.append(helper.make_attribute("transB", 1))
         then_nodes.append(c)
-    else_nodes = []
-    for n in g.node:
-        c = copy.deepcopy(n)
-        c.input[:] = [GENERAL + x if x in outputs else x for x in n.input]
-        c.output[:] = [GENERAL + x if x in outputs else x for x in n.output]
-        else_nodes.append(c)
-
-    def branch_outputs(prefix):
-        outs = []
-        for o in g.output:
-            v = copy.deepcopy(o)
-            v.name = prefix + o.name
-            outs.append(v)
-        return outs
-
-    then_g = helper.make_graph(then_nodes, "batch1_unpacked_weights", [], branch_outputs(ROW))
-    else_g = helper.make_graph(else_nodes, "general_packed_weights", [], branch_outputs(GENERAL))
+    else_nodes, else_outputs = general_branch(g, GENERAL)
+    then_g = helper.make_graph(then_nodes, "batch1_unpacked_weights", [], branch_outputs(g, ROW))
+    else_g = helper.make_graph(else_nodes, "general_packed_weights", [], else_outputs)
     else_g.value_info.extend(v for v in g.value_info if v.name not in outputs)
     drop_dead_nodes(then_g)  # the Transpose the LM head no longer reads (the body was sorted: order kept)
 

@@ -6,6 +6,7 @@ Imported only where a graph is read or rewritten: it imports onnx at the top.
 from __future__ import annotations
 
 import collections
+import copy
 from collections import defaultdict
 from pathlib import Path
 
@@ -114,6 +115,29 @@ def external_initializer(value, name: str, location: str, offset: int):
         entry = t.external_data.add()
         entry.key, entry.value = key, val
     return t
+
+
+def general_branch(graph, prefix: str):
+    """A dispatch's general branch of `graph`'s body: its nodes copied as they are, except that the body's
+    outputs are renamed `prefix + name` (a branch cannot reuse the If's output names); (nodes, outputs)."""
+    outputs = {o.name for o in graph.output}
+    nodes = []
+    for n in graph.node:
+        c = copy.deepcopy(n)
+        c.input[:] = [prefix + x if x in outputs else x for x in n.input]
+        c.output[:] = [prefix + x if x in outputs else x for x in n.output]
+        nodes.append(c)
+    return nodes, branch_outputs(graph, prefix)
+
+
+def branch_outputs(graph, prefix: str) -> list:
+    """`graph`'s output value infos renamed `prefix + name`: what an If branch standing for it outputs."""
+    outs = []
+    for o in graph.output:
+        v = copy.deepcopy(o)
+        v.name = prefix + o.name
+        outs.append(v)
+    return outs
 
 
 def drop_unused_initializers(graph) -> None:
