@@ -273,7 +273,10 @@ def matmul_inputs(source: Path, x: str, sequences) -> np.ndarray:
     """The activations [n, K] of tensor `x` (a MatMul's input) when the fp32 `source` runs each sequence in one
     prefill (padding positions dropped)."""
     from exporter.backends.session import open_session
+    import torch
+
     from exporter.onnx.contract import is_past
+    from exporter.prompts import position_ids
 
     proto = onnx.load(str(source), load_external_data=False)
     proto.graph.output.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
@@ -284,8 +287,8 @@ def matmul_inputs(source: Path, x: str, sequences) -> np.ndarray:
         pasts = [i for i in session.get_inputs() if is_past(i.name)]
         rows = []
         for ids, mask in sequences:
-            feeds = {"input_ids": ids, "attention_mask": mask,
-                     "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None).astype(np.int64)}
+            positions = position_ids(torch.from_numpy(mask)).numpy().astype(np.int64)
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
             feeds.update({p.name: np.zeros((ids.shape[0], p.shape[1], 0, p.shape[3]), np.float32) for p in pasts})
             rows.append(session.run([x], feeds)[0][mask.astype(bool)])
         return np.concatenate(rows).astype(np.float32)
