@@ -134,7 +134,7 @@ class Int4(_Strict):
     (exporter/onnx/int4.py)."""
 
     # affine: per-block affine grids (exact for GGUF Q4_1 weights), the zero points' rounding added back through
-    # block sums of the input (extra K rows); rtn: onnxruntime's quantizer, symmetric round-to-nearest (faster,
+    # block means of the input (extra K rows); rtn: onnxruntime's quantizer, symmetric round-to-nearest (faster,
     # further from fp32: docs/results/speed.md)
     method: Literal["affine", "rtn"] = "affine"
     block_size: Literal[16, 32, 64, 128, 256] = 32  # onnxruntime-genai's builder's default
@@ -146,6 +146,10 @@ class Int4(_Strict):
     # the mean square of the input channel each multiplies, measured on the validation prompts through the fp32
     # graph (exporter/onnx/int4.py, weighted_grids); minmax = each block's min-max range
     lm_head_fit: Literal["weighted", "minmax"] = "weighted"
+    # method affine, the attention output projections (the MatMuls reading GroupQueryAttention's output): exact =
+    # offset rows and block means like every other MatMul; rounded = their zero points rounded, no block means
+    # (2 nodes fewer per kept attention per step; SmolLM2 default mask: WikiText KL +0.009, docs/results/speed.md)
+    attention_output_offsets: Literal["exact", "rounded"] = "rounded"
 
 
 class Int4Fit(_Strict):

@@ -16,7 +16,7 @@ from conftest import PROMPTS, build_model, make_mask
 from exporter.backends.ort import OrtRunner
 from exporter.errors import UserError
 from exporter.onnx.export import export_onnx
-from exporter.onnx.int4 import affine_blocks, quantize_int4
+from exporter.onnx.int4 import affine_blocks, quantize_affine, quantize_int4
 from exporter.parity import fit_recorded
 from exporter.prompts import left_padded
 from exporter.recipe import load_recipe
@@ -91,11 +91,31 @@ def test_q4_1_weights_in_onnx_runtime(tmp_path):
         info = quantize_int4(src, tmp_path / method / "model.onnx", block_size=32, accuracy_level=0, method=method)
         ops = _ops(tmp_path / method / "model.onnx")
         assert info["matmul_nbits"] == 1 and ops.count("MatMul") == 0
-        assert ("Concat" in ops) == (method == "affine")  # the block sums of x feed the offset rows
+        assert ("Concat" in ops) == (method == "affine")  # the block means of x feed the offset rows
         got = ort.InferenceSession(str(tmp_path / method / "model.onnx"), providers=["CPUExecutionProvider"]).run(
             None, {"x": x})[0]
         error[method] = float(np.abs(got - x @ w).max() / np.abs(x @ w).max())
     assert error["affine"] < 3e-3 and error["rtn"] > 10 * error["affine"], error
+
+
+def test_rounded_offsets_drop_the_block_means_and_cost_accuracy(tmp_path):
+    """attention_output_offsets rounded: the MatMuls reading a named tensor keep x and K (no AveragePool, no
+    offset rows); their zero points' rounding is what the block means would have added back."""
+    rng = np.random.default_rng(3)
+    w = _q4_1(rng, 96, 64)
+    x = rng.standard_normal((2, 3, 96)).astype(np.float32) + 0.5  # a mean, as attention outputs have
+    error, k = {}, {}
+    for rounded in (set(), {"x"}):
+        proto = onnx.load(str(_matmul_graph(tmp_path / f"src{len(rounded)}.onnx", w)))
+        info = quantize_affine(proto, 32, 0, set(), None, rounded)
+        node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits")
+        k[len(rounded)] = next(a.i for a in node.attribute if a.name == "K")
+        assert ({n.op_type for n in proto.graph.node} >= {"AveragePool", "Concat"}) == (not rounded)
+        assert info["block_mean_inputs"] == (0 if rounded else 1) and info["rounded_offset_inputs"] == len(rounded)
+        got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        error[len(rounded)] = float(np.abs(got - x @ w).max() / np.abs(x @ w).max())
+    assert (k[0], k[1]) == (96 + 3, 96)
+    assert error[0] < 5e-3 and error[1] > 5 * error[0], error  # measured 0.003 and 0.07
 
 
 def test_lm_head_false_keeps_it_fp32(qwen3_plain, tmp_path):
@@ -133,6 +153,11 @@ def test_recipe_int4_keys(tmp_path):
     assert recipe.int4 and recipe.precisions == ["fp32"]
     assert (recipe.export.int4.block_size, recipe.export.int4.accuracy_level) == (32, 4)
     assert recipe.export.int4.method == "affine" and recipe.export.int4.lm_head_fit == "weighted"
+    assert recipe.export.int4.attention_output_offsets == "rounded"
+    exact = load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {attention_output_offsets: exact}\n"))
+    assert exact.export.int4.attention_output_offsets == "exact"
+    with pytest.raises(UserError, match=r"export\.int4\.attention_output_offsets"):
+        load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {attention_output_offsets: maybe}\n"))
     minmax = load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {lm_head_fit: minmax}\n"))
     assert minmax.export.int4.lm_head_fit == "minmax"
     with pytest.raises(UserError, match=r"export\.int4\.lm_head_fit"):
@@ -165,6 +190,13 @@ def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
     assert len(checks) == 3 and all(c["passed"] for c in checks)
     assert report["int4"]["matmul_nbits"] > 0 and report["int4"]["fit"]["greedy_tokens"] == 3 * 17
     assert report["int4"]["lm_head_fit"] == "weighted" and report["int4"]["weighted_fit_error_ratio"] < 1
+    # the attention output projections read the attention's output as it is (attention_output_offsets: rounded)
+    graphs = [onnx.load(str(out / "int4/model.onnx"), load_external_data=False).graph]
+    graphs += [a.g for g in graphs for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    graphs += [a.g for g in graphs[1:] for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    gqa_outputs = {n.output[0] for g in graphs for n in g.node if n.op_type == "GroupQueryAttention"}
+    o_proj = [n for g in graphs for n in g.node if n.op_type == "MatMulNBits" and n.input[0] in gqa_outputs]
+    assert report["int4"]["rounded_offset_inputs"] > 0 and len(o_proj) >= report["int4"]["rounded_offset_inputs"]
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "int4/model.onnx"
     assert "int4" in (out / "report.md").read_text()
     assert cli("verify", out).returncode == 0

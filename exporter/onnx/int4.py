@@ -10,12 +10,17 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   grid; it is recovered per block (the largest grid step count <= 15 whose step fits every value), so those
   weights are reproduced exactly; other blocks get min-max (`s = (max - min) / 15`). The zero point `-lo / s` is
   in general not an integer: it is rounded to a uint4, and what that rounding moves, `r = s * (round(z) - z)` per
-  block and output column, is added back exactly in form: the MatMul's input gains the block sums of x
-  (`x' = [x, sum_block(x)]`: Reshape, ReduceSum, Concat, shared by the MatMuls reading the same x) and B gains
-  the rows `r` (quantized like every other block of the same MatMulNBits, so the correction's own error is that
-  of 4-bit offsets, about 1/15 of the rounding it removes). A MatMul whose offsets all round exactly keeps x.
-  Cost: K grows by K/block_size and three small nodes per distinct input: on SmolLM2-135M (ctx 512, batch 1,
-  1 thread) 5-18% more time per decode step than `rtn` in four interleaved runs.
+  block and output column, is added back exactly in form: the MatMul's input gains the block means of x
+  (`x' = [x, mean_block(x)]`: one AveragePool over the last axis and a Concat, shared by the MatMuls reading the
+  same x) and B gains the rows `block_size * r` (quantized like every other block of the same MatMulNBits, so the
+  correction's own error is that of 4-bit offsets, about 1/15 of the rounding it removes). A MatMul whose offsets
+  all round exactly keeps x. Cost: K grows by K/block_size and two small nodes per distinct input.
+  `attention_output_offsets` (recipe `export.int4.attention_output_offsets`): `rounded` (the default) leaves
+  the attention output projections (the MatMuls reading GroupQueryAttention's output) without the correction:
+  measured on the SmolLM2 default mask (4 WikiText windows, KL to the full fp32 model), leaving it out there cost
+  +0.009 (0.2490 -> 0.2581) and saves 2 nodes per kept attention layer per step (52 of 226), while leaving it out of the
+  MLP down projections cost +0.128, of the norms' readers +0.339, of the q/k/v projections alone +0.133
+  (docs/results/speed.md, "int4 block means"). `exact` corrects them too.
 - `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
   runs for `-p int4`): faster (no extra K rows, no block-sum nodes) and much further from the fp32 graph on a
   Q4_1 source, whose 16 values per block a symmetric grid cannot hold.
@@ -47,7 +52,7 @@ The embedding Gather stays fp32 (it reads one row per token: quantizing it saves
 
 The source is the optimized graph without the batch-1 branch (MatMulNBits has no packed/unpacked split to
 dispatch on), so the int4 graph has the optimized graph's fused attention and norms. The MatMuls' inputs are
-`[batch, sequence, K]` (rank 3, as every graph this project exports): the block sums reshape them so.
+`[batch, sequence, K]` (rank 3, as every graph this project exports): AveragePool reads them as [N, C, L].
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from exporter.onnx.graph import drop_dead_nodes, drop_unused_initializers, initi
 
 LM_HEAD_WEIGHT = "int4.lm_head.weight"  # the materialised [hidden, vocab] LM head
 METHODS = ("affine", "rtn")
+OFFSET_CHOICES = ("exact", "rounded")  # attention_output_offsets
 CHUNK = 4096  # output columns per grid search: bounds its float64 temporaries (the LM head has 49,152)
 GRID_TOLERANCE = 1e-3  # a block is on a grid of step s when every (w - min) / s is this close to an integer
 
@@ -88,6 +94,11 @@ def materialize_transposed_weights(proto, model_dir: Path) -> list[str]:
         n.input[1] = name
         rewired.append(n.name)
     return rewired
+
+
+def attention_outputs(proto) -> set[str]:
+    """The fused attentions' outputs: what the attention output projections read."""
+    return {n.output[0] for n in proto.graph.node if n.op_type == "GroupQueryAttention"}
 
 
 def lm_head_nodes(proto) -> list[str]:
@@ -162,9 +173,10 @@ def _pack4(values: np.ndarray) -> np.ndarray:
 
 
 def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[str],
-                    importance: dict[str, np.ndarray] | None = None) -> dict:
+                    importance: dict[str, np.ndarray] | None = None, rounded: set[str] = frozenset()) -> dict:
     """Rewrite `proto` (weights loaded) in place: constant-weight MatMuls -> MatMulNBits with affine blocks;
-    `importance` maps MatMul names to their input channels' weights [K] for `weighted_grids`."""
+    `importance` maps MatMul names to their input channels' weights [K] for `weighted_grids`; the MatMuls reading
+    a tensor named in `rounded` keep their rounded zero points without offset rows (no block means of that input)."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     nodes, augmented, added, fitted = [], {}, [], {}
@@ -190,8 +202,8 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
         del weight, parts
         on_grid, blocks = on_grid + int(grid.sum()), blocks + grid.size
         x, width = n.input[0], k
-        if np.any(offset != 0):  # offset rows for the block sums
-            oq, oscale, ozero = _offset_blocks(offset, block_size)
+        if np.any(offset != 0) and x not in rounded:  # offset rows, read by the block means of x
+            oq, oscale, ozero = _offset_blocks(offset * block_size, block_size)  # means, not sums: x block_size
             q, scale, zero = (np.concatenate([q, oq], 1), np.concatenate([scale, oscale], 1),
                               np.concatenate([zero, ozero], 1))
             width = k + kb
@@ -199,7 +211,7 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
             q, scale, zero = q[:, :kept_blocks], scale[:, :kept_blocks], zero[:, :kept_blocks]
             extra_rows += kb
             if x not in augmented:
-                augmented[x] = _block_sums(g, nodes, x, kb, block_size)
+                augmented[x] = _block_means(nodes, x, block_size)
             x = augmented[x]
         name = b.name
         added += [numpy_helper.from_array(_pack4(q), f"{name}.int4"),
@@ -218,7 +230,7 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     out = {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
-           "block_sum_inputs": len(augmented)}
+           "block_mean_inputs": len(augmented), "rounded_offset_inputs": len(rounded)}
     if fitted:  # sum_k importance_k (w_k - w^_k)^2 over the weighted MatMuls, weighted blocks / min-max blocks
         fit, minmax = (sum(e[i] for e in fitted.values()) for i in (0, 1))
         out["weighted_fit_error_ratio"] = round(float(fit / minmax), 4)
@@ -238,17 +250,15 @@ def _weighted_errors(weight, q, scale, zero, offset, importance) -> np.ndarray:
     return np.array([(importance * (got - w) ** 2).sum(), (importance * (minmax - w) ** 2).sum()])
 
 
-def _block_sums(g, nodes: list, x: str, blocks: int, block_size: int) -> str:
-    """Append the nodes of `[x, sum over each block of x]` along the last axis; returns that tensor's name."""
-    shape, axes = f"{x}.int4_blocks_shape", f"{x}.int4_blocks_axes"
-    g.initializer.extend([numpy_helper.from_array(np.array([0, 0, blocks, block_size], np.int64), shape),
-                          numpy_helper.from_array(np.array([-1], np.int64), axes)])
-    nodes += [helper.make_node("Reshape", [x, shape], [f"{x}.int4_blocks"], name=f"{x}.int4_blocks"),
-              helper.make_node("ReduceSum", [f"{x}.int4_blocks", axes], [f"{x}.int4_block_sums"],
-                               name=f"{x}.int4_block_sums", keepdims=0),
-              helper.make_node("Concat", [x, f"{x}.int4_block_sums"], [f"{x}.int4_with_sums"],
-                               name=f"{x}.int4_with_sums", axis=-1)]
-    return f"{x}.int4_with_sums"
+def _block_means(nodes: list, x: str, block_size: int) -> str:
+    """Append the nodes of `[x, mean over each block of x]` along the last axis; returns that tensor's name.
+    One AveragePool over the last axis ([batch, sequence, K] reads as [N, C, L]) instead of Reshape + ReduceSum:
+    a node less per input (the offset rows are scaled by block_size to take means)."""
+    nodes += [helper.make_node("AveragePool", [x], [f"{x}.int4_block_means"], name=f"{x}.int4_block_means",
+                               kernel_shape=[block_size], strides=[block_size]),
+              helper.make_node("Concat", [x, f"{x}.int4_block_means"], [f"{x}.int4_with_means"],
+                               name=f"{x}.int4_with_means", axis=-1)]
+    return f"{x}.int4_with_means"
 
 
 # ---------------------------------------------------------------- the LM head's activation-weighted blocks
@@ -352,15 +362,19 @@ def _ort_rtn(proto, block_size: int, accuracy_level: int, exclude: list[str]):
 
 def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_level: int = 4,
                   lm_head: bool = True, method: str = "affine", lm_head_fit: str = "minmax",
-                  calibration=None) -> dict:
+                  calibration=None, attention_output_offsets: str = "exact") -> dict:
     """Write the int4 graph of `source` (fp32, external data beside it) to `out_path` + `out_path.data`;
     returns what was quantized. `lm_head_fit="weighted"` (method affine, LM head int4): the LM head's off-grid
     blocks get `weighted_grids`, weighted by its input channels' mean square on `calibration` ((input_ids,
-    attention_mask) sequences run through `source`)."""
+    attention_mask) sequences run through `source`). `attention_output_offsets="rounded"` (method affine): the
+    MatMuls reading a GroupQueryAttention's output (the attention's output projection) keep their zero points
+    rounded, without offset rows or block means."""
     if method not in METHODS:
         raise ValueError(f"int4 method {method!r}: one of {METHODS}")
     if lm_head_fit not in LM_HEAD_FITS:
         raise ValueError(f"int4 lm_head_fit {lm_head_fit!r}: one of {LM_HEAD_FITS}")
+    if attention_output_offsets not in OFFSET_CHOICES:
+        raise ValueError(f"int4 attention_output_offsets {attention_output_offsets!r}: one of {OFFSET_CHOICES}")
     if lm_head_fit == "weighted" and not calibration:
         raise ValueError("int4 lm_head_fit weighted needs calibration sequences")
     source, out_path = Path(source), Path(out_path)
@@ -377,7 +391,8 @@ def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_l
         extra = {"lm_head_fit": "weighted" if importance else "minmax",
                  "lm_head_calibration_rows": int(sum(mask.sum() for _, mask in calibration))}
     if method == "affine":
-        extra.update(quantize_affine(proto, block_size, accuracy_level, set(exclude), importance))
+        rounded = set() if attention_output_offsets == "exact" else attention_outputs(proto)
+        extra.update(quantize_affine(proto, block_size, accuracy_level, set(exclude), importance, rounded))
         out = proto
     else:
         out = _ort_rtn(proto, block_size, accuracy_level, exclude)

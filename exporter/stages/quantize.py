@@ -34,7 +34,7 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
     calibration = reference_sequences(load_reference(out_dir / REFERENCE_FILE)) if q.lm_head_fit == "weighted" else None
     try:
         info = quantize_int4(source, out_dir / INT4_GRAPH, q.block_size, q.accuracy_level, q.lm_head,
-                             q.method, q.lm_head_fit, calibration)
+                             q.method, q.lm_head_fit, calibration, q.attention_output_offsets)
     finally:
         if source != plain_path:
             source.unlink(missing_ok=True)
