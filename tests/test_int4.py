@@ -153,9 +153,9 @@ def test_recipe_int4_keys(tmp_path):
     assert recipe.int4 and recipe.precisions == ["fp32"]
     assert (recipe.export.int4.block_size, recipe.export.int4.accuracy_level) == (32, 4)
     assert recipe.export.int4.method == "affine" and recipe.export.int4.lm_head_fit == "weighted"
-    assert recipe.export.int4.attention_output_offsets == "rounded"
-    exact = load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {attention_output_offsets: exact}\n"))
-    assert exact.export.int4.attention_output_offsets == "exact"
+    assert recipe.export.int4.attention_output_offsets == "exact"
+    rounded = load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {attention_output_offsets: rounded}\n"))
+    assert rounded.export.int4.attention_output_offsets == "rounded"
     with pytest.raises(UserError, match=r"export\.int4\.attention_output_offsets"):
         load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {attention_output_offsets: maybe}\n"))
     minmax = load_recipe(_recipe_with(tmp_path, "  precisions: [int4]\n  int4: {lm_head_fit: minmax}\n"))
@@ -178,7 +178,8 @@ def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
     # a tiny random model's next-token distributions are near uniform: its argmax flips on rounding that moves
     # no probability (KL 0.000), so top-1 and greedy are held to the old loose values here
     loose = "  int4: {min_top1: 0.5, min_greedy: 0.2}\n"
-    recipe = _recipe_with(tmp_path, "  precisions: [fp32, int4]\n").read_text() + "  speed: false\n" + loose
+    rounded = "  int4: {attention_output_offsets: rounded}\n"  # exact (the default): test_q4_1_weights_in_onnx_runtime
+    recipe = _recipe_with(tmp_path, "  precisions: [fp32, int4]\n" + rounded).read_text() + "  speed: false\n" + loose
     (tmp_path / "int4.yaml").write_text(recipe)
     out = tmp_path / "art" / "tiny-int4"
     result = cli(tmp_path / "int4.yaml", "--out", out, env={"EXPORT_SKIP_CACHE": str(tmp_path / "cache")})

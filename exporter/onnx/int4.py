@@ -15,12 +15,13 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   same x) and B gains the rows `block_size * r` (quantized like every other block of the same MatMulNBits, so the
   correction's own error is that of 4-bit offsets, about 1/15 of the rounding it removes). A MatMul whose offsets
   all round exactly keeps x. Cost: K grows by K/block_size and two small nodes per distinct input.
-  `attention_output_offsets` (recipe `export.int4.attention_output_offsets`): `rounded` (the default) leaves
-  the attention output projections (the MatMuls reading GroupQueryAttention's output) without the correction:
-  measured on the SmolLM2 default mask (4 WikiText windows, KL to the full fp32 model), leaving it out there cost
-  +0.009 (0.2490 -> 0.2581) and saves 2 nodes per kept attention layer per step (52 of 226), while leaving it out of the
-  MLP down projections cost +0.128, of the norms' readers +0.339, of the q/k/v projections alone +0.133
-  (docs/results/speed.md, "int4 block means"). `exact` corrects them too.
+  `attention_output_offsets` (recipe `export.int4.attention_output_offsets`): `exact` (the default) corrects
+  every MatMul; `rounded` leaves the attention output projections (the MatMuls reading GroupQueryAttention's
+  output) without the correction, 2 nodes fewer per kept attention layer per step (52 of 226 on SmolLM2's default
+  mask). Measured there (4 WikiText windows, KL to the full fp32 model): leaving it out of the output projections
+  cost +0.009 (0.2490 -> 0.2581; validation-prompt KL 0.033 -> 0.064) for about 1% of decode time; out of the
+  MLP down projections +0.128, out of the q/k/v projections +0.133, out of every norm's readers +0.339; a constant
+  bias E[means] x offsets instead of the block means was worse than none (docs/results/speed.md, "int4 block means").
 - `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
   runs for `-p int4`): faster (no extra K rows, no block-sum nodes) and much further from the fp32 graph on a
   Q4_1 source, whose 16 values per block a symmetric grid cannot hold.
