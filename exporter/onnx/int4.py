@@ -23,7 +23,7 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   MLP down projections +0.128, out of the q/k/v projections +0.133, out of every norm's readers +0.339; a constant
   bias E[means] x offsets instead of the block means was worse than none (docs/results/speed.md, "int4 block means").
 - `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
-  runs for `-p int4`): faster (no extra K rows, no block-sum nodes) and much further from the fp32 graph on a
+  runs for `-p int4`): faster (no extra K rows, no block-mean nodes) and much further from the fp32 graph on a
   Q4_1 source, whose 16 values per block a symmetric grid cannot hold.
 
 Why `affine` packs its own blocks instead of calling ONNX Runtime's quantizer (docs/results/speed.md, section
