@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from exporter.prompts import position_ids
+
 
 class DecodeRunner:
     """Holds the attention mask and positions; subclasses run the model and hold the cache."""
@@ -18,7 +20,7 @@ class DecodeRunner:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.reset(input_ids.shape[0])
         self.mask = attention_mask.long()
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # left padding: first real token is 0
+        positions = position_ids(self.mask)  # left padding: first real token is 0
         self.next_position = positions[:, -1:] + 1
         return self.forward(input_ids.long(), self.mask, positions)
 
