@@ -197,6 +197,7 @@ def test_pipeline_writes_checks_and_serves_the_int4_graph(tmp_path):
     graphs += [a.g for g in graphs[1:] for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
     gqa_outputs = {n.output[0] for g in graphs for n in g.node if n.op_type == "GroupQueryAttention"}
     o_proj = [n for g in graphs for n in g.node if n.op_type == "MatMulNBits" and n.input[0] in gqa_outputs]
+    assert report["int4"]["attention_output_offsets"] == "rounded"
     assert report["int4"]["rounded_offset_inputs"] > 0 and len(o_proj) >= report["int4"]["rounded_offset_inputs"]
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "int4/model.onnx"
     assert "int4" in (out / "report.md").read_text()

@@ -393,6 +393,7 @@ def quantize_int4(source: Path, out_path: Path, block_size: int = 32, accuracy_l
                  "lm_head_calibration_rows": int(sum(mask.sum() for _, mask in calibration))}
     if method == "affine":
         rounded = set() if attention_output_offsets == "exact" else attention_outputs(proto)
+        extra["attention_output_offsets"] = attention_output_offsets
         extra.update(quantize_affine(proto, block_size, accuracy_level, set(exclude), importance, rounded))
         out = proto
     else:
