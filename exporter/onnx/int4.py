@@ -20,7 +20,7 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   output) without the correction, 2 nodes fewer per kept attention layer per step (52 of 226 on SmolLM2's default
   mask). Measured there (4 WikiText windows, KL to the full fp32 model): leaving it out of the output projections
   cost +0.009 (0.2490 -> 0.2581; validation-prompt KL 0.033 -> 0.064) for about 1% of decode time; out of the
-  MLP down projections +0.128, out of the q/k/v projections +0.133, out of every norm's readers +0.339; a constant
+  MLP down projections +0.128, out of the q/k/v and output projections +0.133, out of every norm's readers +0.339; a constant
   bias E[means] x offsets instead of the block means was worse than none (docs/results/speed.md, "int4 block means").
 - `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
   runs for `-p int4`): faster (no extra K rows, no block-mean nodes) and much further from the fp32 graph on a
