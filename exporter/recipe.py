@@ -148,7 +148,7 @@ class Int4(_Strict):
     lm_head_fit: Literal["weighted", "minmax"] = "weighted"
     # method affine, the attention output projections (the MatMuls reading GroupQueryAttention's output): exact =
     # offset rows and block means like every other MatMul; rounded = their zero points rounded, no block means
-    # (2 nodes fewer per kept attention per step, about 1% faster; SmolLM2 default mask: WikiText KL +0.009,
+    # (2 nodes fewer per kept attention per step, 1-2% faster; SmolLM2 default mask: WikiText KL +0.009,
     # validation KL 0.033 -> 0.064: docs/results/speed.md, "int4 block means")
     attention_output_offsets: Literal["exact", "rounded"] = "exact"
 

@@ -19,7 +19,7 @@ products (the fast CPU kernel), 0 leaves it unset (fp32 compute). Two methods (`
   every MatMul; `rounded` leaves the attention output projections (the MatMuls reading GroupQueryAttention's
   output) without the correction, 2 nodes fewer per kept attention layer per step (52 of 226 on SmolLM2's default
   mask). Measured there (4 WikiText windows, KL to the full fp32 model): leaving it out of the output projections
-  cost +0.009 (0.2490 -> 0.2581; validation-prompt KL 0.033 -> 0.064) for about 1% of decode time; out of the
+  cost +0.009 (0.2490 -> 0.2581; validation-prompt KL 0.033 -> 0.064) for 1-2% of decode time (two A/B runs); out of the
   MLP down projections +0.128, out of the q/k/v and output projections +0.133, out of every norm's readers +0.339; a constant
   bias E[means] x offsets instead of the block means was worse than none (docs/results/speed.md, "int4 block means").
 - `rtn`: ONNX Runtime's `MatMulNBitsQuantizer`, symmetric round-to-nearest (what onnxruntime-genai's builder
@@ -180,7 +180,7 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
     a tensor named in `rounded` keep their rounded zero points without offset rows (no block means of that input)."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    nodes, augmented, added, fitted = [], {}, [], {}
+    nodes, augmented, added, fitted, left_rounded = [], {}, [], {}, set()
     on_grid, blocks, extra_rows = 0, 0, 0
     for n in g.node:
         b = inits.get(n.input[1]) if n.op_type == "MatMul" else None
@@ -203,7 +203,9 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
         del weight, parts
         on_grid, blocks = on_grid + int(grid.sum()), blocks + grid.size
         x, width = n.input[0], k
-        if np.any(offset != 0) and x not in rounded:  # offset rows, read by the block means of x
+        if np.any(offset != 0) and x in rounded:
+            left_rounded.add(x)
+        elif np.any(offset != 0):  # offset rows, read by the block means of x
             oq, oscale, ozero = _offset_blocks(offset * block_size, block_size)  # means, not sums: x block_size
             q, scale, zero = (np.concatenate([q, oq], 1), np.concatenate([scale, oscale], 1),
                               np.concatenate([zero, ozero], 1))
@@ -231,7 +233,7 @@ def quantize_affine(proto, block_size: int, accuracy_level: int, exclude: set[st
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     out = {"on_grid_blocks": round(on_grid / max(blocks, 1), 4), "offset_rows": extra_rows,
-           "block_mean_inputs": len(augmented), "rounded_offset_inputs": len(rounded)}
+           "block_mean_inputs": len(augmented), "rounded_offset_inputs": len(left_rounded)}
     if fitted:  # sum_k importance_k (w_k - w^_k)^2 over the weighted MatMuls, weighted blocks / min-max blocks
         fit, minmax = (sum(e[i] for e in fitted.values()) for i in (0, 1))
         out["weighted_fit_error_ratio"] = round(float(fit / minmax), 4)
