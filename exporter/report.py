@@ -220,6 +220,14 @@ def tuning_markdown(r: dict) -> list[str]:
     for shape, ms in t["median_ms"].items():
         lines.append(f"| {shape} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + " |")
     lines.append("| score | " + " | ".join(f"{t['scores'][n]:.3f}" for n in names) + " |")
+    k = t.get("one_row_kernels")
+    if k:  # what the one-row dispatch variant was built from (bench/kernels.py)
+        lines += ["", "One-row MatMul layouts timed per weight shape (median us per MatMul, weights streamed; a layout "
+                  f"other than packed must win by {k['margin']:.0%}):", "",
+                  "| K x N | packed | unpacked | transposed | chosen |", "|---|---:|---:|---:|---|"]
+        for shape, us in k["median_us_per_matmul"].items():
+            lines.append(f"| {shape} | {us['packed']:.0f} | {us['unpacked']:.0f} | {us['transposed']:.0f} | "
+                         f"{k['layouts'][shape]} |")
     return lines
 
 

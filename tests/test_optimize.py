@@ -186,6 +186,81 @@ def test_batch1_path_can_be_turned_off(tiny_models, tmp_path):
     assert "If" not in {n.op_type for n in proto.graph.node} and body_graph(proto) is proto.graph
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: a tied LM head (Transpose of the embedding)
+def test_one_row_dispatch_reads_the_measured_layouts(tiny_models, tmp_path, arch):
+    """`one_row_layouts` (what bench/kernels.py measured faster for one row): in the decode body, each MatMul of a
+    shape named unpacked/transposed becomes If(one row) -> that layout, else the packed MatMul as it was; shapes
+    named packed (or not named) are untouched. Parity over greedy steps at batch 1 (the one-row MatMuls) and for a
+    left-padded batch of two (the packed ones), and ORT's profile shows which ran."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from exporter.bench import worker
+    from exporter.onnx.gemv import ONE_ROW, decode_body, matmul_weight_shapes
+
+    model, tok = tiny_models[arch]
+    mask = make_mask("attention")
+    plain = export_onnx(apply_skip(model, mask), tmp_path)
+    optimize_onnx(plain, model.config, batch1_path=False)
+    shapes = sorted(matmul_weight_shapes(tmp_path / OPT_FILE))
+    assert len(shapes) >= 3
+    # every other shape one-row: both kinds of one-row layout, and some shapes left packed
+    layouts = {shape: ("packed", "unpacked" if i % 4 == 1 else "transposed")[i % 2] for i, shape in enumerate(shapes)}
+    out = tmp_path / "row.onnx"
+    fused = optimize_onnx(plain, model.config, out_path=out, batch1_path=False, one_row_layouts=layouts)
+    proto = onnx.load(str(out), load_external_data=False)
+    body = decode_body(proto.graph)
+    assert body is not proto.graph  # the dispatches sit in the decode branch
+    inits = {t.name: t for t in proto.graph.initializer}
+    dispatches = [n for n in body.node if n.op_type == "If" and n.name.startswith(ONE_ROW)]
+    assert len(dispatches) == fused["one_row_dispatched_matmuls"] > 0
+    for d in dispatches:
+        (row,) = next(a.g for a in d.attribute if a.name == "then_branch").node
+        (general,) = next(a.g for a in d.attribute if a.name == "else_branch").node
+        w = inits[row.input[1]]
+        assert len(w.dims) == 3 and w.dims[0] == 1 and general.op_type == "MatMul"
+        transposed = row.op_type == "FusedMatMul"
+        k, n = (w.dims[2], w.dims[1]) if transposed else (w.dims[1], w.dims[2])
+        assert layouts[(k, n)] == ("transposed" if transposed else "unpacked")
+    left = [n for n in body.node if n.op_type == "MatMul"]
+    assert left and all(layouts.get((inits[n.input[1]].dims[0], inits[n.input[1]].dims[1]), "packed") == "packed"
+                        for n in left if n.input[1] in inits)
+    ids, attn = left_padded(tok, PROMPTS)
+    with masked(model, mask):
+        for rows, cols in ((ids[:1], attn[:1]), (ids, attn)):
+            phases, _ = check_parity(HFRunner(model), OrtRunner(out), rows, cols, 6, 1e-4, 1e-4, "onnx:one-row")
+            assert all(p.passed and p.greedy_match for p in phases), phases
+    ran = {}
+    for batch, new in ((1, 1), (2, 1), (1, 5)):
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp_path / f"b{batch}n{new}")
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        session.run(None, worker.make_feeds(session, batch, new, 3))
+        events = json.loads(Path(session.end_profiling()).read_text())
+        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and ONE_ROW in e["name"]}
+    assert sum("/row_kernel_time" in n for n in ran[(1, 1)]) == len(dispatches)
+    assert not any("/row_kernel_time" in n for case in ((2, 1), (1, 5)) for n in ran[case])
+
+
+def test_one_row_layouts_time_each_shape_and_keep_packed_unless_beaten():
+    """bench/kernels.py: every layout timed per shape (products checked equal first), the choice packed unless
+    another layout is faster by the margin."""
+    from exporter.bench.kernels import one_row_layouts
+
+    result = one_row_layouts({(64, 96), (96, 64)}, budget_s=0.05)
+    assert set(result["layouts"]) == {(64, 96), (96, 64)} and result["machine"]["threads"] == 1
+    for (k, n), how in result["layouts"].items():
+        us = result["median_us_per_matmul"][f"{k}x{n}"]
+        assert set(us) == {"packed", "unpacked", "transposed"} and all(v > 0 for v in us.values())
+        best = min(us, key=us.get)
+        assert how == (best if us[best] < (1 - result["margin"]) * us["packed"] else "packed")
+    never = one_row_layouts({(64, 96)}, budget_s=0.05, margin=1.0)  # no layout beats packed by 100%
+    assert never["layouts"] == {(64, 96): "packed"}
+
+
 def _decode_body(proto):
     """The decode branch of the packed (else) branch of the batch-1 dispatch."""
     packed = next(a.g for a in proto.graph.node[-1].attribute if a.name == "else_branch")

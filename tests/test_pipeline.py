@@ -56,7 +56,15 @@ def test_report_json_contents(tiny_artifact):
     # the variants were timed here and the fastest is served: onnxruntime-genai is pointed at it (plain, or the
     # optimized graph, parity-checked like the plain one, in the chosen variant)
     tuning = r["tuning"]
-    assert set(tuning["scores"]) == {"plain", "packed", "batch1-branch"} and tuning["default"] == "batch1-branch"
+    kernels = tuning["one_row_kernels"]  # per weight shape, the one-row layouts timed here (bench/kernels.py)
+    assert kernels["machine"]["cpu"] == tuning["machine"]["cpu"] and set(kernels["layouts"]) == set(kernels["median_us_per_matmul"])
+    for shape, how in kernels["layouts"].items():
+        us = kernels["median_us_per_matmul"][shape]
+        assert how in us and all(v > 0 for v in us.values())
+        assert how == "packed" or us[how] < (1 - kernels["margin"]) * us["packed"]
+    one_row = any(how != "packed" for how in kernels["layouts"].values())  # then its variant was built and timed
+    assert set(tuning["scores"]) == {"plain", "packed", "batch1-branch"} | ({"one-row-dispatch"} if one_row else set())
+    assert tuning["default"] == "batch1-branch"
     assert tuning["scores"]["batch1-branch"] == 1.0 and tuning["chosen"] in tuning["scores"]
     assert set(tuning["median_ms"]) == {"decode batch 1", "decode batch 4", "prefill 32"}
     assert all(ms > 0 for shape in tuning["median_ms"].values() for ms in shape.values())
@@ -65,7 +73,7 @@ def test_report_json_contents(tiny_artifact):
     assert isinstance(machine["isa"], list) and machine["cpus"] >= 1
     served = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"]
     assert served == r["served_graph"] == ("model.onnx" if tuning["chosen"] == "plain" else "model.opt.onnx")
-    assert r["optimized_graph"]["variant"] == ("packed" if tuning["chosen"] == "packed" else "batch1-branch")
+    assert r["optimized_graph"]["variant"] == ("batch1-branch" if tuning["chosen"] == "plain" else tuning["chosen"])
     assert f"Chosen: **{tuning['chosen']}**" in md and machine["cpu"] in md
     assert not list(out.glob("tune-*"))  # the candidate is not left behind
 

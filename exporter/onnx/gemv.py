@@ -32,14 +32,94 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.onnx.decode import DISPATCH
 from exporter.onnx.graph import (branch_outputs, drop_dead_nodes, external_initializer, general_branch,
                                  initializer_array)
 
+ONE_ROW = "row1/"  # prefix of the one-row dispatches' names (add_one_row_dispatch)
 ROW = "m1/"  # prefix of the batch-1 branch's value and node names (values must be unique across branches)
 GENERAL = "general/"  # prefix of the else branch's output names (they cannot reuse the If's output names)
 ALIGN = 4096  # new tensors in the data file start on a page boundary (where a memory mapping can start)
+
+
+def matmul_weights(graph, inits: dict) -> list[tuple]:
+    """The MatMuls of `graph` with a constant fp32 weight: (node, source initializer name, is the MatMul's B the
+    source transposed?), B being a 2-D initializer of `inits` or a Transpose of one (the tied LM head)."""
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def weight(name):  # a 2-D fp32 initializer, or None
+        t = inits.get(name)
+        return t if t is not None and len(t.dims) == 2 and t.data_type == TensorProto.FLOAT else None
+
+    plans = []
+    for n in graph.node:
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
+            continue
+        b = n.input[1]
+        if weight(b) is not None:
+            plans.append((n, b, False))
+        elif (t := producer.get(b)) is not None and t.op_type == "Transpose" and weight(t.input[0]) is not None \
+                and list(next((a.ints for a in t.attribute if a.name == "perm"), [1, 0])) == [1, 0]:
+            plans.append((n, t.input[0], True))
+    return plans
+
+
+def b_shape(inits: dict, w: str, b_is_transposed: bool) -> tuple[int, int]:
+    """(K, N) of the MatMul's B."""
+    rows, cols = inits[w].dims
+    return (cols, rows) if b_is_transposed else (rows, cols)
+
+
+def decode_body(graph):
+    """The body one-token calls run: the decode branch of decode.py's If where the graph has one, else the graph."""
+    if len(graph.node) and graph.node[-1].op_type == "If" and graph.node[-1].name == DISPATCH:
+        return next(a.g for a in graph.node[-1].attribute if a.name == "then_branch")
+    return graph
+
+
+def matmul_weight_shapes(path: Path) -> set[tuple[int, int]]:
+    """The (K, N) of every constant-weight MatMul a one-token call of the graph at `path` runs."""
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in proto.graph.initializer}
+    return {b_shape(inits, w, bt) for _, w, bt in matmul_weights(decode_body(proto.graph), inits)}
+
+
+class OneRowWeights:
+    """The unpacked 3-D weights a one-row MatMul reads, each made once: a view of the source's bytes where the
+    layout wanted is the source's own, else a transposed copy appended to `data_path`."""
+
+    def __init__(self, inits: dict, data_path: Path, model_dir: Path, prefix: str):
+        self.inits, self.data_path, self.model_dir, self.prefix = inits, data_path, model_dir, prefix
+        self.new_inits, self.made = [], set()
+
+    def get(self, w: str, b_is_transposed: bool, want_bt: bool) -> str:
+        src = self.inits[w]
+        if want_bt == b_is_transposed:  # the source already has that layout: a view, no new bytes
+            name = self.prefix + w
+            if name not in self.made:
+                v = copy.deepcopy(src)
+                v.name, v.dims[:] = name, [1, *src.dims]
+                self.new_inits.append(v)
+        else:
+            name = self.prefix + w + ".T"
+            if name not in self.made:
+                value = np.ascontiguousarray(initializer_array(src, self.model_dir).T)[None]
+                _append_external(value, name, self.data_path, self.new_inits)
+        self.made.add(name)
+        return name
+
+
+def one_row_node(node, weight: str, want_bt: bool, output: str, name: str):
+    """`node` (a MatMul) reading the unpacked weight: MatMul on [1, K, N], or FusedMatMul transB=1 on [1, N, K]
+    (MatMul has no transB; ORT's FusedMatMul is MatMul with one, and is not prepacked in 3-D either)."""
+    c = helper.make_node("MatMul", [node.input[0], weight], [output], name=name)
+    if want_bt:
+        c.op_type, c.domain = "FusedMatMul", "com.microsoft"
+        c.attribute.append(helper.make_attribute("transB", 1))
+    return c
 
 
 def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
@@ -49,46 +129,17 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     outer = set(inits) | {i.name for i in g.input} | {""}
-    producer = {o: n for n in g.node for o in n.output}
-
-    def weight(name):  # a 2-D fp32 initializer, or None
-        t = inits.get(name)
-        return t if t is not None and len(t.dims) == 2 and t.data_type == TensorProto.FLOAT else None
-
-    # per MatMul: (node, source weight, is the MatMul's B the source transposed?)
-    plans = []
-    for n in g.node:
-        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx"):
-            continue
-        b = n.input[1]
-        if weight(b) is not None:
-            plans.append((n, b, False))
-        elif (t := producer.get(b)) is not None and t.op_type == "Transpose" and weight(t.input[0]) is not None \
-                and list(next((a.ints for a in t.attribute if a.name == "perm"), [1, 0])) == [1, 0]:
-            plans.append((n, t.input[0], True))
+    plans = matmul_weights(g, inits)
     if not plans:
         return 0
 
-    new_inits, made, rewire = [], set(), {}
+    weights, rewire = OneRowWeights(inits, data_path, model_dir, ROW), {}
     for n, w, b_is_transposed in plans:
-        rows, cols = inits[w].dims
-        k, n_out = (cols, rows) if b_is_transposed else (rows, cols)  # B is [K, N]
-        # the layout the one-row kernel reads fastest (module docstring): B^T for K > N, B otherwise
+        k, n_out = b_shape(inits, w, b_is_transposed)
+        # the layout the one-row kernel read fastest where this branch was tuned (module docstring)
         want_bt = k > n_out
-        if want_bt == b_is_transposed:  # the source already has that layout: a view, no new bytes
-            name = ROW + w
-            if name not in made:
-                v = copy.deepcopy(inits[w])
-                v.name, v.dims[:] = name, [1, *inits[w].dims]
-                new_inits.append(v)
-                made.add(name)
-        else:  # a transposed copy, appended to the data file
-            name = ROW + w + ".T"
-            if name not in made:
-                value = np.ascontiguousarray(initializer_array(inits[w], model_dir).T)[None]
-                _append_external(value, name, data_path, new_inits)
-                made.add(name)
-        rewire[id(n)] = name, want_bt
+        rewire[id(n)] = weights.get(w, b_is_transposed, want_bt), want_bt
+    new_inits = weights.new_inits
 
     outputs = {o.name for o in g.output}
 
@@ -102,10 +153,7 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
         c.input[:] = [row_name(x) for x in n.input]
         c.output[:] = [ROW + x if x else x for x in n.output]
         if id(n) in rewire:
-            c.input[1], bt = rewire[id(n)]
-            if bt:  # MatMul has no transB: ORT's FusedMatMul is MatMul with one (also not prepacked in 3-D)
-                c.op_type, c.domain = "FusedMatMul", "com.microsoft"
-                c.attribute.append(helper.make_attribute("transB", 1))
+            c = one_row_node(c, *rewire[id(n)], c.output[0], c.name)
         then_nodes.append(c)
     else_nodes, else_outputs = general_branch(g, GENERAL)
     then_g = helper.make_graph(then_nodes, "batch1_unpacked_weights", [], branch_outputs(g, ROW))
@@ -125,6 +173,51 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
                          then_branch=then_g, else_branch=else_g),
     ])
     return len(plans)
+
+
+def add_one_row_dispatch(proto, data_path: Path, model_dir: Path, layouts: dict[tuple[int, int], str]) -> int:
+    """Per MatMul whose weight shape (K, N) `layouts` maps to "unpacked" or "transposed" (as timed on the machine
+    that builds: bench/kernels.py): `If(the call has one row) then that layout else the MatMul as it was`, in
+    place; returns the MatMuls so dispatched (0: `proto` left as it was).
+
+    The one-MatMul alternative to add_batch1_path's whole-body branch, for CPUs where only some shapes gain
+    (issue 14's AVX-512 EPYC: the LM head alone). A whole-body branch there ran 1.2x slower than the packed
+    graph (ONNX Runtime 1.32: the branch's MatMuls left packed read their weights unpacked two If levels deep),
+    while this dispatch around the LM head ran 0.96x. The dispatch goes into the decode branch of decode.py's
+    If when the graph has one (one-token calls: the only ones with one row), else into the body."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    body = decode_body(g)
+    chosen = [(n, w, bt, layouts.get(b_shape(inits, w, bt), "packed")) for n, w, bt in matmul_weights(body, inits)]
+    chosen = [c for c in chosen if c[3] != "packed"]
+    if not chosen:
+        return 0
+    weights = OneRowWeights(inits, data_path, model_dir, ONE_ROW)
+    one, size, is_one = f"{ONE_ROW}one", f"{ONE_ROW}size", f"{ONE_ROW}is_one"
+    nodes = [  # constants as nodes: the body may be a branch, whose initializers live above it
+        helper.make_node("Constant", [], [one], name=one, value=numpy_helper.from_array(np.array(1, np.int64))),
+        helper.make_node("Size", ["input_ids"], [size], name=size),
+        helper.make_node("Equal", [size, one], [is_one], name=is_one),
+    ]
+    targets = {id(n): (w, bt, how) for n, w, bt, how in chosen}
+    for n in body.node:
+        if id(n) not in targets:
+            nodes.append(n)
+            continue
+        w, bt, how = targets[id(n)]
+        y, tag = n.output[0], ONE_ROW + (n.name or y)
+        want_bt = how == "transposed"
+        row = one_row_node(n, weights.get(w, bt, want_bt), want_bt, f"{tag}/row", f"{tag}/row")
+        general = copy.deepcopy(n)
+        general.output[:] = [f"{tag}/general"]
+        out = lambda name: [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)]  # noqa: E731
+        nodes.append(helper.make_node("If", [is_one], [y], name=tag,
+                                      then_branch=helper.make_graph([row], f"{tag}/one_row", [], out(f"{tag}/row")),
+                                      else_branch=helper.make_graph([general], f"{tag}/rows", [], out(f"{tag}/general"))))
+    del body.node[:]
+    body.node.extend(nodes)
+    g.initializer.extend(weights.new_inits)
+    return len(chosen)
 
 
 def _append_external(value, name: str, data_path: Path, new_inits: list) -> None:

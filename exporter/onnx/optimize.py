@@ -51,7 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 from exporter.architectures import head_dim as head_dim_of, rope_kind_for
 from exporter.onnx.contract import OPT_FILE, data_path as data_path_of, input_names, kept_layers
 from exporter.onnx.decode import add_decode_path
-from exporter.onnx.gemv import add_batch1_path
+from exporter.onnx.gemv import add_batch1_path, add_one_row_dispatch
 from exporter.onnx.graph import (Graph, drop_dead_nodes, drop_unused_initializers, external_initializer,
                                  initializer_array, topological_sort)
 MS = "com.microsoft"
@@ -366,10 +366,14 @@ def _fuse_norms(g: Graph) -> tuple[int, int]:
 
 
 def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_positions: int | None = None,
-                  batch1_path: bool = True, decode_path: bool = True) -> dict:
+                  batch1_path: bool = True, decode_path: bool = True,
+                  one_row_layouts: dict[tuple[int, int], str] | None = None) -> dict:
     """Write the optimized graph beside `plain_path` (sharing its external data); returns what was fused.
     `decode_path`: one-token calls without padding run a body whose attention rotates inside
     GroupQueryAttention (exporter/onnx/decode.py).
+
+    `one_row_layouts` (fp32, without `batch1_path`): the MatMuls of those weight shapes (K, N) read the layout
+    named (bench/kernels.py measured it faster for one row) in one-row calls (gemv.add_one_row_dispatch).
 
     Raises NotOptimizable with the reason when the graph cannot be rewritten safely.
     """
@@ -432,6 +436,9 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
         if batch1_path and (not kept or elem == onnx.TensorProto.FLOAT):  # one-row calls: unpacked (gemv.py)
             gemv = add_batch1_path(proto, data_path, plain_path.parent)
         folded = add_decode_path(proto, config, kept) if decode_path and kept else 0
+        one_row = 0
+        if one_row_layouts and not gemv and elem == onnx.TensorProto.FLOAT:
+            one_row = add_one_row_dispatch(proto, data_path, plain_path.parent, one_row_layouts)
         onnx.save(proto, str(out_path))
     except BaseException:  # nothing half-written: no data file without its graph, no graph without its data
         data_path.unlink(missing_ok=True)
@@ -442,4 +449,5 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     return {"path": out_path.name, "data": data_path.name if data_path.exists() else None,
             "group_query_attention": len(kept), "packed_qkv": len(plans), "simplified_layer_norm": norms,
             "skip_simplified_layer_norm": skips, "nodes": nodes, "batch1_unpacked_matmuls": gemv,
+            "one_row_dispatched_matmuls": one_row,
             "decode_folded_attention": folded}

@@ -9,6 +9,7 @@ from exporter.backends.session import SECOND_LAYOUT_MAX_BYTES
 from exporter.files import describe_file
 from exporter.onnx.contract import OPT_FILE, data_path
 from exporter.onnx.graph import move_graph
+from exporter.onnx.gemv import matmul_weight_shapes
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.parity import check_recorded
 from exporter.recipe import Recipe
@@ -26,8 +27,9 @@ def batch1_path(setting, weight_bytes: int) -> bool:
     return weight_bytes <= SECOND_LAYOUT_MAX_BYTES if setting == "auto" else bool(setting)
 
 
-PLAIN, PACKED, BRANCH = "plain", "packed", "batch1-branch"  # the variants the tuner times
-TUNE_BRANCH = "tune-branch.onnx"  # the branch candidate while it is timed (model.opt.onnx if chosen, else removed)
+PLAIN, PACKED, BRANCH, ONE_ROW = "plain", "packed", "batch1-branch", "one-row-dispatch"  # what the tuner times
+# the candidates while they are timed (model.opt.onnx if chosen, else removed)
+TUNE_FILES = {BRANCH: "tune-branch.onnx", ONE_ROW: "tune-one-row.onnx"}
 
 
 def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int,
@@ -35,7 +37,9 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
     With `tune`, the variants are timed on this machine (bench/tune.py): the plain graph, the optimized
-    graph with packed weights only, and, where `export.batch1_decode_path` allows it, with the batch-1 branch;
+    graph with packed weights only, and, where `export.batch1_decode_path` allows it, with the batch-1 branch
+    and with one-row dispatches of the weight shapes whose one-row layout this machine ran faster
+    (bench/kernels.py; only built when some shape won);
     model.opt.onnx is the faster optimized one (each candidate is built once: the winner is renamed, not
     rebuilt) and "serve" names the graph genai_config.json points at. Without, the default variant is built (the
     branch where allowed) and served.
@@ -68,31 +72,44 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
     artifacts = [artifact]
     if fused["data"]:  # the fused q/k/v weights (the other weights are read from the plain graph's file)
         artifacts.append(describe_file(out_dir / fused["data"], out_dir, "onnx-external-data", precision))
-    fused["variant"] = BRANCH if fused["batch1_unpacked_matmuls"] else PACKED
+    fused["variant"] = (BRANCH if fused["batch1_unpacked_matmuls"] else
+                        ONE_ROW if fused.get("one_row_dispatched_matmuls") else PACKED)
     serve = plain_path.name if tuning is not None and tuning["chosen"] == PLAIN else opt.name
     return {"artifacts": artifacts, "parity": parity, "not_run": not_run, "fused": fused, "tuning": tuning,
             "serve": serve}
 
 
 def _tune(plain_path: Path, config, branch: bool, max_context: int) -> tuple[dict, dict]:
-    """Build the packed variant as model.opt.onnx and (where `branch`) the branch variant beside it, time them with
-    the plain graph, keep the chosen optimized one as model.opt.onnx; (what was fused in it, the tuning record)."""
-    from exporter.bench.tune import choose_variant
+    """Build the packed variant as model.opt.onnx and (where `branch`) the batch-1 branch and one-row dispatch
+    variants beside it, time them with the plain graph, keep the chosen optimized one as model.opt.onnx; (what was
+    fused in it, the tuning record)."""
+    from exporter.bench.kernels import one_row_layouts
+    from exporter.bench.tune import THREADS, choose_variant
 
-    opt, candidate = plain_path.with_name(OPT_FILE), plain_path.with_name(TUNE_BRANCH)
+    opt = plain_path.with_name(OPT_FILE)
+    files = {name: plain_path.with_name(f) for name, f in TUNE_FILES.items()}
     fused = {PACKED: optimize_onnx(plain_path, config, batch1_path=False)}
     candidates = {PLAIN: plain_path, PACKED: opt}
+    kernels = None
     try:
         if branch:
-            fused[BRANCH] = optimize_onnx(plain_path, config, out_path=candidate, batch1_path=True)
-            candidates[BRANCH] = candidate
+            fused[BRANCH] = optimize_onnx(plain_path, config, out_path=files[BRANCH], batch1_path=True)
+            candidates[BRANCH] = files[BRANCH]
+            kernels = one_row_layouts(matmul_weight_shapes(opt), threads=THREADS)
+            if any(how != "packed" for how in kernels["layouts"].values()):
+                fused[ONE_ROW] = optimize_onnx(plain_path, config, out_path=files[ONE_ROW], batch1_path=False,
+                                               one_row_layouts=kernels["layouts"])
+                candidates[ONE_ROW] = files[ONE_ROW]
         tuning = choose_variant(candidates, default=BRANCH if branch else PACKED,
                                 max_context=min(max_context, config.max_position_embeddings))
+        if kernels is not None:  # JSON keys: "KxN"
+            tuning["one_row_kernels"] = {**kernels, "layouts": {f"{k}x{n}": how for (k, n), how in kernels["layouts"].items()}}
         kept = tuning["default"] if tuning["chosen"] == PLAIN else tuning["chosen"]  # plain: the default is written
-        if kept == BRANCH:
-            move_graph(candidate, opt)
-            fused[BRANCH].update(path=opt.name, data=data_path(opt).name if fused[BRANCH]["data"] else None)
+        if kept in files:
+            move_graph(files[kept], opt)
+            fused[kept].update(path=opt.name, data=data_path(opt).name if fused[kept]["data"] else None)
         return fused[kept], tuning
     finally:
-        candidate.unlink(missing_ok=True)
-        data_path(candidate).unlink(missing_ok=True)
+        for candidate in files.values():
+            candidate.unlink(missing_ok=True)
+            data_path(candidate).unlink(missing_ok=True)

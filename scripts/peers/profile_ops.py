@@ -4,7 +4,7 @@ kernel time and the rest (executor/framework overhead), for one or more graphs (
 
     .venv/bin/python scripts/peers/profile_ops.py NAME=PATH[,NAME=PATH...] [CONTEXT] [STEPS] [BATCH]
 
-Batch 1 decode by default, 1 intra-op thread, default graph optimizations (ab.py's settings). Graphs are
+Batch 1 decode by default, 1 intra-op thread (PROFILE_THREADS=N for N), default graph optimizations (ab.py's settings). Graphs are
 profiled one after another, in the order given, then again in reverse (two runs each).
 Past KV inputs random (bench_worker.make_feeds; ZERO_PAST=1 for zeros, as in the runs before it).
 PROFILE_BIND_OUTPUTS=1: io-binding, inputs bound once and every output written into the same preallocated
@@ -25,7 +25,7 @@ def worker(path: str, context: int, steps: int, batch: int, prefix: str) -> None
     from exporter.bench import worker as bench_worker
 
     o = ort.SessionOptions()
-    o.intra_op_num_threads = 1
+    o.intra_op_num_threads = int(os.environ.get("PROFILE_THREADS", "1"))
     o.log_severity_level = 3
     o.enable_profiling = True
     o.profile_file_prefix = prefix
