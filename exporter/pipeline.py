@@ -25,7 +25,7 @@ from exporter.stages.engines import engines_stage, require_backends
 from exporter.stages.export import estimate_run_bytes, export_stage
 from exporter.stages.keys import StageKeys, engines_key
 from exporter.stages.load import load_stage, require_supported
-from exporter.stages.optimize import optimize_stage
+from exporter.stages.optimize import build_options, optimize_stage
 from exporter.reference import REFERENCE_FILE
 from exporter.stages.package import checkpoint_stage, package_stage
 from exporter.stages.precisions import graph_paths, half_precisions, precisions_stage
@@ -86,7 +86,8 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
                 rec.done(f"{INT4_GRAPH}: mean KL {fit['mean_kl']:.3f}, top-1 {fit['top1']:.1%}, greedy "
                          f"{fit['greedy']:.1%} of the fp32 reference")
         with log.stage("speed", "measuring decode speed, full vs skipped (ONNX Runtime)") as rec:
-            speed = speed_stage(recipe, config, mask, plain, loaded.weight_bytes, console)
+            speed = speed_stage(recipe, config, mask, plain, loaded.weight_bytes, console,
+                                build=build_options(optimized["fused"], optimized["tuning"]))
             rec.done(_speed_line(speed))
         with log.stage("package") as rec:
             # onnxruntime-genai runs the int4 graph where the recipe asked for one, else the optimized graph where

@@ -135,6 +135,38 @@ def test_rounds_from_the_environment_are_checked(monkeypatch):
     assert command.decode_rounds() == command.DECODE_ROUNDS
 
 
+def test_the_full_graph_is_built_in_the_artifacts_variant(tiny, monkeypatch, tmp_path):
+    """The full model's optimized graph is rebuilt in the variant the skipped artifact serves (report.json's
+    optimized_graph and tuning, via stages.optimize.build_options), so a ratio compares masks, not rewrites."""
+    import onnx
+
+    from exporter.onnx.contract import OPT_FILE
+    from exporter.onnx.gemv import ONE_ROW, decode_body, matmul_weight_shapes
+    from exporter.stages.optimize import build_options
+
+    monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))
+    recipe, model, _ = tiny
+    assert build_options(None, None) is None
+    assert build_options({"variant": "packed"}, None) == {"batch1_path": False, "one_row_layouts": None}
+    assert build_options({"variant": "batch1-branch"}, None) == {"batch1_path": True, "one_row_layouts": None}
+    plain = full_graphs.full_graph(recipe, model=model, build={"batch1_path": False})
+    opt = plain.with_name(OPT_FILE)
+    shapes = sorted(matmul_weight_shapes(opt))
+    tuning = {"one_row_kernels": {"layouts": {f"{k}x{n}": "unpacked" for k, n in shapes}}}
+    build = build_options({"variant": "one-row-dispatch"}, tuning)
+    assert build == {"batch1_path": False, "one_row_layouts": {shape: "unpacked" for shape in shapes}}
+
+    def one_row_dispatches():
+        proto = onnx.load(str(opt), load_external_data=False)
+        return sum(n.name.startswith(ONE_ROW) for n in decode_body(proto.graph).node if n.op_type == "If")
+
+    assert one_row_dispatches() == 0
+    assert full_graphs.full_graph(recipe, model=model, build=build) == plain
+    assert one_row_dispatches() > 0  # rebuilt in the artifact's variant
+    full_graphs.full_graph(recipe, model=model, build={"batch1_path": False})
+    assert one_row_dispatches() == 0
+
+
 def test_graphs_built_differently_are_flagged():
     same = {"full:optimized": {"MatMul": 9, "GQA": 3}, "skipped:optimized": {"MatMul": 7, "GQA": 2}}
     assert command._variant_warnings(same) == []

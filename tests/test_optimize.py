@@ -288,44 +288,60 @@ def test_decode_body_rotates_inside_attention(tiny_models, exported, arch, mask_
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         layer = int(node.output[1].split(".")[-2])
         assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
-        assert node.input[9] == "position_ids" and node.input[7] and node.input[8]
+        assert node.input[7] and node.input[8]  # cos/sin caches; no position_ids (the dispatch checked them)
+        assert len(node.input) < 10 or not node.input[9]
         assert bool(node.input[1]) == (arch == "qwen3")  # packed q/k/v reads one input
         bias = len(node.input) > 10 and node.input[10]
         assert bool(bias) == (sliding_window_for(config, layer) is not None), layer
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_decode_body_gives_the_prompt_bodys_outputs(tiny_models, exported, arch):
-    """An unpadded batch of 2 whose rows sit at different positions (row 2 three ahead), decoded 4 steps: the graph
-    with the decode body and the same graph without it give the same logits and caches (per-row positions
-    reach the folded rotary). A left-padded batch takes the prompt body: covered by the parity tests above."""
+def test_decode_body_gives_the_prompt_bodys_outputs(tiny_models, exported, arch, tmp_path):
+    """Unpadded batches of 2 decoded 5 steps, the graph with the decode body against the same graph without it:
+    same logits and caches. Rows at the cache length's position (the usual case) take the decode body; rows at
+    positions of the caller's choosing (row 2 three ahead) take the prompt body, since the folded attention
+    rotates at the cache length (ORT's profile says which body ran). A left-padded batch takes the prompt body:
+    covered by the parity tests above."""
+    import json
+    from pathlib import Path
+
     import numpy as np
     import onnxruntime as ort
+
+    from exporter.onnx.decode import DECODE
 
     model, _ = tiny_models[arch]
     plain, opt, _ = exported[(arch, "attention")]
     without = plain.with_name("model.nodecode.onnx")
     optimize_onnx(plain, model.config, out_path=without, decode_path=False)
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (opt, without)]
-    past_names = [i.name for i in sessions[0].get_inputs() if i.name.startswith("past_key_values.")]
     config = model.config
     head = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, config.vocab_size, (2, 5))
-    positions = np.arange(5)[None] + np.array([[0], [3]])
-    mask = np.ones((2, 5), np.int64)
-    state = [{n: np.zeros((2, config.num_key_value_heads, 0, head), np.float32) for n in past_names}] * 2
-    for step in range(5):
-        outs = []
-        for i, sess in enumerate(sessions):
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **state[i]}
-            outs.append(dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds))))
-        for name in outs[0]:
-            assert np.abs(outs[0][name] - outs[1][name]).max() <= 1e-5, (step, name)
-        state = [{n: out[n.replace("past_key_values", "present")] for n in past_names} for out in outs]
-        ids = outs[0]["logits"][:, -1:].argmax(-1)
-        positions = positions[:, -1:] + 1
-        mask = np.ones((2, mask.shape[1] + 1), np.int64)
+    for shift, decode_body_runs in ((0, True), (3, False)):
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp_path / f"shift{shift}")
+        sessions = [ort.InferenceSession(str(opt), options, providers=["CPUExecutionProvider"]),
+                    ort.InferenceSession(str(without), providers=["CPUExecutionProvider"])]
+        past_names = [i.name for i in sessions[0].get_inputs() if i.name.startswith("past_key_values.")]
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1, config.vocab_size, (2, 5))
+        positions = np.arange(5)[None] + np.array([[0], [shift]])
+        mask = np.ones((2, 5), np.int64)
+        state = [{n: np.zeros((2, config.num_key_value_heads, 0, head), np.float32) for n in past_names}] * 2
+        for step in range(5):
+            outs = []
+            for i, sess in enumerate(sessions):
+                feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **state[i]}
+                outs.append(dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds))))
+            for name in outs[0]:
+                assert np.abs(outs[0][name] - outs[1][name]).max() <= 1e-5, (shift, step, name)
+            state = [{n: out[n.replace("past_key_values", "present")] for n in past_names} for out in outs]
+            ids = outs[0]["logits"][:, -1:].argmax(-1)
+            positions = positions[:, -1:] + 1
+            mask = np.ones((2, mask.shape[1] + 1), np.int64)
+        events = json.loads(Path(sessions[0].end_profiling()).read_text())
+        ran = {e["name"] for e in events if e.get("cat") == "Node"}
+        assert any(n.startswith(DECODE) for n in ran) == decode_body_runs, shift
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -76,7 +76,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     precision = recipe.model.dtype
     max_ctx = config.max_position_embeddings - 2
     kv_head_dim = head_dim(config)
-    full_plain = full_graph(recipe, console=console)
+    full_plain = full_graph(recipe, console=console, build=_artifact_build(out))
     pairs = graph_pairs(full_plain, skipped_plain)
     graphs = {f"{side}:{variant}": path for variant, paths in pairs.items() for side, path in zip(("full", "skipped"), paths)}
     for name, path in (extra or {}).items():
@@ -142,6 +142,19 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     if console is not None:
         console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
+
+
+def _artifact_build(out: Path) -> dict | None:
+    """The optimized variant the artifact in `out` was built in (its report.json), for the full graph to match."""
+    import json
+
+    from exporter.stages.optimize import build_options
+
+    try:
+        r = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return build_options(r.get("optimized_graph"), r.get("tuning"))
 
 
 def _variant_warnings(ops: dict) -> list[str]:

@@ -22,8 +22,10 @@ from exporter.stages.optimize import batch1_path
 from exporter.versions import tool_versions
 
 
-def full_graph(recipe, model=None, console=None) -> Path:
-    """The unskipped model's plain graph (and model.opt.onnx beside it), exported once into the cache."""
+def full_graph(recipe, model=None, console=None, build: dict | None = None) -> Path:
+    """The unskipped model's plain graph (and model.opt.onnx beside it), exported once into the cache.
+    `build`: optimize_onnx's options for the variant the skipped artifact serves (stages.optimize.build_options),
+    so both graphs are built alike; None: the recipe's default variant."""
     key = stage_key({"model": describe_source(recipe.model), "dtype": recipe.model.dtype, "opset": recipe.export.opset,
                      "code": code_fingerprint(*EXPORT_CODE), "versions": tool_versions()})
     folder = cache_dir() / "full-onnx" / key
@@ -40,19 +42,23 @@ def full_graph(recipe, model=None, console=None) -> Path:
             publish_folder(tmp, folder)
         config = load_config(recipe.model)
         weight_bytes = kept_parameters(config, None) * itemsize(recipe.model.dtype)
-        _refresh_optimized(folder / ONNX_FILE, config, batch1_path(recipe.export.batch1_decode_path, weight_bytes))
+        if build is None:
+            build = {"batch1_path": batch1_path(recipe.export.batch1_decode_path, weight_bytes)}
+        _refresh_optimized(folder / ONNX_FILE, config, build)
     return folder / ONNX_FILE
 
 
-def _refresh_optimized(plain: Path, config, batch1_path: bool = True) -> None:
+def _refresh_optimized(plain: Path, config, build: dict) -> None:
     """(Re)write model.opt.onnx beside a cached full graph when optimize.py changed since it was written, or
-    the recipe's `export.batch1_decode_path` differs (full and skipped graphs must be built alike)."""
+    the variant asked for differs (full and skipped graphs must be built alike)."""
     stamp = plain.with_name("optimize.stamp")
-    fingerprint = code_fingerprint(*REWRITE_CODE) + ("" if batch1_path else " no-batch1-path")
+    layouts = build.get("one_row_layouts") or {}
+    fingerprint = code_fingerprint(*REWRITE_CODE) + ("" if build.get("batch1_path", True) else " no-batch1-path") \
+        + "".join(f" {k}x{n}:{how}" for (k, n), how in sorted(layouts.items()))
     if plain.with_name(OPT_FILE).is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
         return
     try:
-        optimize_onnx(plain, config, batch1_path=batch1_path)
+        optimize_onnx(plain, config, **build)
     except NotOptimizable:
         plain.with_name(OPT_FILE).unlink(missing_ok=True)  # the bench then compares plain graphs only
     stamp.write_text(fingerprint)

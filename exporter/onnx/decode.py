@@ -3,16 +3,22 @@
 The optimized graph (optimize.py) rotates q and k with two `RotaryEmbedding` nodes per layer at `position_ids`,
 after a Split of the packed q/k/v, and masks with an additive bias, because GroupQueryAttention's own rotary
 reads only the first position of each row for a prompt (measured on ONNX Runtime 1.32: a left-padded prompt
-batch gets its cached keys rotated at the wrong positions). For a one-token call the kernel reads each row's own
-position, so there the three nodes fold into the attention node, exactly; and with no padding anywhere in the
-mask, a one-token call attends to every cached position, so the bias is all zeros and is dropped too (not for a
-layer with a sliding window, whose bias carries the window). On SmolLM2 that takes a decode step from 419 nodes
-to 325 (the builder's full graph: 342), bit-identical outputs (tests/test_optimize.py). So:
+batch gets its cached keys rotated at the wrong positions). For a one-token call without padding the kernel
+rotates each row at its cache length, which is the row's position whenever position_ids says so (the usual case:
+every row at attention_mask's width - 1), so there the three nodes fold into the attention node, exactly; and
+with no padding anywhere in the mask, a one-token call attends to every cached position, so the bias is all zeros
+and is dropped too (not for a layer with a sliding window, whose bias carries the window). On SmolLM2 that takes
+a decode step from 419 nodes to 325 (the builder's full graph: 342), bit-identical outputs
+(tests/test_optimize.py). The folded attention gets no position_ids input, as the builder's graph: with it,
+ONNX Runtime 1.32 ran SmolLM2's batch-4 decode steps at context 512 with 2 threads 1.2x slower (0.833x without,
+`scripts/peers/ab.py`, 8 sets; no difference at batch 1 or with 1 thread). So:
 
-    If(Shape(input_ids)[1] == 1 and ReduceMin(attention_mask) == 1)
+    If(Shape(input_ids)[1] == 1 and ReduceMin(attention_mask) == 1
+       and every position_ids == Shape(attention_mask)[1] - 1)
       then: the body with each layer's Split + RotaryEmbedding x2 + GroupQueryAttention(bias) as one
-            GroupQueryAttention(packed q/k/v, do_rotary=1, cos/sin caches, position_ids[, bias])
-      else: the body as it was (prompts; padded batches, e.g. onnxruntime-genai's right-padded rows with holes)
+            GroupQueryAttention(packed q/k/v, do_rotary=1, cos/sin caches[, bias])
+      else: the body as it was (prompts; padded batches, e.g. onnxruntime-genai's right-padded rows with holes;
+            rows at positions of the caller's own choosing)
 
 Only nodes are duplicated: both branches read the same initializers. With the batch-1 dispatch (gemv.py), each of
 its branches gets this dispatch inside it. Heads whose size is not a multiple of 16 are left as they are
@@ -83,7 +89,9 @@ def fold_rotary(nodes: list, bias_free: set[int] = frozenset()) -> tuple[list, i
         rest = list(gqa.input[10:])
         if _layer(gqa) in bias_free and rest:  # no padding and no window: the bias is all zeros for one token
             rest[0] = ""
-        inputs = qkv + list(gqa.input[3:7]) + [cos, sin, "position_ids"] + rest
+        # no position_ids: the kernel rotates each row at its own cache length, which the dispatch checked equals
+        # position_ids (module docstring); with them ORT 1.32 ran batch-4 steps 1.2x slower at 2 threads
+        inputs = qkv + list(gqa.input[3:7]) + [cos, sin, ""] + rest
         while inputs[-1] == "":
             inputs.pop()
         new = copy.deepcopy(gqa)
@@ -175,7 +183,21 @@ def add_decode_dispatch(graph, outer: set[str], bias_free: set[int] = frozenset(
                          name=f"{d}/unpadded"),
         helper.make_node("Squeeze", [f"{d}/one_token_1d"], [f"{d}/one_token"],
                          name=f"{d}/one_token"),
-        helper.make_node("And", [f"{d}/one_token", f"{d}/unpadded"], [f"{d}/take_decode"],
+        # every row's position is the cache length (attention_mask's width - 1): what the kernel rotates at
+        helper.make_node("Shape", ["attention_mask"], [f"{d}/mask_shape"], name=f"{d}/mask_shape"),
+        helper.make_node("Gather", [f"{d}/mask_shape", f"{d}/one_scalar"], [f"{d}/mask_len"], name=f"{d}/mask_len",
+                         axis=0),
+        helper.make_node("Sub", [f"{d}/mask_len", f"{d}/one_scalar"], [f"{d}/last"], name=f"{d}/last"),
+        helper.make_node("Equal", ["position_ids", f"{d}/last"], [f"{d}/at_last"], name=f"{d}/at_last"),
+        helper.make_node("Cast", [f"{d}/at_last"], [f"{d}/at_last_int"], name=f"{d}/at_last_int",
+                         to=onnx.TensorProto.INT64),
+        helper.make_node("ReduceMin", [f"{d}/at_last_int"], [f"{d}/all_at_last"], name=f"{d}/all_at_last",
+                         keepdims=0),
+        helper.make_node("Equal", [f"{d}/all_at_last", f"{d}/one_scalar"], [f"{d}/positioned"],
+                         name=f"{d}/positioned"),
+        helper.make_node("And", [f"{d}/one_token", f"{d}/unpadded"], [f"{d}/one_unpadded"],
+                         name=f"{d}/one_unpadded"),
+        helper.make_node("And", [f"{d}/one_unpadded", f"{d}/positioned"], [f"{d}/take_decode"],
                          name=f"{d}/take_decode"),
         helper.make_node("If", [f"{d}/take_decode"], [o.name for o in graph.output], name=d,
                          then_branch=then_g, else_branch=else_g),

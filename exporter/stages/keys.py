@@ -18,8 +18,8 @@ REFERENCE_CODE = ("parity", "reference", "backends.base", "backends.pytorch", "p
 CHECKS_CODE = ("parity", "reference", "backends.base", "backends.ort", "backends.session",
                "stages.validate")
 PRECISIONS_CODE = ("stages.precisions",)
-REWRITE_CODE = ("onnx.optimize", "onnx.gemv", "onnx.graph")  # what model.opt.onnx depends on
-OPTIMIZE_CODE = (*REWRITE_CODE, "stages.optimize", "bench.tune", "bench.timing", "bench.worker")
+REWRITE_CODE = ("onnx.optimize", "onnx.gemv", "onnx.decode", "onnx.graph")  # what model.opt.onnx depends on
+OPTIMIZE_CODE = (*REWRITE_CODE, "stages.optimize", "bench.tune", "bench.kernels", "bench.timing", "bench.worker")
 ENGINES_CODE = ("backends.trt", "stages.engines")
 INT4_CODE = (*REWRITE_CODE, "onnx.int4", "stages.quantize")
 

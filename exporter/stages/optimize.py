@@ -32,6 +32,19 @@ PLAIN, PACKED, BRANCH, ONE_ROW = "plain", "packed", "batch1-branch", "one-row-di
 TUNE_FILES = {BRANCH: "tune-branch.onnx", ONE_ROW: "tune-one-row.onnx"}
 
 
+def build_options(fused: dict | None, tuning: dict | None) -> dict | None:
+    """optimize_onnx's options that rebuild the variant `fused` describes (report.json's "optimized_graph" and
+    "tuning"), so the unskipped model's graph is built alike for speed comparisons; None: no optimized graph."""
+    if not fused:
+        return None
+    variant = fused.get("variant", BRANCH if fused.get("batch1_unpacked_matmuls") else PACKED)
+    layouts = None
+    if variant == ONE_ROW:
+        named = (tuning or {}).get("one_row_kernels", {}).get("layouts", {})
+        layouts = {tuple(int(x) for x in shape.split("x")): how for shape, how in named.items()}
+    return {"batch1_path": variant == BRANCH, "one_row_layouts": layouts}
+
+
 def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int,
                    tune: bool = True) -> dict:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.

@@ -45,9 +45,10 @@ QUICK_CONTEXT = 512
 
 
 def speed_stage(recipe, config, mask, skipped_plain: Path, weight_bytes: int, console=None,
-                budget_s: float = 3.0) -> dict:
+                budget_s: float = 3.0, build: dict | None = None) -> dict:
     """For the pipeline's report: the cost model's prediction and, where it can resolve the predicted saving,
-    a short measured ORT ratio, full vs skipped (the full graph is exported once into the cache)."""
+    a short measured ORT ratio, full vs skipped (the full graph is exported once into the cache, its optimized
+    graph built with `build`: the skipped artifact's variant)."""
     precision = recipe.model.dtype
     if not recipe.validation.speed:
         return {"prediction": predict(config, mask, precision=precision), "measured": None,
@@ -66,7 +67,7 @@ def speed_stage(recipe, config, mask, skipped_plain: Path, weight_bytes: int, co
     if why is not None:
         return {"prediction": prediction, "measured": None,
                 "not_measured": f"{why}; `export-skip bench RECIPE` measures full vs skipped"}
-    full_plain = full_graph(recipe, console=console)
+    full_plain = full_graph(recipe, console=console, build=build)
     measured = quick_ratio(config, mask, full_plain, skipped_plain, context=context, budget_s=budget_s,
                            precision=precision)
     return {"prediction": prediction, "measured": measured, "full_graph": str(full_plain)}
