@@ -24,7 +24,7 @@ import psutil
 
 from exporter.architectures import head_dim
 from exporter.bench.full_graph import full_graph, graph_pairs
-from exporter.bench.timing import compare, load_average, summarize, time_interleaved
+from exporter.bench.timing import compare, load_average, settle_for, summarize, time_interleaved
 from exporter.machine import describe_machine, machine_info
 from exporter.bench.worker import close_workers, open_workers, peak_memory
 from exporter.cost import kv_bytes_per_token, predicted_decode_speedup, predicted_prefill_speedup
@@ -90,7 +90,9 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
               "threads": used_threads, "onnxruntime": ort.__version__, "precision": precision,
               "machine": machine_info(threads),  # CPU model and ISA flags: kernel choice (so every figure) depends on them
               "method": f"medians of interleaved calls (order alternates each round) after warm-up, one process "
-                        f"per graph; decode {rounds} rounds, prefill {PREFILL_ROUNDS}",
+                        f"per graph; decode {rounds} rounds, prefill {PREFILL_ROUNDS}"
+                        + (f"; an untimed {settle_for(threads):g} s pause after each call (the idle workers' threads "
+                           "stop spinning)" if settle_for(threads) else ""),
               "load_average_start": load_average(), "graph_ops": {k: op_counts(v) for k, v in graphs.items()},
               "decode": [], "prefill": []}
     result["warnings"] = _variant_warnings(result["graph_ops"])
@@ -117,7 +119,8 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
                         worker.prepare(batch, seq, past)
                     calls = {name: workers[name].run for name in names}
                     n = -(-(rounds if phase == "decode" else PREFILL_ROUNDS) // repeats)  # ceil
-                    times = time_interleaved(calls, warmup=3 if phase == "decode" else 1, rounds=n)
+                    times = time_interleaved(calls, warmup=3 if phase == "decode" else 1, rounds=n,
+                                             settle_s=settle_for(threads))
                     slot = pooled.setdefault((phase, batch, size), {name: [] for name in names})
                     for name, t in times.items():
                         slot[name] += t

@@ -17,10 +17,27 @@ def load_average() -> list[float]:
         return []
 
 
-def time_interleaved(calls: dict, warmup: int, rounds: int, budget_s: float | None = None) -> dict[str, list[float]]:
+# ONNX Runtime's intra-op threads spin for a while after a call. Two workers with 2 threads each on 2 vCPUs, calls
+# interleaved: the idle worker's spinning ran on the cores the timed call needed, and SmolLM2's batch-1 decode step
+# read 46 ms instead of 27 (scripts/peers/ab.py, 2026-12-04); a 10 ms pause after each call was not enough (40 ms),
+# 50 ms was. One process decoding alone has no such neighbour, so multi-threaded timings pause.
+SETTLE_S = 0.1
+
+
+def settle_for(threads: int | None) -> float:
+    """The untimed pause after each call for workers with `threads` intra-op threads (None: ORT's default, all
+    cores): none for one thread (no pool to spin), SETTLE_S otherwise."""
+    return 0.0 if threads == 1 else SETTLE_S
+
+
+def time_interleaved(calls: dict, warmup: int, rounds: int, budget_s: float | None = None,
+                     settle_s: float = 0.0) -> dict[str, list[float]]:
     """{name: callable} -> {name: [seconds per call]}, alternating the order every round (A B, B A, ...).
 
     A call that returns a float has timed itself (a GraphWorker, in its own process): that is the figure kept.
+    `settle_s`: an untimed pause after each call, so that a worker's ONNX Runtime threads, which spin for a while
+    after a call, are asleep before the next worker's call (with several intra-op threads per worker on a small
+    machine, the idle worker's spinning otherwise runs on the cores the timed call needs).
     """
     names = list(calls)
     for _ in range(warmup):
@@ -34,6 +51,8 @@ def time_interleaved(calls: dict, warmup: int, rounds: int, budget_s: float | No
             own = calls[name]()
             elapsed = time.perf_counter() - t0
             times[name].append(own if isinstance(own, float) else elapsed)
+            if settle_s:
+                time.sleep(settle_s)
         if budget_s is not None and r >= 4 and time.perf_counter() - start > budget_s:
             break
     return times

@@ -6,12 +6,18 @@ graph named to the second; the machine (CPU model, ISA flags, ONNX Runtime, thre
 
 `bars.py` runs the issue-14 bar table with `measure`.
 """
+import os
 import statistics
 import sys
 
 from exporter.bench import timing as bench_timing
 from exporter.bench import worker as bench_worker
 from exporter.machine import describe_machine, machine_info
+
+
+def settle_s(threads: int) -> float:
+    """Untimed pause after each call (bench.timing.settle_for: 0.1 s with several threads); AB_SETTLE_S overrides."""
+    return float(os.environ.get("AB_SETTLE_S", bench_timing.settle_for(threads)))
 
 
 def measure(paths: dict, batch: int, context: int, rounds: int, sets: int, threads: int = 1) -> dict:
@@ -26,7 +32,8 @@ def measure(paths: dict, batch: int, context: int, rounds: int, sets: int, threa
         try:
             for w in workers.values():
                 w.prepare(batch, 1, context)
-            times = bench_timing.time_interleaved({n: workers[n].run for n in names}, warmup=3, rounds=rounds)
+            times = bench_timing.time_interleaved({n: workers[n].run for n in names}, warmup=3, rounds=rounds,
+                                                  settle_s=settle_s(threads))
         finally:
             bench_worker.close_workers(workers)
         per_set.append({n: round(statistics.median(t) * 1e3, 2) for n, t in times.items()})

@@ -6,11 +6,13 @@ full model, decode at context 512, interleaved in fresh worker processes (ab.mea
 OURS_FP32: the graph the default recipe's run serves (report.json "served_graph"); OURS_INT4: int4/model.onnx of
 recipes/smollm2-135m-int4.yaml; BUILDER_*: scripts/peers/genai_builder.sh's fp32 and int4 (-p int4) graphs.
 Rows: fp32 at batch 1 and 4, 1 and 2 threads; int4 at batch 1, 1 and 2 threads. Bar: ours/builder <= 0.97.
+With 2 threads each call is followed by an untimed pause (exporter/bench/timing.settle_for; AB_SETTLE_S=0 turns it
+off): the idle worker's ONNX Runtime threads spin after its call, on the cores the other worker's call needs.
 """
 import statistics
 import sys
 
-from ab import measure
+from ab import measure, settle_s
 
 from exporter.machine import describe_machine, machine_info
 
@@ -22,7 +24,8 @@ def main(argv: list[str]) -> None:
     rounds = int(argv[4]) if len(argv) > 4 else 20
     sets = int(argv[5]) if len(argv) > 5 else 6
     print(f"machine: {describe_machine(machine_info())}")
-    print(f"decode, context 512, {rounds} rounds x {sets} sets of fresh workers per row; ratio = ours / builder")
+    print(f"decode, context 512, {rounds} rounds x {sets} sets of fresh workers per row; ratio = ours / builder; "
+          f"pause after each call: {settle_s(1)} s at 1 thread, {settle_s(2)} s at 2")
     print("| precision | batch | threads | ours ms | builder ms | ratio (pooled) | sets | bar <= 0.97 | load |")
     print("|---|---:|---:|---:|---:|---:|---|:---:|---|")
     rows = [("fp32", ours, builder, b, t) for t in (1, 2) for b in (1, 4)]
