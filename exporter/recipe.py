@@ -175,10 +175,10 @@ class Export(_Strict):
     int4: Int4 = Int4()  # how the int4 graph is quantized (when precisions lists int4)
     genai: bool = True  # genai_config.json beside the ONNX (onnxruntime-genai runs the artifact as is)
     checkpoint: bool = False  # also a Nemotron-NAS / DeciLM-style HF checkpoint in checkpoint/ (vLLM, TRT-LLM)
-    # optimized fp32 graph: batch-1 decode steps read unpacked weights (ONNX Runtime's one-row kernel, faster);
-    # costs about the weights' size in resident memory once such a step has run (exporter/gemv.py)
-    # fp32 model.opt.onnx: a batch-1 decode branch reading unpacked weights (faster on some CPUs, a second layout
-    # of the weights resident); "auto": on for models of at most 2 GiB of kept weights (stages/optimize.py)
+    # fp32 model.opt.onnx: batch-1 decode steps may read unpacked weights (ONNX Runtime's one-row kernels, faster
+    # on some CPUs for some shapes; a second layout of those weights resident): the batch-1 branch, or one-row
+    # dispatches for the shapes timed faster here (exporter/onnx/gemv.py); "auto": allowed for models of at most
+    # 2 GiB of kept weights (stages/optimize.py); without tuning, "auto"/true build the branch
     batch1_decode_path: bool | Literal["auto"] = "auto"
     # time the optimized graph's variants (plain, packed weights, the batch-1 branch) on the machine that builds
     # and keep the fastest (exporter/bench/tune.py); false (or `--no-tune`): the default variant, reproducibly

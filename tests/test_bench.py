@@ -37,6 +37,18 @@ def test_time_interleaved_alternates_and_pairs():
     assert len(times["a"]) == len(times["b"]) == 4 and all(t >= 0 for t in times["a"])
 
 
+def test_multi_threaded_calls_are_followed_by_an_untimed_pause(monkeypatch):
+    """With several intra-op threads per worker, each call is followed by a pause (the idle worker's threads stop
+    spinning before the next call); the pause is not in the times; one thread needs none."""
+    slept = []
+    monkeypatch.setattr(timing.time, "sleep", slept.append)
+    calls = {"a": lambda: 0.001, "b": lambda: 0.002}  # self-timed, as GraphWorker.run
+    times = timing.time_interleaved(calls, warmup=1, rounds=3, settle_s=timing.settle_for(2))
+    assert times == {"a": [0.001] * 3, "b": [0.002] * 3}
+    assert slept == [timing.SETTLE_S] * 6 and timing.SETTLE_S > 0
+    assert timing.settle_for(1) == 0 and timing.settle_for(None) == timing.SETTLE_S  # None: all cores
+
+
 def test_compare_arithmetic():
     times = {"full": [2.0, 2.0, 2.0], "skipped": [1.5, 1.5, 1.5]}
     c = timing.compare(times, "full", "skipped", predicted_speedup=1.25)

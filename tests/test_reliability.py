@@ -427,3 +427,28 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no space left on the device while writing" in err and "model.onnx.data" in err
     assert "internal error" not in err and "Traceback" not in err
+
+
+def test_a_run_that_received_a_signal_does_not_publish(tmp_path, monkeypatch):
+    """A SIGTERM/SIGINT whose KeyboardInterrupt was dropped on the way (raised inside a finaliser: Python prints
+    and ignores it) is remembered, and publish() refuses: the previous artifact stays as it was."""
+    import pytest
+
+    from exporter import workdir
+
+    target = tmp_path / "art"
+    target.mkdir()
+    (target / "report.json").write_text("previous")
+    monkeypatch.setattr(workdir, "_interrupted", [])
+    with workdir.WorkDir(target) as work:
+        (work.path / "report.json").write_text("new")
+        workdir._interrupted.append(15)  # what the handler records before raising
+        with pytest.raises(KeyboardInterrupt):
+            work.publish()
+    assert (target / "report.json").read_text() == "previous"
+    assert not list(tmp_path.glob(".art.partial-*")) and not list(tmp_path.glob(".art.old-*"))
+    with workdir.WorkDir(target) as work:  # no signal: the next run publishes
+        workdir._interrupted.clear()
+        (work.path / "report.json").write_text("new")
+        work.publish()
+    assert (target / "report.json").read_text() == "new"

@@ -11,7 +11,7 @@ import sys
 
 import onnxruntime as ort
 
-from exporter.bench.kernels import stream_bytes, time_layouts
+from exporter.bench.kernels import copies_for, stream_bytes, time_layouts
 
 SHAPES = [(576, 960), (576, 576), (576, 1536), (1536, 576), (576, 49152)]  # qkv, o, gate/up, down, LM head
 ROWS = [1, 4, 128]
@@ -23,7 +23,7 @@ def main(rounds: int, threads: int) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k, n in SHAPES:
         for rows in ROWS:
-            work = k * n * rows * max(1, -(-stream_bytes() // (k * n * 4)))  # multiply-adds per call
+            work = k * n * rows * copies_for(k, n, stream_bytes())  # multiply-adds per call
             us = time_layouts(k, n, rows, threads, budget_s=None, rounds=max(3, min(rounds, int(rounds * 3e7 / work))))
             print(f"| {k} x {n} | {rows} | {us['packed']:.0f} | {us['unpacked']:.0f} | {us['transposed']:.0f} | "
                   f"{us['unpacked'] / us['packed']:.2f} | {us['transposed'] / us['packed']:.2f} |", flush=True)
