@@ -126,8 +126,8 @@ _interrupted: list[int] = []  # the signals received (raise_on_sigterm's handler
 
 def raise_on_sigterm() -> None:
     """Turn SIGTERM (and SIGINT) into KeyboardInterrupt so `with WorkDir` cleans up as for Ctrl-C, and remember it:
-    an interrupt raised while Python runs a finaliser or a callback is printed and dropped ("Exception ignored"),
-    and a run whose SIGTERM was dropped so once went on to publish (tests/test_reliability.py); publish() checks."""
+    a run sent SIGTERM during its ONNX export went on to publish, twice in five tries (tests/test_reliability.py;
+    an interrupt raised while Python runs a finaliser is printed and dropped, which fits); publish() checks."""
 
     def handler(signum, frame):
         _interrupted.append(signum)
