@@ -36,6 +36,23 @@ def exported(tiny_models, tmp_path_factory):
     return out
 
 
+def nodes_run(path, tmp_path, batch: int, new: int) -> set[str]:
+    """The node events of ORT's profile of one call of the graph at `path`: `new` tokens per row after 3 cached."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from exporter.bench import worker
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / f"{Path(path).stem}-b{batch}n{new}")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, worker.make_feeds(session, batch, new, 3))
+    return {e["name"] for e in json.loads(Path(session.end_profiling()).read_text()) if e.get("cat") == "Node"}
+
+
 @pytest.mark.parametrize("arch,mask_name", CASES)
 def test_optimized_graph_parity_with_left_padding(tiny_models, exported, arch, mask_name):
     model, tok = tiny_models[arch]
@@ -146,24 +163,11 @@ def test_batch1_decode_reads_unpacked_weights(tiny_models, exported, arch, mask_
 def test_dispatch_runs_the_batch1_branch_only_for_one_row(tiny_models, exported, tmp_path):
     """ORT's profile names the nodes that ran: a one-token batch-1 step runs the batch-1 branch's MatMuls,
     a prompt or a batch of two the packed branch's."""
-    import json
-    from pathlib import Path
-
-    import onnxruntime as ort
-
-    from exporter.bench import worker
-
     _, opt, _ = exported[("llama", "attention")]
     ran = {}
     for batch, new in ((1, 1), (2, 1), (1, 5)):
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(tmp_path / f"b{batch}n{new}")
-        session = ort.InferenceSession(str(opt), options, providers=["CPUExecutionProvider"])
-        session.run(None, worker.make_feeds(session, batch, new, 3))
-        events = json.loads(Path(session.end_profiling()).read_text())
         # FusedMatMul nodes keep their MatMul names
-        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and "MatMul" in e["name"]}
+        ran[(batch, new)] = {n for n in nodes_run(opt, tmp_path, batch, new) if "MatMul" in n}
         assert ran[(batch, new)], "no MatMul in the profile"
     assert all(ROW in n for n in ran[(1, 1)])  # ROW, or DECODE + ROW: the batch-1 branch's decode body
     for case in ((2, 1), (1, 5)):
@@ -192,12 +196,6 @@ def test_one_row_dispatch_reads_the_measured_layouts(tiny_models, tmp_path, arch
     shape named unpacked/transposed becomes If(one row) -> that layout, else the packed MatMul as it was; shapes
     named packed (or not named) are untouched. Parity over greedy steps at batch 1 (the one-row MatMuls) and for a
     left-padded batch of two (the packed ones), and ORT's profile shows which ran."""
-    import json
-    from pathlib import Path
-
-    import onnxruntime as ort
-
-    from exporter.bench import worker
     from exporter.onnx.gemv import ONE_ROW, decode_body, matmul_weight_shapes
 
     model, tok = tiny_models[arch]
@@ -232,15 +230,7 @@ def test_one_row_dispatch_reads_the_measured_layouts(tiny_models, tmp_path, arch
         for rows, cols in ((ids[:1], attn[:1]), (ids, attn)):
             phases, _ = check_parity(HFRunner(model), OrtRunner(out), rows, cols, 6, 1e-4, 1e-4, "onnx:one-row")
             assert all(p.passed and p.greedy_match for p in phases), phases
-    ran = {}
-    for batch, new in ((1, 1), (2, 1), (1, 5)):
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(tmp_path / f"b{batch}n{new}")
-        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-        session.run(None, worker.make_feeds(session, batch, new, 3))
-        events = json.loads(Path(session.end_profiling()).read_text())
-        ran[(batch, new)] = {e["name"] for e in events if e.get("cat") == "Node" and ONE_ROW in e["name"]}
+    ran = {case: {n for n in nodes_run(out, tmp_path, *case) if ONE_ROW in n} for case in ((1, 1), (2, 1), (1, 5))}
     assert sum("/row_kernel_time" in n for n in ran[(1, 1)]) == len(dispatches)
     assert not any("/row_kernel_time" in n for case in ((2, 1), (1, 5)) for n in ran[case])
 
