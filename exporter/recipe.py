@@ -180,8 +180,8 @@ class Export(_Strict):
     # dispatches for the shapes timed faster here (exporter/onnx/gemv.py); "auto": allowed for models of at most
     # 2 GiB of kept weights (stages/optimize.py); without tuning, "auto"/true build the branch
     batch1_decode_path: bool | Literal["auto"] = "auto"
-    # time the optimized graph's variants (plain, packed weights, the batch-1 branch) on the machine that builds
-    # and keep the fastest (exporter/bench/tune.py); false (or `--no-tune`): the default variant, reproducibly
+    # time the optimized graph's variants (plain, packed weights, the batch-1 branch, one-row dispatches) on the
+    # machine that builds and keep the fastest (exporter/bench/tune.py); false (or `--no-tune`): the default variant, reproducibly
     tune: bool = True
 
 

@@ -153,7 +153,8 @@ def test_the_full_graph_is_built_in_the_artifacts_variant(tiny, monkeypatch, tmp
     import onnx
 
     from exporter.onnx.contract import OPT_FILE
-    from exporter.onnx.gemv import ONE_ROW, decode_body, matmul_weight_shapes
+    from exporter.onnx.decode import decode_body
+    from exporter.onnx.gemv import ONE_ROW, matmul_weight_shapes
     from exporter.stages.optimize import build_options
 
     monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))

@@ -196,7 +196,8 @@ def test_one_row_dispatch_reads_the_measured_layouts(tiny_models, tmp_path, arch
     shape named unpacked/transposed becomes If(one row) -> that layout, else the packed MatMul as it was; shapes
     named packed (or not named) are untouched. Parity over greedy steps at batch 1 (the one-row MatMuls) and for a
     left-padded batch of two (the packed ones), and ORT's profile shows which ran."""
-    from exporter.onnx.gemv import ONE_ROW, decode_body, matmul_weight_shapes
+    from exporter.onnx.decode import decode_body
+    from exporter.onnx.gemv import ONE_ROW, matmul_weight_shapes
 
     model, tok = tiny_models[arch]
     mask = make_mask("attention")

@@ -6,10 +6,11 @@ transposed 3-D view under FusedMatMul(transB=1) (onnx/gemv.py). Which of the thr
 CPU and the shape: on the 2-vCPU AMD EPYC (AVX-512) of issue 14 only SmolLM2's LM head [576, 49152] read
 unpacked beat the packed kernel (0.78x at 1 thread, 0.92x at 2), every other shape lost 1.2-1.7x; on the EPYC
 the batch-1 branch was first tuned on, most shapes won. So the optimize stage times the shapes here (as
-TensorRT times its tactics) and rewrites only the MatMuls whose shape won (onnx/gemv.py, one_row_dispatch).
+TensorRT times its tactics) and rewrites only the MatMuls whose shape won (onnx/gemv.py, add_one_row_dispatch).
 
-Each layout gets a graph of as many distinct weights of the shape as fill twice the L3 cache (at least 64 MiB), all multiplied by the same row, so the weights stream from memory as in a decode step; the three
-sessions' calls are interleaved, alternating order per round; the figure is the median time per MatMul.
+Each layout gets a graph of as many distinct weights of the shape as fill twice the L3 cache (at least 64 MiB;
+at most MAX_COPIES weights), all multiplied by the same row, so the weights stream from memory as in a decode
+step; the three sessions' calls are interleaved, alternating order per round; the figure is the median time per MatMul.
 `scripts/peers/matmul_kernels.py` prints the same table for 1, 4 and 128 rows.
 """
 
@@ -23,7 +24,6 @@ import numpy as np
 from exporter.bench.timing import time_interleaved
 from exporter.machine import machine_info
 
-LAYOUTS = ("packed", "unpacked", "transposed")
 STREAM_BYTES = 64 * 2**20  # at least; twice the last-level cache where the OS reports it (stream_bytes())
 MAX_COPIES = 256  # tiny shapes (test models: kilobytes) stop there: their weights sit in cache in a real step too
 MARGIN = 0.03  # a one-row layout must beat packed by this much to be proposed (the whole-graph timing then decides)

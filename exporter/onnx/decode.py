@@ -115,6 +115,13 @@ def decode_layers(config, kept: list[int]) -> set[int] | None:
     return {i for i in kept if sliding_window_for(config, i) is None}
 
 
+def decode_body(graph):
+    """The body one-token calls run: the decode branch of this module's If where `graph` has one, else `graph`."""
+    if len(graph.node) and graph.node[-1].op_type == "If" and graph.node[-1].name == DISPATCH:
+        return next(a.g for a in graph.node[-1].attribute if a.name == "then_branch")
+    return graph
+
+
 def add_decode_path(proto, config, kept: list[int]) -> int:
     """Give `proto` (the optimized graph, with or without the batch-1 dispatch of gemv.py) its decode path;
     returns the attentions folded per body (0: none, `proto` left as it was)."""

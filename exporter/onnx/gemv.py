@@ -24,6 +24,10 @@ disk for SmolLM2-135M. The cost is memory: ORT keeps its packed copies for the e
 branch reads its weights from the data files (memory-mapped by ORT, resident once a batch-1 step has run),
 so resident memory grows by about the weights' size. fp32 only: the kernels above are fp32 ones.
 `export.batch1_decode_path: false` in a recipe leaves the branch out.
+
+Where only some shapes gain on the CPU that builds (the AVX-512 EPYC of issue 14: the LM head alone), the optimize
+stage also builds `add_one_row_dispatch`: an If around each such MatMul in the decode body, with the layout per
+shape timed there (exporter/bench/kernels.py).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.onnx.decode import DISPATCH
+from exporter.onnx.decode import decode_body
 from exporter.onnx.graph import (branch_outputs, drop_dead_nodes, external_initializer, general_branch,
                                  initializer_array)
 
@@ -71,13 +75,6 @@ def b_shape(inits: dict, w: str, b_is_transposed: bool) -> tuple[int, int]:
     """(K, N) of the MatMul's B."""
     rows, cols = inits[w].dims
     return (cols, rows) if b_is_transposed else (rows, cols)
-
-
-def decode_body(graph):
-    """The body one-token calls run: the decode branch of decode.py's If where the graph has one, else the graph."""
-    if len(graph.node) and graph.node[-1].op_type == "If" and graph.node[-1].name == DISPATCH:
-        return next(a.g for a in graph.node[-1].attribute if a.name == "then_branch")
-    return graph
 
 
 def matmul_weight_shapes(path: Path) -> set[tuple[int, int]]:
@@ -183,8 +180,8 @@ def add_one_row_dispatch(proto, data_path: Path, model_dir: Path, layouts: dict[
     The one-MatMul alternative to add_batch1_path's whole-body branch, for CPUs where only some shapes gain
     (issue 14's AVX-512 EPYC: the LM head alone). A whole-body branch with only the LM head unpacked ran 1.22x
     the packed graph's time there (ONNX Runtime 1.32; its MatMuls left packed seem to lose their prepacked kernel
-    two If levels deep), while this dispatch around the LM head ran 0.96x. The dispatch goes into the decode branch of decode.py's
-    If when the graph has one (one-token calls: the only ones with one row), else into the body."""
+    two If levels deep), while this dispatch around the LM head (a hand-built prototype) ran 0.96x. The dispatch goes into the decode
+    branch of decode.py's If when the graph has one (one-token calls: the only ones with one row), else into the body."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     body = decode_body(g)
