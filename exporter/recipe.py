@@ -178,7 +178,7 @@ class Export(_Strict):
     # fp32 model.opt.onnx: batch-1 decode steps may read unpacked weights (ONNX Runtime's one-row kernels, faster
     # on some CPUs for some shapes; a second layout of those weights resident): the batch-1 branch, or one-row
     # dispatches for the shapes timed faster here (exporter/onnx/gemv.py); "auto": allowed for models of at most
-    # 2 GiB of kept weights (stages/optimize.py); without tuning, "auto"/true build the branch
+    # 2 GiB of kept weights (stages/optimize.py); without tuning, packed weights are built ("auto"), the branch (true)
     batch1_decode_path: bool | Literal["auto"] = "auto"
     # time the optimized graph's variants (plain, packed weights, the batch-1 branch, one-row dispatches) on the
     # machine that builds and keep the fastest (exporter/bench/tune.py); false (or `--no-tune`): the default variant, reproducibly

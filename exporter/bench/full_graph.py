@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 
 from exporter.cache import code_fingerprint, stage_key
-from exporter.cost import kept_parameters
-from exporter.dtypes import itemsize
 from exporter.files import locked, publish_folder
 from exporter.mask import SkipMask
 from exporter.models import cache_dir, describe_source, load_config, load_model
@@ -18,7 +16,7 @@ from exporter.onnx.export import export_onnx
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.surgery import apply_skip
 from exporter.stages.keys import EXPORT_CODE, REWRITE_CODE
-from exporter.stages.optimize import batch1_path
+from exporter.stages.optimize import default_batch1_path
 from exporter.versions import tool_versions
 
 
@@ -41,9 +39,8 @@ def full_graph(recipe, model=None, console=None, build: dict | None = None) -> P
             export_onnx(apply_skip(model, SkipMask()), tmp, opset=recipe.export.opset)
             publish_folder(tmp, folder)
         config = load_config(recipe.model)
-        weight_bytes = kept_parameters(config, None) * itemsize(recipe.model.dtype)
         if build is None:
-            build = {"batch1_path": batch1_path(recipe.export.batch1_decode_path, weight_bytes)}
+            build = {"batch1_path": default_batch1_path(recipe.export.batch1_decode_path)}
         _refresh_optimized(folder / ONNX_FILE, config, build)
     return folder / ONNX_FILE
 

@@ -23,8 +23,16 @@ from exporter.reference import REFERENCE_FILE, load_reference
 
 
 def batch1_path(setting, weight_bytes: int) -> bool:
-    """The recipe's `export.batch1_decode_path` for a model with `weight_bytes` of kept weights."""
+    """Whether the recipe's `export.batch1_decode_path` lets the tuner try the batch-1 paths for a model with
+    `weight_bytes` of kept weights."""
     return weight_bytes <= SECOND_LAYOUT_MAX_BYTES if setting == "auto" else bool(setting)
+
+
+# Built without tuning: packed weights, unless the recipe asks for the branch (`true`). The branch's other side
+# (batch > 1, prompts) ran batch-4 decode 1.86x the packed graph's time and batch 1 1.11x on an AVX-512 EPYC
+# (docs/results/speed.md), so it is no default to build unmeasured.
+def default_batch1_path(setting) -> bool:
+    return setting is True
 
 
 PLAIN, PACKED, BRANCH, ONE_ROW = "plain", "packed", "batch1-branch", "one-row-dispatch"  # what the tuner times
@@ -54,14 +62,16 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
     and with one-row dispatches of the weight shapes whose one-row layout this machine ran faster
     (bench/kernels.py; only built when some shape won);
     model.opt.onnx is the faster optimized one (each candidate is built once: the winner is renamed, not
-    rebuilt) and "serve" names the graph genai_config.json points at. Without, the default variant is built (the
-    branch where allowed) and served.
+    rebuilt) and "serve" names the graph genai_config.json points at. Without, the default variant is built (packed
+    weights; the branch where the recipe sets `batch1_decode_path: true`) and served.
     A graph this rewrite does not handle is reported under not_run with the reason; the plain graph is then
     the only ONNX artifact.
     """
     out_dir = plain_path.parent
     opt = out_dir / OPT_FILE
-    branch = batch1_path(recipe.export.batch1_decode_path, weight_bytes) and precision == "fp32"
+    setting = recipe.export.batch1_decode_path
+    branch = batch1_path(setting, weight_bytes) and precision == "fp32"  # the tuner may try it
+    default_branch = default_batch1_path(setting) and precision == "fp32"
     tuning, not_run = None, []
     if tune and weight_bytes > SECOND_LAYOUT_MAX_BYTES:  # each candidate's session holds the weights again
         tune = False
@@ -70,9 +80,9 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
                         f"at once (tuned up to {SECOND_LAYOUT_MAX_BYTES / 2**30:.0f} GiB); the default variant was built"})
     try:
         if tune:
-            fused, tuning = _tune(plain_path, config, branch, recipe.export.max_context)
+            fused, tuning = _tune(plain_path, config, branch, default_branch, recipe.export.max_context)
         else:
-            fused = optimize_onnx(plain_path, config, batch1_path=branch)
+            fused = optimize_onnx(plain_path, config, batch1_path=default_branch)
     except NotOptimizable as exc:
         return {"artifacts": [], "parity": [], "fused": None, "tuning": None, "serve": plain_path.name,
                 "not_run": not_run + [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
@@ -92,10 +102,10 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
             "serve": serve}
 
 
-def _tune(plain_path: Path, config, branch: bool, max_context: int) -> tuple[dict, dict]:
+def _tune(plain_path: Path, config, branch: bool, default_branch: bool, max_context: int) -> tuple[dict, dict]:
     """Build the packed variant as model.opt.onnx and (where `branch`) the batch-1 branch and one-row dispatch
-    variants beside it, time them with the plain graph, keep the chosen optimized one as model.opt.onnx; (what was
-    fused in it, the tuning record)."""
+    variants beside it, time them with the plain graph against the default (the branch where `default_branch`,
+    else packed), keep the chosen optimized one as model.opt.onnx; (what was fused in it, the tuning record)."""
     from exporter.bench.kernels import one_row_layouts
     from exporter.bench.tune import THREADS, choose_variant
 
@@ -113,7 +123,7 @@ def _tune(plain_path: Path, config, branch: bool, max_context: int) -> tuple[dic
                 fused[ONE_ROW] = optimize_onnx(plain_path, config, out_path=files[ONE_ROW], batch1_path=False,
                                                one_row_layouts=kernels["layouts"])
                 candidates[ONE_ROW] = files[ONE_ROW]
-        tuning = choose_variant(candidates, default=BRANCH if branch else PACKED,
+        tuning = choose_variant(candidates, default=BRANCH if default_branch else PACKED,
                                 max_context=min(max_context, config.max_position_embeddings))
         if kernels is not None:  # JSON keys: "KxN"
             tuning["one_row_kernels"] = {**kernels, "layouts": {f"{k}x{n}": how for (k, n), how in kernels["layouts"].items()}}
