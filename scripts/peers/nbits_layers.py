@@ -4,7 +4,8 @@
     .venv/bin/python scripts/peers/nbits_layers.py [ROUNDS] [THREADS] [LAYOUT,...]
 
 Layouts (block 32; accuracy level 4 unless the name ends in "-level1"):
-  int4-zp     4-bit weights with uint4 zero points (the builder's layout, bar its zero points)
+  int4-zp     4-bit weights with uint4 zero points
+  int4-sym    4-bit weights without zero points (symmetric: the builder's `-p int4` layout)
   int8-zp     8-bit weights with uint8 zero points (holds a GGUF Q4_1 block within 1/32 of its step)
   int4-means  4-bit + the block means of the input as extra K rows (AveragePool + Concat: the affine graph's
               exact zero-point correction, exporter/onnx/int4.py)
@@ -20,15 +21,18 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 K, N, LAYERS, BLOCK = 576, 1536, 30, 32
-LAYOUTS = ("int4-zp", "int8-zp", "int4-means", "int4-zp-level1", "int4-means-level1")
+LAYOUTS = ("int4-zp", "int4-sym", "int8-zp", "int4-means", "int4-zp-level1", "int4-means-level1")
 
 
-def _matmul_nbits(nodes, inits, x, k, n, bits, name, level, rng):
+def _matmul_nbits(nodes, inits, x, k, n, bits, name, level, rng, zero_points=True):
     blocks = -(-k // BLOCK)
     inits.append(numpy_helper.from_array(rng.integers(0, 256, (n, blocks, BLOCK * bits // 8), dtype=np.uint8), name + "_b"))
     inits.append(numpy_helper.from_array((rng.random(n * blocks) * 0.01).astype(np.float32), name + "_s"))
-    inits.append(numpy_helper.from_array(rng.integers(0, 256, n * -(-blocks * bits // 8), dtype=np.uint8), name + "_z"))
-    nodes.append(helper.make_node("MatMulNBits", [x, name + "_b", name + "_s", name + "_z"], [name + "_y"],
+    inputs = [x, name + "_b", name + "_s"]
+    if zero_points:
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, n * -(-blocks * bits // 8), dtype=np.uint8), name + "_z"))
+        inputs.append(name + "_z")
+    nodes.append(helper.make_node("MatMulNBits", inputs, [name + "_y"],
                                   domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=level))
     return name + "_y"
 
@@ -46,7 +50,8 @@ def chain(layout: str) -> onnx.ModelProto:
                 nodes.append(helper.make_node("Concat", [x, name + "_m"], [name + "_c"], axis=-1))
                 x = _matmul_nbits(nodes, inits, name + "_c", k + k // BLOCK, n, 4, name, level, rng)
             else:
-                x = _matmul_nbits(nodes, inits, x, k, n, 8 if kind == "int8-zp" else 4, name, level, rng)
+                x = _matmul_nbits(nodes, inits, x, k, n, 8 if kind == "int8-zp" else 4, name, level, rng,
+                                  zero_points=kind != "int4-sym")
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, K])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
