@@ -50,7 +50,7 @@ def _refresh_optimized(plain: Path, config, build: dict) -> None:
     the variant asked for differs (full and skipped graphs must be built alike)."""
     stamp = plain.with_name("optimize.stamp")
     layouts = build.get("one_row_layouts") or {}
-    fingerprint = code_fingerprint(*REWRITE_CODE) + ("" if build.get("batch1_path", True) else " no-batch1-path") \
+    fingerprint = code_fingerprint(*REWRITE_CODE) + ("" if build["batch1_path"] else " no-batch1-path") \
         + "".join(f" {k}x{n}:{how}" for (k, n), how in sorted(layouts.items()))
     if plain.with_name(OPT_FILE).is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
         return

@@ -179,8 +179,8 @@ def add_one_row_dispatch(proto, data_path: Path, model_dir: Path, layouts: dict[
 
     The one-MatMul alternative to add_batch1_path's whole-body branch, for CPUs where only some shapes gain
     (issue 14's AVX-512 EPYC: the LM head alone). A whole-body branch with only the LM head unpacked ran 1.22x
-    the packed graph's time there (ONNX Runtime 1.32; its MatMuls left packed seem to lose their prepacked kernel
-    two If levels deep), while this dispatch around the LM head (a hand-built prototype) ran 0.96x. The dispatch goes into the decode
+    the packed graph's time there (ONNX Runtime 1.32 does not pre-pack weights defined two subgraph levels above
+    a MatMul, measured: docs/results/speed.md), while this dispatch around the LM head (a hand-built prototype) ran 0.96x. The dispatch goes into the decode
     branch of decode.py's If when the graph has one (one-token calls: the only ones with one row), else into the body."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
