@@ -15,15 +15,15 @@ import traceback
 from pathlib import Path
 
 from exporter.cost import plan, render_prediction
-from exporter.data import data_dir
+from exporter.quality.data import data_dir
 from exporter.errors import UserError
-from exporter.inspect import render
-from exporter.manifest import read_manifest, verify
+from exporter.commands.inspect import render
+from exporter.checks.manifest import read_manifest, verify
 from exporter.mask import resolve_mask
-from exporter.models import load_config
+from exporter.model.source import load_config
 from exporter.recipe import load_recipe
-from exporter.stages.load import require_supported
-from exporter.workdir import raise_on_sigterm
+from exporter.pipeline.load import require_supported
+from exporter.pipeline.workdir import raise_on_sigterm
 
 # The commands that run models import their modules (and so torch, onnx, onnxruntime) when they run, so
 # `check`, `plan`, `inspect` and `verify` start in a fraction of a second.
@@ -61,7 +61,7 @@ def _parser(prog: str, first: str = "recipe", first_help: str = "recipe YAML fil
 
 
 def _run(argv: list[str], console) -> int:
-    from exporter.pipeline import run
+    from exporter.pipeline.run import run
 
     parser = _parser("export-skip")
     parser.add_argument("--out", type=Path, help="artifact folder (default: artifacts/<recipe file stem>)")
@@ -120,7 +120,7 @@ def _plan(argv: list[str], console) -> int:
 
 
 def _bench(argv: list[str], console) -> int:
-    from exporter.bench.command import run_bench
+    from exporter.commands.bench import run_bench
 
     parser = _parser("export-skip bench")
     parser.add_argument("--out", type=Path, help="artifact folder holding the skipped model.onnx "
@@ -189,7 +189,7 @@ def _verify(argv: list[str], console) -> int:
 
 def _verify_parity(folder: Path, console) -> list[str]:
     """Print each graph's parity rows against the recorded reference; return the failures."""
-    from exporter.stages.validate import verify_parity
+    from exporter.pipeline.validate import verify_parity
 
     checked = verify_parity(folder, read_manifest(folder))
     failures = []
@@ -205,7 +205,7 @@ def _verify_parity(folder: Path, console) -> list[str]:
 
 
 def _generate(argv: list[str], console) -> int:
-    from exporter.generate import generate
+    from exporter.commands.generate import generate
 
     parser = _folder_parser("export-skip generate")
     parser.add_argument("--prompt", required=True, help="the prompt text")
@@ -225,7 +225,7 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str], console) -> int:
-    from exporter.quality import Settings, run_eval
+    from exporter.quality.metrics import Settings, run_eval
 
     parser = _parser("export-skip eval")
     parser.add_argument("--artifact", type=Path, help="also evaluate this exported folder's model.onnx in ONNX Runtime")
@@ -257,7 +257,7 @@ def _eval(argv: list[str], console) -> int:
 
 
 def _search(argv: list[str], console) -> int:
-    from exporter.search import Budget, RayOptions, SearchSettings, read_prompts, run_search
+    from exporter.quality.search import Budget, RayOptions, SearchSettings, read_prompts, run_search
 
     parser = _parser("export-skip search")
     parser.add_argument("--strategy", choices=("local", "greedy", "oneshot"), default="local",
@@ -320,7 +320,7 @@ def _search(argv: list[str], console) -> int:
 
 
 def _sweep(argv: list[str], console) -> int:
-    from exporter.sweep import run_sweep
+    from exporter.commands.sweep import run_sweep
 
     parser = argparse.ArgumentParser(prog="export-skip sweep", usage=USAGE)
     parser.add_argument("recipes", nargs="+", help="recipe files, or glob patterns ('recipes/tiny-*.yaml')")

@@ -5,7 +5,7 @@ Workers import the driver's own exporter package: it travels with the job as a `
 environment (uploaded once per content hash), and every actor and task reports a fingerprint of the package's
 sources that the driver checks against its own, so a cluster image with another export-skip installed cannot
 answer in its place. Files are not moved through Ray: sweep items write under a folder every node must see
-(a shared filesystem), and the driver re-hashes them (exporter/sweep.py).
+(a shared filesystem), and the driver re-hashes them (exporter/commands/sweep.py).
 """
 
 from __future__ import annotations
@@ -162,9 +162,9 @@ def _balanced_shares(pool: list, parts: int, num_layers: int) -> list[list]:
 
 class RayCalibrator:
     """The calibrator interface (`trials`, `measure`, `check`, `importance`, `evaluations`) over `count` Ray actors
-    of `worker_cls` (exporter.calibration.CalibrationWorker): each loads the model once and keeps its calibrator (and
+    of `worker_cls` (exporter.quality.calibration.CalibrationWorker): each loads the model once and keeps its calibrator (and
     the base mask's residual stream, or the branched LAMBADA pass) for its share of each step's candidates.
-    The driver only merges the metrics; the pick stays in exporter.search.greedy."""
+    The driver only merges the metrics; the pick stays in exporter.quality.search.greedy."""
 
     def __init__(self, worker_cls, args: tuple, count: int, resources: Resources, num_layers: int):
         import ray

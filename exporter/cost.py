@@ -28,7 +28,7 @@ from exporter.architectures import ARCHITECTURES, Layout, head_dim, sliding_wind
 from exporter.dtypes import itemsize
 from exporter.errors import UserError
 from exporter.mask import resolve_mask
-from exporter.models import load_config
+from exporter.model.source import load_config
 
 DECODE_CONTEXTS = (128, 512, 2048)
 PREFILL_TOKENS = (128, 512)

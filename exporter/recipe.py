@@ -181,7 +181,7 @@ class Export(_Strict):
     # 2 GiB of kept weights (stages/optimize.py); without tuning, packed weights are built ("auto"), the branch (true)
     batch1_decode_path: bool | Literal["auto"] = "auto"
     # time the optimized graph's variants (plain, packed weights, the batch-1 branch, one-row dispatches) on the
-    # machine that builds and keep the fastest (exporter/bench/tune.py); false (or `--no-tune`): the default variant, reproducibly
+    # machine that builds and keep the fastest (exporter/timing/tune.py); false (or `--no-tune`): the default variant, reproducibly
     tune: bool = True
 
 

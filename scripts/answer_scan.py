@@ -18,10 +18,10 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     import torch
 
-    from exporter.answers import AnswerCheck, greedy_answers
+    from exporter.quality.answers import AnswerCheck, greedy_answers
     from exporter.mask import SkipMask
-    from exporter.models import load_model
-    from exporter.prompts import decode, encode, pad_token_id
+    from exporter.model.source import load_model
+    from exporter.model.prompts import decode, encode, pad_token_id
     from exporter.recipe import load_recipe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -17,11 +17,11 @@ from pathlib import Path
 import onnxruntime_genai as og
 import torch
 
-from exporter.models import load_model
+from exporter.model.source import load_model
 from exporter.mask import resolve_mask
 from exporter.recipe import load_recipe
 from exporter.mask import SkipMask
-from exporter.surgery import masked
+from exporter.model.surgery import masked
 from genai_graphs import linked_folder  # scripts/ is on the path when this script runs
 
 TURNS = ["The capital of France is", " And the capital of Italy is", " What about Spain?"]

@@ -58,16 +58,16 @@ def time_steps(runners: dict, prompt, steps: int) -> dict:
 def check_recipe(path: Path, backend: str, cc: str, work: Path, context: int, steps: int) -> dict:
     import torch
 
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.onnx.export import export_onnx, model_in_precision
-    from exporter.parity import check_parity
-    from exporter.stages.validate import validation_batches
+    from exporter.checks.parity import check_parity
+    from exporter.pipeline.validate import validation_batches
     from exporter.mask import resolve_mask
     from exporter.recipe import load_recipe
     from exporter.backends.pytorch import HFRunner
     from exporter.backends.trt import TrtRunner
     from exporter.mask import SkipMask
-    from exporter.surgery import apply_skip, masked
+    from exporter.model.surgery import apply_skip, masked
     from exporter.backends.trt import BuildOptions, build_engine
 
     recipe = load_recipe(path)

@@ -100,7 +100,7 @@ def run_builder(layers: int, out: Path) -> list[dict]:
     if not (folder / "tokenizer.json").is_file():
         # the builder saves a tokenizer beside its graph and stops without one; any will do for the graph's
         # figures: SmolLM2's (the default recipe's, de-quantised once) is on disk without network
-        from exporter.models import _convert_gguf
+        from exporter.model.source import _convert_gguf
         from exporter.recipe import load_recipe
 
         smollm2 = _convert_gguf(load_recipe(ROOT / "recipes" / "smollm2-135m.yaml").model)

@@ -2,12 +2,12 @@
 
 Stage `kl`: every mask that replaces one layer of `--base` by one layer outside it (final layer kept) is
 scored by mean KL to the full model on `--windows` WikiText-2 windows x `--length` tokens drawn with `--seed`
-from the second half of the test split (exporter.importance.calibration_windows, exporter.calibration.Calibrator:
+from the second half of the test split (exporter.quality.importance.calibration_windows, exporter.quality.calibration.Calibrator:
 the search's own code; the full model's distributions are computed once, each mask reuses the base's
 residual stream below its first changed layer). `--keep` restricts which base layers may be swapped out.
 Stage `add`: the same for every mask that adds one layer to `--base` (a size k + 1 mask).
 Stage `lambada`: the masks named with `--mask` (and the base, and the full model) are scored on `--passages`
-LAMBADA passages drawn with `--seed` after the first 1,000 (exporter.calibration.LambadaCalibrator, one
+LAMBADA passages drawn with `--seed` after the first 1,000 (exporter.quality.calibration.LambadaCalibrator, one
 branched pass for all masks). No stage touches the held-out data of scripts/heldout_check.py (the
 first half of WikiText-2, the first 1,000 LAMBADA passages).
 
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from exporter import data
-from exporter.calibration import Calibrator, LambadaCalibrator, calibration_passages
-from exporter.importance import calibration_windows
+from exporter.quality import data
+from exporter.quality.calibration import Calibrator, LambadaCalibrator, calibration_passages
+from exporter.quality.importance import calibration_windows
 from exporter.mask import SkipMask
-from exporter.models import load_model
-from exporter.prompts import pad_token_id
+from exporter.model.source import load_model
+from exporter.model.prompts import pad_token_id
 from exporter.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,10 +5,10 @@
     /work/main/.venv/bin/python scripts/search_curve.py plot artifacts/curve/curve.json --png docs/results/smollm2-135m-search.png
     /work/main/.venv/bin/python scripts/search_curve.py table artifacts/curve/curve.json
 
-`run`: one process, one model. The search is exporter.strategies.local with --count k for each k (KL
+`run`: one process, one model. The search is exporter.quality.strategies.local with --count k for each k (KL
 objective, no other constraint), calibrated on WikiText-2 windows from the second half of the test split,
 sharing one memory of measured masks across k (greedy's path to k reuses the path to k-1), each k capped at
-`--swap-evals` evaluations beyond greedy. Every mask is then scored in one pass (exporter/heldout.py) on the
+`--swap-evals` evaluations beyond greedy. Every mask is then scored in one pass (exporter/quality/heldout.py) on the
 first `--held-out-windows` windows of 512 tokens and the first `--held-out-passages` LAMBADA passages.
 """
 
@@ -30,16 +30,16 @@ def run(args) -> None:
     import torch
     from rich.console import Console
 
-    from exporter.calibration import Calibrator, candidates, mask_of
-    from exporter.constraints import Budget
-    from exporter.data import data_dir
-    from exporter.heldout import evaluate_held_out
-    from exporter.importance import calibration_windows, measure_importance
+    from exporter.quality.calibration import Calibrator, candidates, mask_of
+    from exporter.quality.constraints import Budget
+    from exporter.quality.data import data_dir
+    from exporter.quality.heldout import evaluate_held_out
+    from exporter.quality.importance import calibration_windows, measure_importance
     from exporter.mask import SkipMask
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.recipe import load_recipe
-    from exporter.strategies import Scorer, local, rankings
-    from exporter.surgery import apply_skip
+    from exporter.quality.strategies import Scorer, local, rankings
+    from exporter.model.surgery import apply_skip
 
     torch.set_num_threads(1)
     started = time.time()
@@ -104,7 +104,7 @@ def _logged_masks(path: Path) -> dict[int, list[int]]:
 
 def _rows(result: dict):
     """(method, k, model entry, paired comparison with the searched mask of that k or None)."""
-    from exporter.quality import compare
+    from exporter.quality.metrics import compare
 
     held = result["held_out"]
     for k in range(1, result["settings"]["max_k"] + 1):

@@ -29,17 +29,17 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="smollm2-fp16-"))
 
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.onnx.export import export_onnx, model_in_precision
-    from exporter.stages.remove import removed_parameters
-    from exporter.stages.validate import validation_batches
-    from exporter.reference import REFERENCE_FILE, save_reference
-    from exporter.stages.reference import record_reference
-    from exporter.stages.validate import validate_stage
+    from exporter.pipeline.remove import removed_parameters
+    from exporter.pipeline.validate import validation_batches
+    from exporter.checks.reference import REFERENCE_FILE, save_reference
+    from exporter.pipeline.reference import record_reference
+    from exporter.pipeline.validate import validate_stage
     from exporter.mask import resolve_mask
     from exporter.recipe import TensorRT, load_recipe
     from exporter.mask import SkipMask
-    from exporter.surgery import apply_skip
+    from exporter.model.surgery import apply_skip
 
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
     model, tokenizer = load_model(recipe.model)

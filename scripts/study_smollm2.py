@@ -43,9 +43,9 @@ def run(args) -> None:
     from rich.console import Console
 
     from exporter.cost import predicted_decode_speedup
-    from exporter.data import data_dir
-    from exporter.models import load_model
-    from exporter.quality import Settings, TorchScorer, evaluate, write_json
+    from exporter.quality.data import data_dir
+    from exporter.model.source import load_model
+    from exporter.quality.metrics import Settings, TorchScorer, evaluate, write_json
     from exporter.mask import resolve_mask
     from exporter.recipe import load_recipe
 

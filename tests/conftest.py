@@ -48,7 +48,7 @@ PROMPTS = ["The capital of France is", "Hi there"]
 
 
 def build_model(arch: str, seed: int = 0):
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.recipe import ModelSource
 
     return load_model(ModelSource(config=CONFIGS[arch], seed=seed))
@@ -89,11 +89,11 @@ def data_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:
-    """recipes/tiny-llama.yaml run once by the real pipeline (`exporter.pipeline.run`): the published folder,
+    """recipes/tiny-llama.yaml run once by the real pipeline (`exporter.pipeline.run.run`): the published folder,
     beside its stage cache. Tests only read it; a test that changes files takes `tiny_artifact_copy`.
     At the end of the session the folder must still match its manifest."""
-    from exporter.manifest import verify
-    from exporter.pipeline import run
+    from exporter.checks.manifest import verify
+    from exporter.pipeline.run import run
     from exporter.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("tiny-artifact") / "tiny-llama"

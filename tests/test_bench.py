@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from exporter.bench import command
-from exporter.bench import full_graph as full_graphs
+from exporter.commands import bench as command
+from exporter.pipeline import unskipped as full_graphs
 from exporter.backends import ort
-from exporter.bench import timing
-from exporter.bench import worker
+from exporter.timing import interleaved as timing
+from exporter.timing import worker
 from exporter.cost import kv_bytes_per_token
 from helpers import TINY_RECIPE, cli, one_node_onnx
 
@@ -21,7 +21,7 @@ from helpers import TINY_RECIPE, cli, one_node_onnx
 def tiny():
     """The tiny-llama recipe (conftest's `tiny_artifact` is its pipeline run), its model and its mask."""
     from exporter.mask import resolve_mask
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.recipe import load_recipe
 
     recipe = load_recipe(TINY_RECIPE)
@@ -155,7 +155,7 @@ def test_the_full_graph_is_built_in_the_artifacts_variant(tiny, monkeypatch, tmp
     from exporter.onnx.contract import OPT_FILE
     from exporter.onnx.decode import decode_body
     from exporter.onnx.gemv import ONE_ROW, matmul_weight_shapes
-    from exporter.stages.optimize import build_options
+    from exporter.pipeline.optimize import build_options
 
     monkeypatch.setenv("EXPORT_SKIP_CACHE", str(tmp_path / "cache"))
     recipe, model, _ = tiny

@@ -7,14 +7,14 @@ import torch
 from safetensors import safe_open
 
 from conftest import PROMPTS
-from exporter.checkpoint import WEIGHTS, block_configs, merge_removed, write_checkpoint
+from exporter.model.checkpoint import WEIGHTS, block_configs, merge_removed, write_checkpoint
 from exporter.errors import UserError
-from exporter.models import load_config, load_model
-from exporter.prompts import left_padded
+from exporter.model.source import load_config, load_model
+from exporter.model.prompts import left_padded
 from exporter.recipe import ModelSource
 from exporter.backends.pytorch import HFRunner, TorchRunner
 from exporter.mask import SkipMask
-from exporter.surgery import apply_skip, masked
+from exporter.model.surgery import apply_skip, masked
 
 MASK = SkipMask(attention=(1, 2), mlp=(2,))  # layer 2 loses its whole block
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from exporter import cluster, sweep
+from exporter import cluster
+
+from exporter.commands import sweep
 from exporter.errors import UserError
-from exporter.manifest import verify
+from exporter.checks.manifest import verify
 from tests.ray_cluster import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +241,7 @@ def test_an_address_nobody_answers_fails_in_seconds():
 
 def test_local_commands_do_not_import_ray():
     code = textwrap.dedent("""
-        import sys, exporter.cli, exporter.search, exporter.sweep, exporter.cluster
+        import sys, exporter.cli, exporter.quality.search, exporter.commands.sweep, exporter.cluster
         print('ray' in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -7,7 +7,7 @@ import pytest
 from conftest import CONFIGS, MASKS, make_mask
 from exporter import cost
 from exporter.mask import SkipMask
-from exporter.surgery import apply_skip, count_parameters
+from exporter.model.surgery import apply_skip, count_parameters
 from helpers import ROOT, TINY_RECIPE, cli
 
 

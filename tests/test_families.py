@@ -3,7 +3,7 @@ older ones: each family's twist through removal, parity, export, the optimized g
 serving checkpoint.
 
 Every model here is a tiny random one saved with `save_pretrained` into a folder without tokenizer files (as a user
-would bring it), loaded back by `exporter.models.load_model`. Weights are drawn with std 0.15 and every norm weight
+would bring it), loaded back by `exporter.model.source.load_model`. Weights are drawn with std 0.15 and every norm weight
 is randomised, so a wrong norm, multiplier or rotary shows far above the 1e-4 tolerance (test_twist_matters checks
 that each twist moves the logits). The reference is Hugging Face's own model run by its own code with the skipped
 branches' contributions zeroed by forward hooks (`surgery.masked`), never our surgery. The whole pipeline per family
@@ -24,11 +24,11 @@ from exporter.backends.ort import OrtRunner
 from exporter.backends.pytorch import HFRunner, TorchRunner
 from exporter.errors import UserError
 from exporter.mask import SkipMask
-from exporter.models import load_model
-from exporter.parity import check_parity
-from exporter.prompts import ByteTokenizer, left_padded
+from exporter.model.source import load_model
+from exporter.checks.parity import check_parity
+from exporter.model.prompts import ByteTokenizer, left_padded
 from exporter.recipe import ModelSource
-from exporter.surgery import apply_skip, count_parameters, masked
+from exporter.model.surgery import apply_skip, count_parameters, masked
 
 ATOL = 1e-4
 STEPS = 10
@@ -219,7 +219,7 @@ def test_removal_takes_whole_branches_and_the_cost_model_counts_them(family, loa
     """Removed parameters = the branches' modules (pre-norm, module, post-norm); the cost model's count of kept
     parameters (from the config object and from config.json alone) is exact."""
     from exporter.cost import config_from_json, kept_parameters
-    from exporter.stages.remove import remove_stage
+    from exporter.pipeline.remove import remove_stage
 
     model, _ = loaded(family)
     skipped, size = remove_stage(model, MASK)
@@ -351,9 +351,9 @@ def test_tokenizer_past_the_vocabulary_is_a_one_line_error(folders, tmp_path):
 def test_checkpoint_refused_before_any_work_or_written(family, folders, tmp_path, monkeypatch):
     """`export.checkpoint: true` for a family the DeciLM format cannot describe: one line naming the reason,
     before any weights are loaded; for the one it can (this Llama), the folder round-trips."""
-    from exporter import pipeline
+    from exporter.pipeline import run as pipeline
     from exporter.recipe import Recipe
-    from exporter.stages import load
+    from exporter.pipeline import load
 
     recipe = Recipe.model_validate({"version": 1, "model": {"path": str(folders(family))},
                                     "skip": {"attention": [1, 2], "mlp": [2]},
@@ -452,7 +452,7 @@ def test_every_stage(family, tokenizer_files, folders, tmp_path):
         return
     if importlib.util.find_spec("onnxruntime_genai"):
         from exporter.backends.genai import genai_greedy
-        from exporter.parity import greedy_tokens
+        from exporter.checks.parity import greedy_tokens
 
         model, tokenizer = load_model(ModelSource(path=folder))
         ids = torch.tensor([tokenizer.encode(PROMPTS[0])])

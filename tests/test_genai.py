@@ -14,10 +14,10 @@ from exporter.backends.genai import CONFIG_FILE, genai_greedy, write_genai_confi
 from exporter.onnx.export import export_onnx
 from exporter.onnx.contract import OPT_FILE
 from exporter.onnx.optimize import optimize_onnx
-from exporter.parity import greedy_tokens
+from exporter.checks.parity import greedy_tokens
 from exporter.backends.pytorch import HFRunner
 from exporter.mask import SkipMask
-from exporter.surgery import apply_skip, masked
+from exporter.model.surgery import apply_skip, masked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,11 +80,11 @@ def test_genai_greedy_text_equals_pytorch_on_smollm2(tmp_path):
     """The bar: SmolLM2-135M, default mask, 3 chat prompts, 32 new tokens, identical tokens and text."""
     og = _og()
     pytest.importorskip("gguf")
-    from exporter import prompts as P
-    from exporter.pipeline import run
+    from exporter.model import prompts as P
+    from exporter.pipeline.run import run
     from exporter.mask import resolve_mask
     from exporter.recipe import load_recipe
-    from exporter.models import load_model
+    from exporter.model.source import load_model
 
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
     out = tmp_path / "smollm2-135m"

@@ -17,12 +17,12 @@ from exporter.backends.ort import OrtRunner
 from exporter.errors import UserError
 from exporter.onnx.export import export_onnx
 from exporter.onnx.int4 import affine_blocks, quantize_affine, quantize_int4
-from exporter.parity import fit_recorded
-from exporter.prompts import left_padded
+from exporter.checks.parity import fit_recorded
+from exporter.model.prompts import left_padded
 from exporter.recipe import load_recipe
-from exporter.reference import load_reference
-from exporter.stages.reference import record_reference
-from exporter.surgery import apply_skip
+from exporter.checks.reference import load_reference
+from exporter.pipeline.reference import record_reference
+from exporter.model.surgery import apply_skip
 from helpers import TINY_RECIPE, cli
 
 

@@ -70,12 +70,12 @@ def test_cycle_finder_finds_a_planted_cycle():
 def test_graph_sees_function_local_imports(tmp_path):
     # the walker reads imports inside functions too (the old layout hid its cycles there)
     graph = import_graph()
-    assert "exporter.onnx.contract" in graph["exporter.pipeline"]
+    assert "exporter.onnx.contract" in graph["exporter.pipeline.run"]
     assert graph["exporter.errors"] == set()
 
 
 def test_import_exporter_is_cheap():
-    code = ("import sys, exporter, exporter.mask, exporter.recipe, exporter.cost, exporter.cli, exporter.inspect; "
+    code = ("import sys, exporter, exporter.mask, exporter.recipe, exporter.cost, exporter.cli, exporter.commands.inspect; "
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt', 'tensorrt_rtx', 'transformers') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from exporter.manifest import MANIFEST, RECIPE_COPY, canonical_hash, read_manifest, verify
+from exporter.checks.manifest import MANIFEST, RECIPE_COPY, canonical_hash, read_manifest, verify
 from helpers import TINY_RECIPE as TINY
 from helpers import cli
 
@@ -15,7 +15,7 @@ from helpers import cli
 def test_manifest_lists_every_file_with_size_and_hash(tiny_artifact):
     from exporter.files import sha256_file
     from exporter.recipe import load_recipe
-    from exporter.manifest import resolved_recipe
+    from exporter.checks.manifest import resolved_recipe
 
     m = read_manifest(tiny_artifact)
     on_disk = sorted(p.relative_to(tiny_artifact).as_posix() for p in tiny_artifact.rglob("*") if p.is_file())
@@ -102,7 +102,7 @@ def test_verify_without_a_manifest_is_a_one_line_user_error(tmp_path):
 def test_inspect_draws_the_mask_as_a_layer_map(tiny_artifact):
     from rich.console import Console
 
-    from exporter.inspect import layer_map, render
+    from exporter.commands.inspect import layer_map, render
 
     rows = layer_map(6, [3, 4], [4])
     plain = [Console().render_str(r).plain for r in rows]
@@ -117,12 +117,12 @@ def test_inspect_draws_the_mask_as_a_layer_map(tiny_artifact):
 
 @pytest.mark.parametrize("graph", [None, "model.onnx"])  # default: the optimized graph the run wrote
 def test_generate_streams_the_masked_models_greedy_tokens(tiny_artifact, graph):
-    from exporter.generate import _onnx_file, generate
-    from exporter.parity import greedy_tokens
+    from exporter.commands.generate import _onnx_file, generate
+    from exporter.checks.parity import greedy_tokens
     from exporter.backends.pytorch import HFRunner
     from exporter.mask import SkipMask
-    from exporter.surgery import masked
-    from exporter.models import load_model
+    from exporter.model.surgery import masked
+    from exporter.model.source import load_model
     from exporter.recipe import load_recipe
 
     model, tok = load_model(load_recipe(TINY).model)
@@ -138,7 +138,7 @@ def test_generate_streams_the_masked_models_greedy_tokens(tiny_artifact, graph):
 
 def test_record_files_accepts_a_known_change_and_refuses_an_unknown_one(tiny_artifact_copy):
     from exporter.errors import CheckFailed
-    from exporter.manifest import record_files
+    from exporter.checks.manifest import record_files
 
     (tiny_artifact_copy / "eval.json").write_text('{"ppl": 1.0}')
     record_files(tiny_artifact_copy, ["eval.json"])

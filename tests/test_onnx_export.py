@@ -7,12 +7,12 @@ from conftest import CONFIGS, MASKS, PROMPTS, make_mask
 from exporter.onnx.contract import onnx_signature
 from exporter.onnx.export import export_onnx
 from exporter.onnx.graph import onnx_weight_elements
-from exporter.parity import check_parity
-from exporter.prompts import left_padded
+from exporter.checks.parity import check_parity
+from exporter.model.prompts import left_padded
 from exporter.backends.ort import OrtRunner
 from exporter.backends.pytorch import HFRunner
 from exporter.mask import SkipMask
-from exporter.surgery import apply_skip, count_parameters, masked
+from exporter.model.surgery import apply_skip, count_parameters, masked
 
 
 @pytest.mark.parametrize("mask_name", MASKS)

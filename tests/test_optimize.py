@@ -13,11 +13,11 @@ from exporter.onnx.contract import onnx_signature
 from exporter.onnx.export import export_onnx
 from exporter.onnx.contract import OPT_FILE
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx, rotary_caches
-from exporter.parity import check_parity
-from exporter.prompts import left_padded
+from exporter.checks.parity import check_parity
+from exporter.model.prompts import left_padded
 from exporter.backends.ort import OrtRunner
 from exporter.backends.pytorch import HFRunner
-from exporter.surgery import apply_skip, masked
+from exporter.model.surgery import apply_skip, masked
 from helpers import one_node_onnx
 
 # every architecture with attention skipped (mistral: sliding window), plus a whole block gone
@@ -43,7 +43,7 @@ def nodes_run(path, tmp_path, batch: int, new: int) -> set[str]:
 
     import onnxruntime as ort
 
-    from exporter.bench import worker
+    from exporter.timing import worker
 
     options = ort.SessionOptions()
     options.enable_profiling = True
@@ -239,7 +239,7 @@ def test_one_row_dispatch_reads_the_measured_layouts(tiny_models, tmp_path, arch
 def test_one_row_layouts_time_each_shape_and_keep_packed_unless_beaten():
     """bench/kernels.py: every layout timed per shape (products checked equal first), the choice packed unless
     another layout is faster by the margin."""
-    from exporter.bench.kernels import one_row_layouts
+    from exporter.timing.kernels import one_row_layouts
 
     result = one_row_layouts({(64, 96), (96, 64)}, budget_s=0.05)
     assert set(result["layouts"]) == {(64, 96), (96, 64)} and result["machine"]["threads"] == 1

@@ -6,9 +6,9 @@ import torch
 
 from conftest import PROMPTS, build_model, make_mask
 from exporter.backends.pytorch import TorchRunner
-from exporter.parity import check_parity, check_recorded
-from exporter.prompts import left_padded
-from exporter.surgery import apply_skip
+from exporter.checks.parity import check_parity, check_recorded
+from exporter.model.prompts import left_padded
+from exporter.model.surgery import apply_skip
 
 BATCH, LENGTH, VOCAB, STEPS = 2, 4, 8, 3
 ATOL = 0.01
@@ -148,8 +148,8 @@ def test_a_near_tie_with_logits_beyond_atol_still_fails():
 
 def test_check_recorded_gives_one_row_per_phase_and_batch(tiny_models, tmp_path):
     from exporter.backends.pytorch import HFRunner
-    from exporter.reference import load_reference, record_batch, save_reference
-    from exporter.surgery import masked
+    from exporter.checks.reference import load_reference, record_batch, save_reference
+    from exporter.model.surgery import masked
 
     model, tok = tiny_models["llama"]
     mask = make_mask("both")

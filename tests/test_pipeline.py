@@ -141,10 +141,10 @@ def _has(module: str) -> bool:
 def test_a_graph_over_2_gib_is_not_tuned_and_the_report_says_so(tiny_artifact_copy):
     """Each tuning candidate's session holds the weights again, all at once: above SECOND_LAYOUT_MAX_BYTES of
     weights the default variant is built and checked, and the tuning is listed under checks not run."""
-    from exporter.backends.session import SECOND_LAYOUT_MAX_BYTES
-    from exporter.models import load_config
+    from exporter.onnx.session import SECOND_LAYOUT_MAX_BYTES
+    from exporter.model.source import load_config
     from exporter.recipe import load_recipe
-    from exporter.stages.optimize import optimize_stage
+    from exporter.pipeline.optimize import optimize_stage
 
     recipe = load_recipe(TINY_RECIPE)
     out = optimize_stage(recipe, load_config(recipe.model), tiny_artifact_copy / "model.onnx", "fp32",
@@ -161,9 +161,9 @@ def test_a_graph_over_2_gib_is_not_tuned_and_the_report_says_so(tiny_artifact_co
 def test_untuned_builds_the_branch_only_when_the_recipe_asks(tiny_artifact_copy, setting, variant):
     """Without tuning, `batch1_decode_path` "auto" (as false) builds packed weights (the branch's batch > 1 side ran 1.86x
     packed on an AVX-512 EPYC); `true` builds the branch. Either passes the same parity checks."""
-    from exporter.models import load_config
+    from exporter.model.source import load_config
     from exporter.recipe import load_recipe
-    from exporter.stages.optimize import optimize_stage
+    from exporter.pipeline.optimize import optimize_stage
 
     recipe = load_recipe(TINY_RECIPE)
     recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"batch1_decode_path": setting})})

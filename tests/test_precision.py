@@ -5,20 +5,20 @@ import pytest
 
 from conftest import PROMPTS, make_mask
 from exporter.errors import UserError
-from exporter.backends.session import ort_unsupported_op
+from exporter.onnx.session import ort_unsupported_op
 from exporter.dtypes import precision_of
 from exporter.onnx.contract import onnx_signature
 from exporter.onnx.export import export_onnx, model_in_precision
-from exporter.stages.validate import validate_stage
-from exporter.prompts import left_padded
+from exporter.pipeline.validate import validate_stage
+from exporter.model.prompts import left_padded
 from exporter.recipe import Atol, Recipe, Validate
-from exporter.surgery import apply_skip
+from exporter.model.surgery import apply_skip
 
 
 def check_half_parity(model, mask, precision, graph, batches, steps, atol, folder):
     """validate_stage on one half graph against the masked fp32 reference recorded on `batches`."""
-    from exporter.reference import REFERENCE_FILE, save_reference
-    from exporter.stages.reference import record_reference
+    from exporter.checks.reference import REFERENCE_FILE, save_reference
+    from exporter.pipeline.reference import record_reference
 
     save_reference(record_reference(model, mask, batches, steps), folder / REFERENCE_FILE)
     out = validate_stage(Validate(decode_steps=steps, half_atol=atol), folder, {precision: graph}, "fp32")

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from exporter import quality as Q
-from exporter.data import read_lambada
+from exporter.quality import metrics as Q
+from exporter.quality.data import read_lambada
 from exporter.mask import SkipMask
 from exporter.progress import progress_bar
-from exporter.surgery import masked
+from exporter.model.surgery import masked
 from helpers import TINY_RECIPE, cli
 
 
@@ -127,7 +127,7 @@ def test_identical_model_has_zero_kl_and_full_agreement(tiny_models, data_folder
 def test_bootstrap_se_of_an_accuracy_is_the_binomial_one_and_paired_differences_are_tighter():
     import numpy as np
 
-    from exporter.bootstrap import paired_difference, standard_error
+    from exporter.quality.bootstrap import paired_difference, standard_error
 
     rng = np.random.default_rng(1)
     hits = (rng.random(1000) < 0.3).astype(float)
@@ -173,7 +173,7 @@ def test_eval_of_the_exported_onnx_matches_pytorch(tiny_artifact_copy, data_fold
 def test_eval_of_a_published_folder_keeps_its_manifest_valid(tiny_artifact_copy, data_folder):
     """Regression: eval rewrote report.json and added eval.json without recording them, so
     `export-skip verify` failed on every folder that had been evaluated."""
-    from exporter.manifest import verify
+    from exporter.checks.manifest import verify
     from exporter.recipe import load_recipe
 
     art = tiny_artifact_copy  # a published folder, as the pipeline wrote it

@@ -13,11 +13,11 @@ import torch
 from conftest import PROMPTS, make_mask
 from helpers import TINY_RECIPE, cli
 from exporter.backends.pytorch import HFRunner, TorchRunner
-from exporter.manifest import record_files
-from exporter.parity import check_parity
-from exporter.prompts import left_padded
-from exporter.reference import REFERENCE_FILE, ReplayRunner, load_reference, record_batch, save_reference
-from exporter.surgery import apply_skip, masked
+from exporter.checks.manifest import record_files
+from exporter.checks.parity import check_parity
+from exporter.model.prompts import left_padded
+from exporter.checks.reference import REFERENCE_FILE, ReplayRunner, load_reference, record_batch, save_reference
+from exporter.model.surgery import apply_skip, masked
 
 
 def test_replay_checks_exactly_as_the_live_reference(tiny_models, tmp_path):
@@ -48,8 +48,8 @@ def test_replay_refuses_other_inputs_or_tokens(tiny_models):
 def test_the_pytorch_model_is_released_before_onnx_runtime(tmp_path, monkeypatch):
     """Everything that runs the model happens in pipeline._pytorch_stages; when it returns, the model is gone
     (no stage, closure or exporter cache keeps it: torch.onnx's rewriter used to)."""
-    from exporter import pipeline
-    from exporter.cache import StageCache
+    from exporter.pipeline import run as pipeline
+    from exporter.pipeline.cache import StageCache
     from exporter.measure import StageLog
     from exporter.recipe import load_recipe
     from exporter.report import Findings
@@ -92,7 +92,7 @@ def test_verify_parity_rechecks_a_folder_from_its_recording(tiny_artifact_copy):
 
 def test_parity_sessions_prepack_small_graphs_only(tmp_path, monkeypatch):
     from helpers import one_node_onnx
-    from exporter.backends import session as ort_backend
+    from exporter.onnx import session as ort_backend
 
     graph = one_node_onnx(tmp_path / "g.onnx")
     (tmp_path / "g.onnx.data").write_bytes(b"\0" * 4096)
@@ -116,9 +116,9 @@ def test_a_graph_too_big_to_check_here_is_not_run_and_verify_checks_it_later(tmp
     import psutil
 
     from helpers import one_node_onnx
-    from exporter import pipeline
+    from exporter.pipeline import run as pipeline
     from exporter.recipe import load_recipe
-    from exporter.stages import validate
+    from exporter.pipeline import validate
 
     graph = one_node_onnx(tmp_path / "g.onnx")
     assert validate.session_too_big(graph, "fp32") is None

@@ -360,7 +360,7 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path):
     import torch
 
     from conftest import build_model
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.recipe import ModelSource
 
     model, _ = build_model("llama")
@@ -399,7 +399,7 @@ def test_recipe_name_cannot_escape_the_artifacts_folder(tmp_path):
 def test_not_enough_disk_is_refused_before_writing(tmp_path, monkeypatch):
     import shutil as sh
 
-    from exporter import pipeline
+    from exporter.pipeline import run as pipeline
 
     recipe = load_recipe(_recipe(tmp_path))
     real = sh.disk_usage
@@ -416,7 +416,7 @@ def test_a_full_disk_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     bug: one line naming the file, exit 2, no traceback log."""
     import errno
 
-    from exporter import pipeline
+    from exporter.pipeline import run as pipeline
     from exporter.cli import main
 
     def full(*args, **kwargs):
@@ -434,7 +434,7 @@ def test_a_run_that_received_a_signal_does_not_publish(tmp_path, monkeypatch):
     and ignores it) is remembered, and publish() refuses: the previous artifact stays as it was."""
     import pytest
 
-    from exporter import workdir
+    from exporter.pipeline import workdir
 
     target = tmp_path / "art"
     target.mkdir()

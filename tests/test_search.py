@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from conftest import build_model
-from exporter import calibration as C
-from exporter import search as S
-from exporter import strategies as St
+from exporter.quality import calibration as C
+from exporter.quality import search as S
+from exporter.quality import strategies as St
 from exporter.errors import UserError
-from exporter.importance import calibration_windows, measure_importance
+from exporter.quality.importance import calibration_windows, measure_importance
 from exporter.mask import SkipMask
-from exporter.surgery import apply_skip
+from exporter.model.surgery import apply_skip
 from helpers import TINY_RECIPE
 
 
@@ -126,7 +126,7 @@ def test_greedy_picks_the_least_harmful_candidate_first(llama, data_folder):
 
 
 def test_emitted_recipe_loads_and_exports(tmp_path, data_folder):
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.onnx.contract import onnx_signature
     from exporter.onnx.export import export_onnx
     from exporter.mask import resolve_mask
@@ -169,8 +169,8 @@ def test_relative_model_paths_follow_the_emitted_recipe(tmp_path, data_folder, l
 # ---------------------------------------------------------------- LAMBADA calibration (conftest's data: 30 passages)
 
 def test_calibration_passages_are_seeded_and_held_out(llama, data_folder):
-    from exporter.data import read_lambada
-    from exporter.quality import lambada_examples
+    from exporter.quality.data import read_lambada
+    from exporter.quality.metrics import lambada_examples
 
     _, tok = llama
     a, start = C.calibration_passages(tok, data_folder, 8, seed=0)
@@ -186,7 +186,7 @@ def test_calibration_passages_are_seeded_and_held_out(llama, data_folder):
 
 def test_lambada_calibrator_branches_equal_separate_runs(data_folder):
     """Every candidate scored in one branched pass == that mask scored on its own, and == `eval`'s hit count."""
-    from exporter.quality import FULL, TorchScorer, score_lambada
+    from exporter.quality.metrics import FULL, TorchScorer, score_lambada
 
     model, tok = build_model("llama", seed=1)
     examples, _ = C.calibration_passages(tok, data_folder, 12, seed=0)
@@ -340,7 +340,7 @@ def test_lazy_checks_run_only_on_masks_about_to_be_accepted():
 
 def test_fast_kl_equals_the_evaluation_kl(llama, data_folder):
     """Calibrator's KL (P . logits - logsumexp) against quality.kl_top1_sum (log-softmax both) on the same windows."""
-    from exporter.quality import FULL, TorchScorer, kl_top1_sum
+    from exporter.quality.metrics import FULL, TorchScorer, kl_top1_sum
 
     model, tok = llama
     chunks = calibration_windows(tok, data_folder, 2, 48, seed=0)
@@ -353,10 +353,10 @@ def test_fast_kl_equals_the_evaluation_kl(llama, data_folder):
 
 
 def test_calibration_windows_come_from_the_second_half(llama, data_folder):
-    from exporter.data import read_wikitext
-    from exporter.heldout import check_held_out
-    from exporter.importance import held_out_tokens
-    from exporter.prompts import encode_plain
+    from exporter.quality.data import read_wikitext
+    from exporter.quality.heldout import check_held_out
+    from exporter.quality.importance import held_out_tokens
+    from exporter.model.prompts import encode_plain
 
     _, tok = llama
     ids = encode_plain(tok, read_wikitext(data_folder))
@@ -372,8 +372,8 @@ def test_calibration_windows_come_from_the_second_half(llama, data_folder):
 
 
 def test_answer_check_sees_a_mask_that_changes_the_answers(llama):
-    from exporter.answers import AnswerCheck, chat_windows, matching_prefix
-    from exporter.prompts import encode
+    from exporter.quality.answers import AnswerCheck, chat_windows, matching_prefix
+    from exporter.model.prompts import encode
 
     model, tok = llama
     prompts = [encode(tok, p) for p in ("The capital of France is", "Hi")]

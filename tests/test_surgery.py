@@ -4,12 +4,12 @@ import torch
 from conftest import CONFIGS, MASKS, PROMPTS, make_mask
 from exporter.architectures import layout_for
 from exporter.errors import UserError
-from exporter.parity import check_parity
-from exporter.stages.remove import removed_parameters
-from exporter.prompts import left_padded
+from exporter.checks.parity import check_parity
+from exporter.pipeline.remove import removed_parameters
+from exporter.model.prompts import left_padded
 from exporter.backends.pytorch import HFRunner, TorchRunner
 from exporter.mask import SkipMask
-from exporter.surgery import apply_skip, count_parameters, masked
+from exporter.model.surgery import apply_skip, count_parameters, masked
 
 
 @pytest.mark.parametrize("mask_name", MASKS)
@@ -84,7 +84,7 @@ def test_out_of_range_mask_is_a_user_error(tiny_models):
 
 
 def test_unsupported_architecture_is_refused():
-    from exporter.models import load_model
+    from exporter.model.source import load_model
     from exporter.recipe import ModelSource
 
     with pytest.raises(UserError, match="unsupported architecture 'gpt2'"):

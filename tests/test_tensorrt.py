@@ -17,7 +17,7 @@ import torch
 from conftest import PROMPTS, make_mask
 from exporter.errors import UserError
 from exporter.onnx.export import export_onnx, model_in_precision
-from exporter.surgery import apply_skip
+from exporter.model.surgery import apply_skip
 from exporter.backends.trt import (BackendMissing, BuildOptions, ParseError, build_engine, check_sidecar, engine_profiles,
                                   import_backend, missing_reason, profile_shapes, sidecar_path)
 from exporter.files import sha256_file as sha256
@@ -162,7 +162,7 @@ def test_tiny_mistral_recipe_builds_engines_and_reports_missing_backends(tmp_pat
 
 def test_pipeline_without_tensorrt_still_exports_and_says_why(tmp_path, monkeypatch):
     """No TensorRT at all: ONNX is exported and validated, the report lists engines not built and why."""
-    from exporter import pipeline
+    from exporter.pipeline import run as pipeline
     from exporter.backends import trt as tensorrt
     from exporter.recipe import TensorRT, load_recipe
 
@@ -194,11 +194,11 @@ def _gpu_backend():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to PyTorch")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_trt_runner_parity_against_masked_reference(tiny_models, tiny_graphs, tmp_path, precision):
-    from exporter.parity import check_parity
-    from exporter.prompts import left_padded
+    from exporter.checks.parity import check_parity
+    from exporter.model.prompts import left_padded
     from exporter.backends.pytorch import HFRunner
     from exporter.backends.trt import TrtRunner
-    from exporter.surgery import masked
+    from exporter.model.surgery import masked
 
     backend, cc = _gpu_backend()
     opts = BuildOptions(max_batch=2, max_context=64, compute_capabilities=(cc,))

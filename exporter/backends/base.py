@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from exporter.prompts import position_ids
+from exporter.onnx.contract import position_ids
 
 
 class DecodeRunner:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from exporter.backends.base import DecodeRunner
-from exporter.backends.session import open_session
+from exporter.onnx.session import open_session
 from exporter.onnx.contract import is_past, is_present, past_for
 
 

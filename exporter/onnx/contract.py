@@ -79,3 +79,9 @@ def onnx_signature(path: Path) -> dict:
         }
 
     return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
+
+
+def position_ids(attention_mask):
+    """The contract's `position_ids` for a left-padded batch [B, T] (torch): the first real token is 0 (padding
+    gets 0 too)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -27,7 +27,7 @@ so resident memory grows by about the weights' size. fp32 only: the kernels abov
 
 Where only some shapes gain on the CPU that builds (the AVX-512 EPYC of issue 14: the LM head alone), the optimize
 stage also builds `add_one_row_dispatch`: an If around each such MatMul in the decode body, with the layout per
-shape timed there (exporter/bench/kernels.py).
+shape timed there (exporter/timing/kernels.py).
 """
 
 from __future__ import annotations

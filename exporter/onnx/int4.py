@@ -285,11 +285,11 @@ def reference_sequences(recorded) -> list[tuple[np.ndarray, np.ndarray]]:
 def matmul_inputs(source: Path, x: str, sequences) -> np.ndarray:
     """The activations [n, K] of tensor `x` (a MatMul's input) when the fp32 `source` runs each sequence in one
     prefill (padding positions dropped)."""
-    from exporter.backends.session import open_session
+    from exporter.onnx.session import open_session
     import torch
 
     from exporter.onnx.contract import is_past
-    from exporter.prompts import position_ids
+    from exporter.onnx.contract import position_ids
 
     proto = onnx.load(str(source), load_external_data=False)
     proto.graph.output.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))

@@ -10,8 +10,8 @@ import os
 import statistics
 import sys
 
-from exporter.bench import timing as bench_timing
-from exporter.bench import worker as bench_worker
+from exporter.timing import interleaved as bench_timing
+from exporter.timing import worker as bench_worker
 from exporter.machine import describe_machine, machine_info
 
 

@@ -24,7 +24,7 @@ def worker(path: str, batch: int, context: int) -> None:
 
     import onnxruntime as ort
 
-    from exporter.bench import worker as bench_worker
+    from exporter.timing import worker as bench_worker
 
     if os.environ.get("AB_PIN"):  # pin this worker to one CPU (both graphs' workers to the same one)
         os.sched_setaffinity(0, {int(os.environ["AB_PIN"])})
@@ -43,7 +43,7 @@ def worker(path: str, batch: int, context: int) -> None:
 
 
 def main(argv) -> None:
-    from exporter.bench import timing as bench_timing
+    from exporter.timing import interleaved as bench_timing
 
     paths = dict(a.split("=", 1) for a in argv[0].split(","))
     batch, context, rounds, sets = (int(x) for x in argv[1:5])

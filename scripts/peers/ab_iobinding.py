@@ -7,7 +7,7 @@ import sys, time, statistics, subprocess
 # worker mode
 if sys.argv[1] == "w":
     import onnxruntime as ort
-    from exporter.bench import worker as bench_worker
+    from exporter.timing import worker as bench_worker
     o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.log_severity_level = 3
     s = ort.InferenceSession(sys.argv[2], o, providers=["CPUExecutionProvider"])
     f = bench_worker.make_feeds(s, 1, 1, int(sys.argv[3]), head_dim=64)

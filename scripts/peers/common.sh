@@ -6,7 +6,7 @@ RECIPE=${RECIPE:-$ROOT/recipes/smollm2-135m.yaml}
 hf_folder() {
   "$ROOT/.venv/bin/python" -c "
 import sys
-from exporter.models import _convert_gguf
+from exporter.model.source import _convert_gguf
 from exporter.recipe import load_recipe
 print(_convert_gguf(load_recipe(sys.argv[1]).model))" "$RECIPE"
 }

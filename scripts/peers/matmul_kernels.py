@@ -2,7 +2,7 @@
 weight shape, timed in ONNX Runtime (CPU) with the weight as ORT prepacks it (a 2-D initializer), as an
 unpacked [1, K, N] view (MLAS's one-row kernel), and as an unpacked transposed view (FusedMatMul transB=1,
 MLAS's one-row kernel for a transposed B), for 1 row (batch-1 decode), 4 rows (batch-4 decode) and 128 rows
-(a prompt). The timing is the optimize stage's own (exporter/bench/kernels.py: weights streamed from memory,
+(a prompt). The timing is the optimize stage's own (exporter/timing/kernels.py: weights streamed from memory,
 the three layouts' calls interleaved); medians per MatMul, and each layout's ratio to the packed one.
 
     .venv/bin/python scripts/peers/matmul_kernels.py [ROUNDS] [THREADS]
@@ -11,7 +11,7 @@ import sys
 
 import onnxruntime as ort
 
-from exporter.bench.kernels import copies_for, stream_bytes, time_layouts
+from exporter.timing.kernels import copies_for, stream_bytes, time_layouts
 
 SHAPES = [(576, 960), (576, 576), (576, 1536), (1536, 576), (576, 49152)]  # qkv, o, gate/up, down, LM head
 ROWS = [1, 4, 128]

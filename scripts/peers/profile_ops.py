@@ -22,7 +22,7 @@ from collections import defaultdict
 def worker(path: str, context: int, steps: int, batch: int, prefix: str) -> None:
     import onnxruntime as ort
 
-    from exporter.bench import worker as bench_worker
+    from exporter.timing import worker as bench_worker
 
     o = ort.SessionOptions()
     o.intra_op_num_threads = int(os.environ.get("PROFILE_THREADS", "1"))
@@ -95,7 +95,7 @@ def main(argv):
     for op in ops:
         print(f"  {op:36s} " + " | ".join(" ".join(f"{r['per_op_ms_per_step'].get(op, 0):7.3f}" for r in results[n])
                                           for n in names))
-    from exporter.bench import timing as bench_timing
+    from exporter.timing import interleaved as bench_timing
     print("load average:", bench_timing.load_average())
 
 

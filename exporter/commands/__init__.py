@@ -1,0 +1,1 @@
+"""One module per command: its arguments, what it runs, what it prints. Libraries neither parse nor print."""

@@ -1,0 +1,1 @@
+"""The base model and its skipped form: the family table, loading, tokenizers, the serving checkpoint, removal."""
