@@ -78,8 +78,11 @@ def deepest_layers(num_layers: int, fraction: float, keep_final: bool) -> list[i
 def resolve_mask(recipe, num_layers: int) -> SkipMask:
     """The SkipMask of a recipe's `skip` section for a model with `num_layers` layers; out-of-range indices
     are user errors."""
-    where = recipe.source_path or "recipe"
-    skip = recipe.skip
+    return skip_mask(recipe.skip, num_layers, str(recipe.source_path or "recipe"))
+
+
+def skip_mask(skip, num_layers: int, where: str = "recipe") -> SkipMask:
+    """The SkipMask of a `skip` section (recipe.Skip) for a model with `num_layers` layers; errors name `where`."""
     sets = {}
     for key in ("attention", "mlp"):
         layers: set[int] = set()

@@ -61,6 +61,7 @@ def check_recipe(path: Path, backend: str, cc: str, work: Path, context: int, st
     from exporter.model.source import load_model
     from exporter.onnx.export import export_onnx, model_in_precision
     from exporter.checks.parity import check_parity
+    from exporter.pipeline.settings import ReferenceSettings
     from exporter.pipeline.validate import validation_batches
     from exporter.mask import resolve_mask
     from exporter.recipe import load_recipe
@@ -85,7 +86,7 @@ def check_recipe(path: Path, backend: str, cc: str, work: Path, context: int, st
         v = recipe.validation
         parity = []
         with masked(model, mask):
-            for _, (ids, attn) in validation_batches(recipe, tokenizer):
+            for _, (ids, attn) in validation_batches(ReferenceSettings.of(recipe), tokenizer):
                 phases, _ = check_parity(HFRunner(model), engines["skipped"], ids, attn, v.decode_steps,
                                          v.half_atol.prefill, v.half_atol.decode, f"{backend}:fp16")
                 parity += [p.as_dict() for p in phases]

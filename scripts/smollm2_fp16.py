@@ -32,6 +32,7 @@ def main() -> int:
     from exporter.model.source import load_model
     from exporter.onnx.export import export_onnx, model_in_precision
     from exporter.pipeline.remove import removed_parameters
+    from exporter.pipeline.settings import ReferenceSettings, ValidateSettings
     from exporter.pipeline.validate import validation_batches
     from exporter.checks.reference import REFERENCE_FILE, save_reference
     from exporter.pipeline.reference import record_reference
@@ -57,9 +58,9 @@ def main() -> int:
 
     # ORT parity of the skipped fp16 graph, first prompt only (batch 1), as the pipeline does it
     v = recipe.validation
-    batches = [validation_batches(recipe, tokenizer)[0][1]]
+    batches = [validation_batches(ReferenceSettings.of(recipe), tokenizer)[0][1]]
     save_reference(record_reference(model, mask, batches, v.decode_steps), out / REFERENCE_FILE)
-    summary["ort_fp16"] = validate_stage(v, out, {"fp16": graphs["skipped"]}, "fp32")
+    summary["ort_fp16"] = validate_stage(ValidateSettings.of(recipe), out, {"fp16": graphs["skipped"]}, "fp32").to_json()
 
     if not args.no_engines:
         from exporter.backends.trt import BuildOptions, build_engine, missing_reason

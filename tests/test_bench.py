@@ -9,7 +9,7 @@ import json
 import pytest
 
 from exporter.commands import bench as command
-from exporter.pipeline import unskipped as full_graphs
+from exporter.pipeline.run import unskipped_graph
 from exporter.backends import ort
 from exporter.timing import interleaved as timing
 from exporter.timing import worker
@@ -89,9 +89,14 @@ def test_bench_quick_writes_json_and_table(tiny, tiny_artifact_copy, monkeypatch
     assert m["kv_reduction_measured"] == pytest.approx(2 / 6, abs=1e-4)  # 2 of 6 attention layers removed
     assert m["kv_reduction_matches_removed_fraction"] is True
     assert "measured speedup" in (out / "bench.md").read_text()
-    # the full graph is cached: a second call does not export again
-    cached = [p for p in (tmp_path / "cache" / "full-onnx").iterdir() if not p.name.startswith(".")]  # not locks
-    assert len(cached) == 1 and (cached[0] / "model.opt.onnx").is_file()
+    # the full graphs are the pipeline's own run with an empty mask, checked like any run and cached like any run
+    (folder,) = [p for p in (tmp_path / "cache" / "unskipped").iterdir() if not p.name.startswith(".")]
+    assert (folder / "model.opt.onnx").is_file() and r["graphs"]["full:plain"] == str(folder / "model.onnx")
+    report = json.loads((folder / "report.json").read_text())
+    assert report["passed"] and report["mask"]["attention"] == [] and report["parity"]
+    assert unskipped_graph(recipe, command._artifact_build(out)) == folder / "model.onnx"
+    stages = {s["name"]: s["cached"] for s in json.loads((folder / "report.json").read_text())["stages"]}
+    assert stages["export"] and stages["reference"] and stages["optimize"]  # a second call exports nothing again
 
 
 def test_bench_without_an_artifact_is_a_user_error(tmp_path):
@@ -106,7 +111,7 @@ def test_bench_with_a_peer_measures_it_alike(tiny, tiny_artifact_copy, monkeypat
     monkeypatch.setenv("EXPORT_SKIP_BENCH_ROUNDS", "12")
     recipe, model, _ = tiny
     out = tiny_artifact_copy
-    peer = full_graphs.full_graph(recipe, model=model)
+    peer = unskipped_graph(recipe)
     assert command.run_bench(recipe, out, console=None, quick=True, threads=1, extra={"twin": peer}) == 0
     r = json.loads((out / "bench.json").read_text())
     (case,) = r["decode"]
@@ -149,7 +154,7 @@ def test_rounds_from_the_environment_are_checked(monkeypatch):
 
 def test_the_full_graph_is_built_in_the_artifacts_variant(tiny, monkeypatch, tmp_path):
     """The full model's optimized graph is rebuilt in the variant the skipped artifact serves (report.json's
-    optimized_graph and tuning, via stages.optimize.build_options), so a ratio compares masks, not rewrites."""
+    optimized_graph and tuning, via pipeline.optimize.build_options), so a ratio compares masks, not rewrites."""
     import onnx
 
     from exporter.onnx.contract import OPT_FILE
@@ -162,21 +167,23 @@ def test_the_full_graph_is_built_in_the_artifacts_variant(tiny, monkeypatch, tmp
     assert build_options(None, None) is None
     assert build_options({"variant": "packed"}, None) == {"batch1_path": False, "one_row_layouts": None}
     assert build_options({"variant": "batch1-branch"}, None) == {"batch1_path": True, "one_row_layouts": None}
-    plain = full_graphs.full_graph(recipe, model=model, build={"batch1_path": False})
+    packed = {"batch1_path": False, "one_row_layouts": None}
+    plain = unskipped_graph(recipe, packed)
     opt = plain.with_name(OPT_FILE)
     shapes = sorted(matmul_weight_shapes(opt))
     tuning = {"one_row_kernels": {"layouts": {f"{k}x{n}": "unpacked" for k, n in shapes}}}
     build = build_options({"variant": "one-row-dispatch"}, tuning)
-    assert build == {"batch1_path": False, "one_row_layouts": {shape: "unpacked" for shape in shapes}}
+    assert build == {"batch1_path": False, "one_row_layouts": {f"{k}x{n}": "unpacked" for k, n in shapes}}
 
     def one_row_dispatches():
         proto = onnx.load(str(opt), load_external_data=False)
         return sum(n.name.startswith(ONE_ROW) for n in decode_body(proto.graph).node if n.op_type == "If")
 
     assert one_row_dispatches() == 0
-    assert full_graphs.full_graph(recipe, model=model, build=build) == plain
+    assert unskipped_graph(recipe, build) == plain
     assert one_row_dispatches() > 0  # rebuilt in the artifact's variant
-    full_graphs.full_graph(recipe, model=model, build={"batch1_path": False})
+    assert json.loads(plain.with_name("report.json").read_text())["optimized_graph"]["variant"] == "one-row-dispatch"
+    unskipped_graph(recipe, packed)
     assert one_row_dispatches() == 0
 
 

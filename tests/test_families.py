@@ -218,7 +218,8 @@ def test_skipped_model_matches_masked_reference(family, mask, loaded):
 def test_removal_takes_whole_branches_and_the_cost_model_counts_them(family, loaded, folders):
     """Removed parameters = the branches' modules (pre-norm, module, post-norm); the cost model's count of kept
     parameters (from the config object and from config.json alone) is exact."""
-    from exporter.cost import config_from_json, kept_parameters
+    from exporter.cost import kept_parameters
+    from exporter.model.source import config_from_json
     from exporter.pipeline.remove import remove_stage
 
     model, _ = loaded(family)
@@ -354,13 +355,14 @@ def test_checkpoint_refused_before_any_work_or_written(family, folders, tmp_path
     from exporter.pipeline import run as pipeline
     from exporter.recipe import Recipe
     from exporter.pipeline import load
+    from exporter.pipeline.settings import LoadSettings
 
     recipe = Recipe.model_validate({"version": 1, "model": {"path": str(folders(family))},
                                     "skip": {"attention": [1, 2], "mlp": [2]},
                                     "export": {"checkpoint": True}, "validate": {"speed": False}})
     reason = CHECKPOINT_REFUSED[family]
     if reason is None:
-        load.require_supported(recipe)
+        load.require_supported(LoadSettings.of(recipe), load.load_base_config(LoadSettings.of(recipe)))
         return
     monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("weights were loaded before the refusal"))
     out = tmp_path / "art" / family

@@ -145,15 +145,17 @@ def test_a_graph_over_2_gib_is_not_tuned_and_the_report_says_so(tiny_artifact_co
     from exporter.model.source import load_config
     from exporter.recipe import load_recipe
     from exporter.pipeline.optimize import optimize_stage
+    from exporter.pipeline.settings import OptimizeSettings
 
     recipe = load_recipe(TINY_RECIPE)
-    out = optimize_stage(recipe, load_config(recipe.model), tiny_artifact_copy / "model.onnx", "fp32",
-                         SECOND_LAYOUT_MAX_BYTES + 1, tune=True)
-    assert out["tuning"] is None and out["serve"] == "model.opt.onnx"
-    assert [n["check"] for n in out["not_run"]] == ["variant tuning (bench/tune.py)"]
-    assert "2 GiB" in out["not_run"][0]["reason"]
+    recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"tune": True})})
+    out = optimize_stage(OptimizeSettings.of(recipe), load_config(recipe.model), tiny_artifact_copy / "model.onnx",
+                         "fp32", SECOND_LAYOUT_MAX_BYTES + 1)
+    assert out.tuning is None and out.serve == "model.opt.onnx"
+    assert [n["check"] for n in out.not_run] == ["variant tuning (timing/tune.py)"]
+    assert "2 GiB" in out.not_run[0]["reason"]
     # over 2 GiB the default variant has no batch-1 branch (batch1_decode_path: auto), and it passed parity
-    assert out["fused"]["variant"] == "packed" and out["parity"] and all(p["passed"] for p in out["parity"])
+    assert out.fused["variant"] == "packed" and out.parity and all(p["passed"] for p in out.parity)
     assert not list(tiny_artifact_copy.glob("tune-*"))
 
 
@@ -164,11 +166,13 @@ def test_untuned_builds_the_branch_only_when_the_recipe_asks(tiny_artifact_copy,
     from exporter.model.source import load_config
     from exporter.recipe import load_recipe
     from exporter.pipeline.optimize import optimize_stage
+    from exporter.pipeline.settings import OptimizeSettings
 
     recipe = load_recipe(TINY_RECIPE)
-    recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"batch1_decode_path": setting})})
-    out = optimize_stage(recipe, load_config(recipe.model), tiny_artifact_copy / "model.onnx", "fp32", 1 << 20,
-                         tune=False)
-    assert out["tuning"] is None and out["fused"]["variant"] == variant
-    assert (out["fused"]["batch1_unpacked_matmuls"] > 0) == (variant == "batch1-branch")
-    assert out["parity"] and all(p["passed"] for p in out["parity"])
+    recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"batch1_decode_path": setting,
+                                                                                  "tune": False})})
+    out = optimize_stage(OptimizeSettings.of(recipe), load_config(recipe.model), tiny_artifact_copy / "model.onnx",
+                         "fp32", 1 << 20)
+    assert out.tuning is None and out.fused["variant"] == variant
+    assert (out.fused["batch1_unpacked_matmuls"] > 0) == (variant == "batch1-branch")
+    assert out.parity and all(p["passed"] for p in out.parity)

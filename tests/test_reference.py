@@ -48,31 +48,37 @@ def test_replay_refuses_other_inputs_or_tokens(tiny_models):
 def test_the_pytorch_model_is_released_before_onnx_runtime(tmp_path, monkeypatch):
     """Everything that runs the model happens in pipeline._pytorch_stages; when it returns, the model is gone
     (no stage, closure or exporter cache keeps it: torch.onnx's rewriter used to)."""
+    from contextlib import ExitStack
+
+    from exporter.measure import StageLog
     from exporter.pipeline import run as pipeline
     from exporter.pipeline.cache import StageCache
-    from exporter.measure import StageLog
+    from exporter.pipeline.load import load_base_config
+    from exporter.pipeline.results import Findings
+    from exporter.pipeline.settings import RunSettings
     from exporter.recipe import load_recipe
-    from exporter.report import Findings
 
     alive = []
     real_load = pipeline.load_stage
 
-    def spy(recipe):
-        loaded = real_load(recipe)
-        alive.append(weakref.ref(loaded[3]))
+    def spy(settings, config):
+        loaded = real_load(settings, config)
+        alive.append(weakref.ref(loaded[2]))
         return loaded
 
     monkeypatch.setattr(pipeline, "load_stage", spy)
     cache, found = StageCache(tmp_path / "cache", enabled=False), Findings()
 
-    def cached(stage, key, rec, compute):
-        results, rec.cached = cache.restore_or_run(stage, key, tmp_path, compute)
-        return found.add(results)
+    def cached(stage, key, rec, compute, result_type):
+        result, rec.cached = cache.restore_or_run(stage, key, tmp_path, compute, result_type)
+        return found.add(result)
 
-    loaded = pipeline._pytorch_stages(load_recipe(TINY_RECIPE), tmp_path, StageLog(None), found, cached, False)
+    settings = RunSettings.of(load_recipe(TINY_RECIPE))
+    loaded = pipeline._pytorch_stages(settings, load_base_config(settings.load), ExitStack(), tmp_path, StageLog(None),
+                                      found, cached, False)
     gc.collect()
     assert alive and alive[0]() is None
-    assert (tmp_path / REFERENCE_FILE).is_file() and loaded.exported["artifacts"]
+    assert (tmp_path / REFERENCE_FILE).is_file() and loaded.exported.artifacts
 
 
 def test_verify_parity_rechecks_a_folder_from_its_recording(tiny_artifact_copy):

@@ -161,14 +161,15 @@ def load_base_config(folder: Path):
     return config
 
 
-def load_checkpoint(folder: Path, dtype):
-    """(model, tokenizer) from a checkpoint folder; removed sub-layers output exactly zero."""
+def load_checkpoint(folder: Path, dtype, config=None):
+    """(model, tokenizer) from a checkpoint folder; removed sub-layers output exactly zero. `config`: the folder's
+    config (load_base_config) where the caller has it already."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
-    config = load_base_config(folder)
+    config = config or load_base_config(folder)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise UserError(f"{folder}: no *.safetensors weights in this checkpoint folder")

@@ -11,31 +11,29 @@ of the weights, which the disk guard counts.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from exporter.files import copy_file
+from exporter.files import copy_file, files_digest, json_digest, publish_folder, temporary_sibling
+from exporter.pipeline.results import StageResult
 
 _DONE = "stage.json"
+R = TypeVar("R", bound=StageResult)
 
 
 def code_fingerprint(*modules: str) -> str:
     """Hash of the source of the named exporter modules a stage runs ("surgery", "onnx.export"): changing
     them redoes the stage."""
-    digest = hashlib.sha256()
-    for name in sorted(modules):
-        path = Path(__file__).parents[1].joinpath(*name.split(".")).with_suffix(".py")
-        digest.update(name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    package = Path(__file__).parents[1]
+    return files_digest({name: package.joinpath(*name.split(".")).with_suffix(".py") for name in sorted(modules)},
+                        length=16)
 
 
 def stage_key(inputs: dict) -> str:
-    blob = json.dumps(inputs, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return json_digest(inputs, length=20)
 
 
 class StageCache:
@@ -56,7 +54,7 @@ class StageCache:
     def store(self, stage: str, key: str, src: Path, files: list[str], results: dict) -> None:
         """Record a finished stage (files relative to `src`); written whole or not at all."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{stage}-{key}.tmp-{os.getpid()}"
+        tmp = temporary_sibling(self.root / f"{stage}-{key}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for name in files:
@@ -64,14 +62,15 @@ class StageCache:
         (tmp / _DONE).write_text(json.dumps({"files": files, "results": results}, indent=1))
         for old in self.root.glob(f"{stage}-*"):
             shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(self.root / f"{stage}-{key}")
+        publish_folder(tmp, self.root / f"{stage}-{key}")
 
-    def restore_or_run(self, stage: str, key: str, folder: Path, compute) -> tuple[dict, bool]:
-        """(results, cached): a finished stage's results (its files copied into `folder`) from the cache, or
-        `compute()` run now and stored (the files it lists under "artifacts")."""
+    def restore_or_run(self, stage: str, key: str, folder: Path, compute: Callable[[], R],
+                       result_type: type[R]) -> tuple[R, bool]:
+        """(result, cached): a finished stage's result (its files copied into `folder`) from the cache, or
+        `compute()` run now and stored (the files it lists under `artifacts`)."""
         results = self.restore(stage, key, folder)
         if results is not None:
-            return results, True
-        results = compute()
-        self.store(stage, key, folder, [a["path"] for a in results.get("artifacts", [])], results)
-        return results, False
+            return result_type.from_json(results), True
+        result = compute()
+        self.store(stage, key, folder, [a["path"] for a in result.artifacts], result.to_json())
+        return result, False

@@ -9,29 +9,29 @@ from exporter.backends.trt import (BuildOptions, build_engine, check_sidecar, mi
 from exporter.errors import UserError
 from exporter.files import describe_file
 from exporter.onnx.contract import ONNX_FILE
-from exporter.recipe import Recipe
+from exporter.pipeline.results import Engines
+from exporter.pipeline.settings import EnginesSettings
 
 
-def require_backends(recipe: Recipe) -> None:
+def require_backends(settings: EnginesSettings | None, where: str = "recipe") -> None:
     """With `tensorrt.required`, a missing backend stops the run before any work (one line, exit 2)."""
-    if recipe.tensorrt is not None and recipe.tensorrt.required:
-        reasons = [r for b in recipe.tensorrt.backends if (r := missing_reason(b))]
+    if settings is not None and settings.tensorrt.required:
+        reasons = [r for b in settings.tensorrt.backends if (r := missing_reason(b))]
         if reasons:
-            raise UserError(f"{recipe.source_path or 'recipe'}: tensorrt.required: " + "; ".join(reasons))
+            raise UserError(f"{where}: tensorrt.required: " + "; ".join(reasons))
 
 
-def engines_stage(recipe: Recipe, own: str, out_dir: Path) -> dict:
+def engines_stage(settings: EnginesSettings, own: str, out_dir: Path) -> Engines:
     """One engine per backend and precision from the exported graphs; missing backends are reported, not fatal."""
-    t = recipe.tensorrt
-    opts = BuildOptions(max_batch=t.max_batch or recipe.export.max_batch,
-                        max_context=t.max_context or recipe.export.max_context,
+    t = settings.tensorrt
+    opts = BuildOptions(max_batch=settings.max_batch, max_context=settings.max_context,
                         optimization_level=t.optimization_level, compute_capabilities=tuple(t.compute_capabilities),
                         hardware_compatibility=t.hardware_compatibility, version_compatible=t.version_compatible,
                         timing_cache=t.timing_cache)
     built, not_built, artifacts, checks = [], [], [], []
     for backend in t.backends:
         reason = missing_reason(backend)
-        for precision in recipe.engine_precisions:
+        for precision in settings.precisions:
             if reason:
                 not_built.append({"backend": backend, "precision": precision, "reason": reason})
                 continue
@@ -51,4 +51,4 @@ def engines_stage(recipe: Recipe, own: str, out_dir: Path) -> dict:
                           describe_file(sidecar_path(engine_path), out_dir, "engine-sidecar", precision)]
             if timing_cache_out(engine_path).is_file():
                 artifacts.append(describe_file(timing_cache_out(engine_path), out_dir, "timing-cache"))
-    return {"built": built, "not_built": not_built, "artifacts": artifacts, "checks": checks}
+    return Engines(built=built, not_built=not_built, artifacts=artifacts, checks=checks)

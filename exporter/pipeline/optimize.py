@@ -12,7 +12,8 @@ from exporter.onnx.graph import move_graph
 from exporter.onnx.gemv import matmul_weight_shapes
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.checks.parity import check_recorded
-from exporter.recipe import Recipe
+from exporter.pipeline.results import Optimized
+from exporter.pipeline.settings import OptimizeSettings
 from exporter.checks.reference import REFERENCE_FILE, load_reference
 
 
@@ -41,52 +42,62 @@ TUNE_FILES = {BRANCH: "tune-branch.onnx", ONE_ROW: "tune-one-row.onnx"}
 
 
 def build_options(fused: dict | None, tuning: dict | None) -> dict | None:
-    """optimize_onnx's options that rebuild the variant `fused` describes (report.json's "optimized_graph" and
-    "tuning"), so the unskipped model's graph is built alike for speed comparisons; None: no optimized graph."""
+    """The variant `fused` describes (report.json's "optimized_graph" and "tuning"), as OptimizeSettings.variant
+    takes it ({"batch1_path", "one_row_layouts": {"KxN": layout} or None}), so the unskipped model's graph is built
+    alike for speed comparisons; None: no optimized graph."""
     if not fused:
         return None
     variant = fused.get("variant", BRANCH if fused.get("batch1_unpacked_matmuls") else PACKED)
     layouts = None
     if variant == ONE_ROW:
-        named = (tuning or {}).get("one_row_kernels", {}).get("layouts", {})
-        layouts = {tuple(int(x) for x in shape.split("x")): how for shape, how in named.items()}
+        layouts = dict((tuning or {}).get("one_row_kernels", {}).get("layouts", {}))
     return {"batch1_path": variant == BRANCH, "one_row_layouts": layouts}
 
 
-def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, weight_bytes: int,
-                   tune: bool = True) -> dict:
+def optimize_options(variant: dict) -> dict:
+    """optimize_onnx's keyword arguments for a variant of build_options' form."""
+    named = variant.get("one_row_layouts") or {}
+    layouts = {tuple(int(x) for x in shape.split("x")): how for shape, how in named.items()} or None
+    return {"batch1_path": variant["batch1_path"], "one_row_layouts": layouts}
+
+
+def optimize_stage(settings: OptimizeSettings, config, plain_path: Path, precision: str,
+                   weight_bytes: int) -> Optimized:
     """Write model.opt.onnx beside the plain graph and check its parity exactly as the plain graph's.
 
-    With `tune`, the variants are timed on this machine (bench/tune.py): the plain graph, the optimized
+    With `tune`, the variants are timed on this machine (timing/tune.py): the plain graph, the optimized
     graph with packed weights only, and, where `export.batch1_decode_path` allows it, with the batch-1 branch
     and with one-row dispatches of the weight shapes whose one-row layout this machine ran faster
-    (bench/kernels.py; only built when some shape won);
+    (timing/kernels.py; only built when some shape won);
     model.opt.onnx is the faster optimized one (each candidate is built once: the winner is renamed, not
     rebuilt) and "serve" names the graph genai_config.json points at. Without, the default variant is built (packed
-    weights; the branch where the recipe sets `batch1_decode_path: true`) and served.
+    weights; the branch where the recipe sets `batch1_decode_path: true`) and served; with `settings.variant`,
+    exactly that variant.
     A graph this rewrite does not handle is reported under not_run with the reason; the plain graph is then
     the only ONNX artifact.
     """
     out_dir = plain_path.parent
     opt = out_dir / OPT_FILE
-    setting = recipe.export.batch1_decode_path
+    setting, tune = settings.batch1_decode_path, settings.tune
     branch = batch1_path(setting, weight_bytes) and precision == "fp32"  # the tuner may try it
     default_branch = default_batch1_path(setting) and precision == "fp32"
     tuning, not_run = None, []
     if tune and weight_bytes > SECOND_LAYOUT_MAX_BYTES:  # each candidate's session holds the weights again
         tune = False
-        not_run.append({"check": "variant tuning (bench/tune.py)", "reason":
+        not_run.append({"check": "variant tuning (timing/tune.py)", "reason":
                         f"the candidates' sessions would hold the {weight_bytes / 2**30:.1f} GiB of weights once each, "
                         f"at once (tuned up to {SECOND_LAYOUT_MAX_BYTES / 2**30:.0f} GiB); the default variant was built"})
     try:
-        if tune:
-            fused, tuning = _tune(plain_path, config, branch, default_branch, recipe.export.max_context)
+        if settings.variant is not None:
+            fused = optimize_onnx(plain_path, config, **optimize_options(settings.variant))
+        elif tune:
+            fused, tuning = _tune(plain_path, config, branch, default_branch, settings.max_context)
         else:
             fused = optimize_onnx(plain_path, config, batch1_path=default_branch)
     except NotOptimizable as exc:
-        return {"artifacts": [], "parity": [], "fused": None, "tuning": None, "serve": plain_path.name,
-                "not_run": not_run + [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}]}
-    v = recipe.validation
+        return Optimized(serve=plain_path.name,
+                         not_run=not_run + [{"check": "optimized graph (ONNX Runtime contrib ops)", "reason": str(exc)}])
+    v = settings
     recorded = load_reference(out_dir / REFERENCE_FILE)
     parity = check_recorded(recorded, OrtRunner(opt, check=True), v.decode_steps, v.atol.prefill, v.atol.decode,
                             f"onnx:{precision}:optimized")
@@ -98,8 +109,7 @@ def optimize_stage(recipe: Recipe, config, plain_path: Path, precision: str, wei
     fused["variant"] = (BRANCH if fused["batch1_unpacked_matmuls"] else
                         ONE_ROW if fused.get("one_row_dispatched_matmuls") else PACKED)
     serve = plain_path.name if tuning is not None and tuning["chosen"] == PLAIN else opt.name
-    return {"artifacts": artifacts, "parity": parity, "not_run": not_run, "fused": fused, "tuning": tuning,
-            "serve": serve}
+    return Optimized(artifacts=artifacts, parity=parity, not_run=not_run, fused=fused, tuning=tuning, serve=serve)
 
 
 def _tune(plain_path: Path, config, branch: bool, default_branch: bool, max_context: int) -> tuple[dict, dict]:

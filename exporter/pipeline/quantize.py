@@ -14,14 +14,15 @@ from exporter.onnx.decode import add_decode_path_to
 from exporter.onnx.int4 import quantize_int4, reference_sequences
 from exporter.onnx.optimize import NotOptimizable, optimize_onnx
 from exporter.checks.parity import fit_recorded
-from exporter.recipe import Recipe
+from exporter.pipeline.results import Quantized
+from exporter.pipeline.settings import Int4Settings
 from exporter.checks.reference import REFERENCE_FILE, load_reference
 
 INT4_GRAPH = f"int4/{ONNX_FILE}"
 SOURCE = "int4-source.onnx"  # the optimized graph it is quantized from (removed once quantized)
 
 
-def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
+def int4_stage(settings: Int4Settings, config, plain_path: Path) -> Quantized:
     """Write int4/model.onnx beside the plain graph and check its fit to the recorded reference."""
     out_dir = plain_path.parent
     source, note = out_dir / SOURCE, None
@@ -30,7 +31,7 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
         optimize_onnx(plain_path, config, out_path=source, batch1_path=False, decode_path=False)
     except NotOptimizable as exc:  # the plain graph's MatMuls quantize just the same
         source, note = plain_path, f"quantized from the plain graph: {exc}"
-    q = recipe.export.int4
+    q = settings.quantizer
     calibration = reference_sequences(load_reference(out_dir / REFERENCE_FILE)) if q.lm_head_fit == "weighted" else None
     try:
         info = quantize_int4(source, out_dir / INT4_GRAPH, q.block_size, q.accuracy_level, q.lm_head,
@@ -41,9 +42,9 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
             data_path(source).unlink(missing_ok=True)
     info["source"] = note or "optimized graph (no batch-1 branch)"
     info["decode_folded_attention"] = 0 if note else add_decode_path_to(out_dir / INT4_GRAPH, config)
-    v, t = recipe.validation, recipe.validation.int4
+    t = settings.fit
     fit = fit_recorded(load_reference(out_dir / REFERENCE_FILE), OrtRunner(out_dir / INT4_GRAPH, check=True),
-                       v.decode_steps, "onnx:int4")
+                       settings.decode_steps, "onnx:int4")
     checks = [
         {"name": "int4: mean KL(fp32 reference || int4), next-token distributions", "value": round(fit["mean_kl"], 4),
          "limit": f"<= {t.max_mean_kl}", "passed": fit["mean_kl"] <= t.max_mean_kl},
@@ -54,4 +55,4 @@ def int4_stage(recipe: Recipe, config, plain_path: Path) -> dict:
     ]
     artifacts = [describe_file(out_dir / INT4_GRAPH, out_dir, "onnx-int4", "int4"),
                  describe_file(data_path(out_dir / INT4_GRAPH), out_dir, "onnx-external-data", "int4")]
-    return {"artifacts": artifacts, "checks": checks, "int4": {**info, "fit": fit}}
+    return Quantized(artifacts=artifacts, checks=checks, int4={**info, "fit": fit})

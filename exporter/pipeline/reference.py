@@ -13,8 +13,9 @@ from exporter.model import prompts
 from exporter.backends.pytorch import HFRunner, TorchRunner
 from exporter.files import describe_file
 from exporter.checks.parity import check_recorded, greedy_tokens
-from exporter.recipe import Recipe
 from exporter.checks.reference import REFERENCE_FILE, RecordedBatch, record_batch, save_reference
+from exporter.pipeline.results import Referenced
+from exporter.pipeline.settings import ReferenceSettings
 from exporter.pipeline.validate import validation_batches
 from exporter.model.surgery import masked
 
@@ -25,9 +26,9 @@ def record_reference(model, mask, batches, steps: int) -> list[RecordedBatch]:
         return [record_batch(HFRunner(model), ids, attn, steps) for ids, attn in batches]
 
 
-def reference_stage(recipe: Recipe, model, skipped, tokenizer, mask, out_dir: Path) -> dict:
-    v = recipe.validation
-    batches = validation_batches(recipe, tokenizer)
+def reference_stage(settings: ReferenceSettings, model, skipped, tokenizer, mask, out_dir: Path) -> Referenced:
+    v = settings
+    batches = validation_batches(v, tokenizer)
     recorded = record_reference(model, mask, [pair for _, pair in batches], v.decode_steps)
     samples = []
     for (texts, (ids, attn)), batch in zip(batches, recorded):
@@ -38,4 +39,4 @@ def reference_stage(recipe: Recipe, model, skipped, tokenizer, mask, out_dir: Pa
     path = save_reference(recorded, out_dir / REFERENCE_FILE)
     parity = check_recorded(recorded, TorchRunner(skipped), v.decode_steps, v.atol.prefill, v.atol.decode,
                             "pytorch:skipped")
-    return {"artifacts": [describe_file(path, out_dir, "reference")], "parity": parity, "samples": samples}
+    return Referenced(artifacts=[describe_file(path, out_dir, "reference")], parity=parity, samples=samples)

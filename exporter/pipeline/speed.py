@@ -3,12 +3,24 @@ full vs skipped (`export-skip bench` measures properly)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from exporter.pipeline.unskipped import full_graph, graph_pairs
+from exporter.onnx.contract import OPT_FILE
+from exporter.pipeline.results import Speed
+from exporter.pipeline.settings import SpeedSettings
 from exporter.timing.interleaved import compare, time_interleaved
 from exporter.timing.worker import close_workers, open_workers
 from exporter.cost import predict, predicted_decode_speedup
+
+
+def graph_pairs(full_plain: Path, skipped_plain: Path) -> dict[str, tuple[Path, Path]]:
+    """{'plain': (full, skipped), 'optimized': (full, skipped)} for the variants present on disk."""
+    pairs = {"plain": (full_plain, skipped_plain)}
+    full_opt, skipped_opt = full_plain.with_name(OPT_FILE), skipped_plain.with_name(OPT_FILE)
+    if full_opt.is_file() and skipped_opt.is_file():
+        pairs["optimized"] = (full_opt, skipped_opt)
+    return pairs
 
 
 def quick_ratio(config, mask, full_plain: Path, skipped_plain: Path, context: int = 512, budget_s: float = 4.0,
@@ -44,15 +56,14 @@ QUICK_MAX_WEIGHT_BYTES = 2 << 30
 QUICK_CONTEXT = 512
 
 
-def speed_stage(recipe, config, mask, skipped_plain: Path, weight_bytes: int, console=None,
-                budget_s: float = 3.0, build: dict | None = None) -> dict:
+def speed_stage(settings: SpeedSettings, config, mask, skipped_plain: Path, weight_bytes: int,
+                full_graph: Callable[[], Path], budget_s: float = 3.0) -> Speed:
     """For the pipeline's report: the cost model's prediction and, where it can resolve the predicted saving,
-    a short measured ORT ratio, full vs skipped (the full graph is exported once into the cache, its optimized
-    graph built with `build`: the skipped artifact's variant)."""
-    precision = recipe.model.dtype
-    if not recipe.validation.speed:
-        return {"prediction": predict(config, mask, precision=precision), "measured": None,
-                "not_measured": "validate.speed: false"}
+    a short measured ORT ratio, full vs skipped; `full_graph()` gives the unskipped model's plain graph (the
+    pipeline run with an empty mask, its optimized graph in the skipped artifact's variant), called only then."""
+    precision = settings.dtype
+    if not settings.measure:
+        return Speed(prediction=predict(config, mask, precision=precision), not_measured="validate.speed: false")
     contexts = [c for c in (128, 512, 2048) if c <= config.max_position_embeddings - 2] or [config.max_position_embeddings // 2]
     prediction = predict(config, mask, contexts=contexts, precision=precision)
     context = min(QUICK_CONTEXT, config.max_position_embeddings - 2)
@@ -65,9 +76,8 @@ def speed_stage(recipe, config, mask, skipped_plain: Path, weight_bytes: int, co
         why = (f"the run does not export the unskipped model of {weight_bytes / 2**30:.1f} GiB a second time "
                "to time it")
     if why is not None:
-        return {"prediction": prediction, "measured": None,
-                "not_measured": f"{why}; `export-skip bench RECIPE` measures full vs skipped"}
-    full_plain = full_graph(recipe, console=console, build=build)
+        return Speed(prediction=prediction, not_measured=f"{why}; `export-skip bench RECIPE` measures full vs skipped")
+    full_plain = full_graph()
     measured = quick_ratio(config, mask, full_plain, skipped_plain, context=context, budget_s=budget_s,
                            precision=precision)
-    return {"prediction": prediction, "measured": measured, "full_graph": str(full_plain)}
+    return Speed(prediction=prediction, measured=measured, full_graph=str(full_plain))

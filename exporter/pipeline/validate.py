@@ -16,7 +16,9 @@ from exporter.onnx.session import ort_unsupported_op
 from exporter.checks.parity import check_recorded, greedy_tokens
 from exporter.dtypes import PRECISION_OF
 from exporter.onnx.contract import data_path
-from exporter.recipe import Recipe, Validate
+from exporter.pipeline.results import Validated
+from exporter.pipeline.settings import ReferenceSettings, ValidateSettings
+from exporter.recipe import Validate
 from exporter.checks.reference import REFERENCE_FILE, load_reference
 
 
@@ -42,9 +44,9 @@ def session_too_big(path: Path, precision: str) -> str | None:
             "are available; check it on a larger machine with `export-skip verify DIR --parity`")
 
 
-def validate_stage(v: Validate, out_dir: Path, graphs: dict[str, Path], own: str) -> dict:
-    """Parity rows per graph and batch (`v`: the recipe's validate section), checks not run, and half graphs'
-    greedy agreement; `own` is the precision of the recorded reference (the model's)."""
+def validate_stage(v: ValidateSettings, out_dir: Path, graphs: dict[str, Path], own: str) -> Validated:
+    """Parity rows per graph and batch, checks not run, and half graphs' greedy agreement; `own` is the precision
+    of the recorded reference (the model's)."""
     recorded = load_reference(out_dir / REFERENCE_FILE)
     parity, not_run, greedy = [], [], {}
     for precision, path in graphs.items():
@@ -71,12 +73,11 @@ def validate_stage(v: Validate, out_dir: Path, graphs: dict[str, Path], own: str
             differ = next((i for i, (a, b) in enumerate(zip(own_tokens, ref)) if a != b), None)
             greedy[precision] = {"tokens": len(ref), "identical": differ is None, "first_difference": differ}
         del runner  # one session at a time
-    return {"parity": parity, "not_run": not_run, "greedy": greedy}
+    return Validated(parity=parity, not_run=not_run, greedy=greedy)
 
 
-def validation_batches(recipe: Recipe, tokenizer) -> list[tuple[list[str], tuple]]:
+def validation_batches(v: ReferenceSettings, tokenizer) -> list[tuple[list[str], tuple]]:
     """(texts, (input_ids, attention_mask)): the first prompt alone, then a left-padded batch of 2."""
-    v = recipe.validation
     batches = [[v.prompts[0]]]
     if v.padded_batch:
         second = v.prompts[1] if len(v.prompts) > 1 else " ".join(v.prompts[0].split()[: max(1, len(v.prompts[0].split()) // 2)])
@@ -97,11 +98,12 @@ def verify_parity(folder: Path, manifest: dict) -> dict:
     the same checks as the run, on any machine, without the model."""
     resolved = manifest["recipe"]["resolved"]
     v = Validate.model_validate(resolved["validate"])
+    settings = ValidateSettings(decode_steps=v.decode_steps, atol=v.atol, half_atol=v.half_atol)
     own = PRECISION_OF[resolved["model"]["dtype"]]
     graphs = {f["precision"]: folder / f["path"] for f in manifest["files"] if f["kind"] == "onnx"}
-    out = validate_stage(v, folder, graphs, own)
+    out = validate_stage(settings, folder, graphs, own)
     for f in manifest["files"]:
         if f["kind"] == "onnx-optimized":
-            out["parity"] += check_recorded(load_reference(folder / REFERENCE_FILE), OrtRunner(folder / f["path"], check=True),
-                                            v.decode_steps, v.atol.prefill, v.atol.decode, f"onnx:{f['precision']}:optimized")
-    return out
+            out.parity += check_recorded(load_reference(folder / REFERENCE_FILE), OrtRunner(folder / f["path"], check=True),
+                                         v.decode_steps, v.atol.prefill, v.atol.decode, f"onnx:{f['precision']}:optimized")
+    return out.to_json()

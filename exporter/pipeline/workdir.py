@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 from exporter.errors import UserError
+from exporter.files import publish_folder, temporary_sibling
 
 
 def _pid_alive(pid: int) -> bool:
@@ -31,7 +32,7 @@ def _pid_alive(pid: int) -> bool:
 class WorkDir:
     def __init__(self, target: Path, wait: bool = True, on_wait=None):
         self.target = target
-        self.path = target.parent / f".{target.name}.partial-{os.getpid()}"
+        self.path = temporary_sibling(target, "partial")
         self.lock_path = target.parent / f".{target.name}.lock"
         self.wait = wait
         self.on_wait = on_wait
@@ -78,17 +79,13 @@ class WorkDir:
 
     def publish(self) -> Path:
         """Swap the finished folder into place; signals are held off so both renames happen."""
-        old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             if _interrupted:  # a signal came and its KeyboardInterrupt was dropped on the way: do not publish
                 raise KeyboardInterrupt(f"signal {_interrupted[0]}")
-            if self.target.exists():
-                self.target.rename(old)
-            self.path.rename(self.target)
+            publish_folder(self.path, self.target, replace=True)  # the old one aside as .NAME.old-PID, then removed
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.failed_path, ignore_errors=True)
         return self.target
 

@@ -16,7 +16,7 @@ from exporter.machine import describe_machine, machine_info
 
 
 def settle_s(threads: int) -> float:
-    """Untimed pause after each call (bench.timing.settle_for: 0.1 s with several threads); AB_SETTLE_S overrides."""
+    """Untimed pause after each call (timing.interleaved.settle_for: 0.1 s with several threads); AB_SETTLE_S overrides."""
     return float(os.environ.get("AB_SETTLE_S", bench_timing.settle_for(threads)))
 
 
