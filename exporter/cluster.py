@@ -10,12 +10,12 @@ answer in its place. Files are not moved through Ray: sweep items write under a 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import UserError
+from exporter.files import files_digest
 
 PACKAGE = Path(__file__).resolve().parent
 ENV_PREFIXES = ("EXPORT_SKIP_",)  # driver settings forwarded to workers (caches, data folder)
@@ -25,11 +25,8 @@ ACTOR_RESTARTS = 2  # a search actor lost mid-step is restarted (reloads the mod
 
 def package_fingerprint() -> str:
     """sha256 (16 hex) of every exporter/*.py source, by relative path: the same code hashes the same anywhere."""
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py"), key=lambda p: p.relative_to(PACKAGE).as_posix()):
-        digest.update(path.relative_to(PACKAGE).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    sources = {path.relative_to(PACKAGE).as_posix(): path for path in PACKAGE.rglob("*.py")}
+    return files_digest(dict(sorted(sources.items())), length=16)
 
 
 def where_am_i() -> dict:

@@ -20,19 +20,14 @@ Public API (other modules call these):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
+
 from exporter.architectures import ARCHITECTURES, Layout, head_dim, sliding_window_for
 from exporter.dtypes import itemsize
 from exporter.errors import UserError
-from exporter.mask import resolve_mask
-from exporter.model.source import load_config
 
 DECODE_CONTEXTS = (128, 512, 2048)
 PREFILL_TOKENS = (128, 512)
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
 
 @dataclass(frozen=True)
@@ -228,45 +223,3 @@ def render_prediction(pred: dict) -> list[str]:
                      f"{_flops(p['flops_per_token_skipped'])}/token | {p['speedup']:.3f}x | {p['saving']:.1%} |")
     return lines
 
-
-# --- configs for `plan`: from the recipe's source, or a shipped copy of a public config -------------
-
-
-def shipped_config_path(hub_id: str) -> Path:
-    """recipes/configs/<repo name, lower case>.json, e.g. mistralai/Mistral-7B-v0.1 -> mistral-7b-v0.1.json."""
-    return SHIPPED_CONFIGS / (hub_id.split("/")[-1].lower() + ".json")
-
-
-def config_from_json(path: Path):
-    """A config object (attribute access) from a config.json, without transformers."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read a config.json: {exc}") from None
-    missing = [k for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "vocab_size") if k not in data]
-    if missing:
-        raise UserError(f"{path}: config.json lacks {', '.join(missing)}")
-    data.setdefault("num_key_value_heads", data["num_attention_heads"])
-    return SimpleNamespace(**data)
-
-
-def config_for_recipe(recipe, config_path: Path | None = None):
-    """(config, where it came from). Hub models use a shipped public config when it exists (no network)."""
-    if config_path is not None:
-        return config_from_json(config_path), str(config_path)
-    source = recipe.model
-    if source.kind == "hub":
-        shipped = shipped_config_path(source.hub)
-        if shipped.is_file():
-            return config_from_json(shipped), f"shipped copy {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
-    return load_config(source), f"model source ({source.kind})"
-
-
-def plan(recipe, config_path: Path | None = None, contexts=DECODE_CONTEXTS, batches=(1, 4)) -> dict:
-    """The cost model's prediction for a recipe's mask, from the config alone."""
-    config, origin = config_for_recipe(recipe, config_path)
-    mask = resolve_mask(recipe, config.num_hidden_layers)
-    pred = predict(config, mask, contexts=contexts, batches=batches, precision=recipe.model.dtype)
-    return {"config_from": origin, "architecture": config.model_type,
-            "mask": {"attention": list(mask.attention), "mlp": list(mask.mlp)}, "prediction": pred}

@@ -17,14 +17,14 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
                       model_validator)
 
 from exporter.architectures import ARCHITECTURES
+from exporter.dtypes import DTYPE_NAMES, DTYPE_OF, PRECISION_OF
 from exporter.errors import UserError
 from exporter.mask import expand_layers
 
-DTYPES = ("float32", "float16", "bfloat16")
-Precision = Literal["fp32", "fp16", "bf16"]
+DtypeName = Literal[DTYPE_NAMES]  # float32 / float16 / bfloat16: exporter/dtypes.py
+Precision = Literal[tuple(DTYPE_OF)]  # fp32 / fp16 / bf16
 # int4 is not exported from PyTorch: it is the optimized fp32 graph with weight-only MatMulNBits (export.int4)
-GraphPrecision = Literal["fp32", "fp16", "bf16", "int4"]
-_PRECISION_OF = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+GraphPrecision = Literal[(*DTYPE_OF, "int4")]
 
 
 def _no_nul(value: Any) -> Any:
@@ -81,7 +81,7 @@ class ModelSource(_Strict):
     gguf: GgufSource | None = None
     config: dict[str, Any] | None = None
     seed: int = 0
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DtypeName = "float32"
     trust_remote_code: bool = False  # run the model repository's own Python code: only when asked
     allow_pickle: bool = False  # load pickle weight files (.bin/.pt), which can run code when unpickled
 
@@ -178,7 +178,7 @@ class Export(_Strict):
     # fp32 model.opt.onnx: batch-1 decode steps may read unpacked weights (ONNX Runtime's one-row kernels, faster
     # on some CPUs for some shapes; a second layout of those weights resident): the batch-1 branch, or one-row
     # dispatches for the shapes timed faster here (exporter/onnx/gemv.py); "auto": allowed for models of at most
-    # 2 GiB of kept weights (stages/optimize.py); without tuning, packed weights are built ("auto"), the branch (true)
+    # 2 GiB of kept weights (pipeline/optimize.py); without tuning, packed weights are built ("auto"), the branch (true)
     batch1_decode_path: bool | Literal["auto"] = "auto"
     # time the optimized graph's variants (plain, packed weights, the batch-1 branch, one-row dispatches) on the
     # machine that builds and keep the fastest (exporter/timing/tune.py); false (or `--no-tune`): the default variant, reproducibly
@@ -236,8 +236,8 @@ class Recipe(_Strict):
     def precisions(self) -> list[str]:
         """Graph precisions exported from PyTorch, in order; the first is the model's dtype unless the recipe says
         otherwise. int4 is not among them (`int4`)."""
-        listed = self.export.precisions or [_PRECISION_OF[self.model.dtype]]
-        return list(dict.fromkeys(p for p in listed if p != "int4")) or [_PRECISION_OF[self.model.dtype]]
+        listed = self.export.precisions or [PRECISION_OF[self.model.dtype]]
+        return list(dict.fromkeys(p for p in listed if p != "int4")) or [PRECISION_OF[self.model.dtype]]
 
     @property
     def int4(self) -> bool:

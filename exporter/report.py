@@ -7,7 +7,6 @@ read it. Sections other commands add later (eval's `quality`) are kept as extra 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,9 @@ class Report(BaseModel):
     engines: dict | None
     optimized_graph: dict | None
     speed: dict
-    tuning: dict | None = None  # the variants timed on the building machine and the choice (bench/tune.py)
+    tuning: dict | None = None  # the variants timed on the building machine and the choice (timing/tune.py)
     served_graph: str | None = None  # the graph genai_config.json names
-    int4: dict | None = None  # the int4 graph: what was quantized, its fit to the fp32 reference (stages/quantize.py)
+    int4: dict | None = None  # the int4 graph: what was quantized, its fit to the fp32 reference (pipeline/quantize.py)
     stages: list[dict]
     wall_seconds: float | None
     versions: dict
@@ -85,25 +84,6 @@ class Report(BaseModel):
             raise UserError(f"{path}: not valid JSON ({exc})") from None
         except ValueError as exc:
             raise UserError(f"{path}: not a report.json of export-skip ({str(exc).splitlines()[0]})") from None
-
-
-@dataclass
-class Findings:
-    """What the stages found, accumulated in stage order: files, parity rows, checks and checks not run."""
-
-    artifacts: list[dict] = field(default_factory=list)
-    parity: list[dict] = field(default_factory=list)
-    checks: list[dict] = field(default_factory=list)
-    not_run: list[dict] = field(default_factory=list)
-
-    def add(self, result: dict) -> dict:
-        for key in ("artifacts", "parity", "checks", "not_run"):
-            getattr(self, key).extend(result.get(key) or [])
-        return result
-
-    @property
-    def passed(self) -> bool:
-        return all(p["passed"] for p in self.parity) and all(c["passed"] for c in self.checks)
 
 
 def _mb(n: int) -> str:
@@ -221,7 +201,7 @@ def tuning_markdown(r: dict) -> list[str]:
         lines.append(f"| {shape} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + " |")
     lines.append("| score | " + " | ".join(f"{t['scores'][n]:.3f}" for n in names) + " |")
     k = t.get("one_row_kernels")
-    if k:  # what the one-row dispatch variant was built from (bench/kernels.py)
+    if k:  # what the one-row dispatch variant was built from (timing/kernels.py)
         lines += ["", "One-row MatMul layouts timed per weight shape (median us per MatMul, weights streamed; a layout "
                   f"other than packed must win by {k['margin']:.0%}):", "",
                   "| K x N | packed | unpacked | transposed | chosen |", "|---|---:|---:|---:|---|"]

@@ -92,7 +92,7 @@ def tiny_artifact(tmp_path_factory) -> Path:
     """recipes/tiny-llama.yaml run once by the real pipeline (`exporter.pipeline.run.run`): the published folder,
     beside its stage cache. Tests only read it; a test that changes files takes `tiny_artifact_copy`.
     At the end of the session the folder must still match its manifest."""
-    from exporter.checks.manifest import verify
+    from exporter.checks.verify import verify
     from exporter.pipeline.run import run
     from exporter.recipe import load_recipe
 

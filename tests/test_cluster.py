@@ -23,7 +23,7 @@ from exporter import cluster
 
 from exporter.commands import sweep
 from exporter.errors import UserError
-from exporter.checks.manifest import verify
+from exporter.checks.verify import verify
 from tests.ray_cluster import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def test_shares_balance_the_layers_each_candidate_reruns():
 
 
 def test_the_recorded_command_drops_where_it_ran():
-    from exporter.cli import _without
+    from exporter.commands.search import _without
 
     opts = {"--ray": "auto", "--workers": None, "--worker-cpus": None}
     assert _without(["r.yaml", "--ray", "--count", "2"], opts) == ["r.yaml", "--count", "2"]
@@ -241,7 +241,7 @@ def test_an_address_nobody_answers_fails_in_seconds():
 
 def test_local_commands_do_not_import_ray():
     code = textwrap.dedent("""
-        import sys, exporter.cli, exporter.quality.search, exporter.commands.sweep, exporter.cluster
+        import sys, exporter.cli, exporter.quality.search, exporter.commands.search, exporter.commands.sweep, exporter.cluster
         print('ray' in sys.modules)
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

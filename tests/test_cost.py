@@ -7,6 +7,7 @@ import pytest
 from conftest import CONFIGS, MASKS, make_mask
 from exporter import cost
 from exporter.mask import SkipMask
+from exporter.model.source import config_from_json
 from exporter.model.surgery import apply_skip, count_parameters
 from helpers import ROOT, TINY_RECIPE, cli
 
@@ -77,7 +78,7 @@ def test_prefill_flops_are_twice_the_matmul_weights_plus_attention(tiny_models):
 
 
 def test_shipped_mistral_config_gives_the_public_parameter_count():
-    config = cost.config_from_json(ROOT / "recipes" / "configs" / "mistral-7b-v0.1.json")
+    config = config_from_json(ROOT / "recipes" / "configs" / "mistral-7b-v0.1.json")
     assert cost.kept_parameters(config, None) == 7_241_732_096  # Mistral-7B-v0.1's published size
     mask = SkipMask(attention=tuple(range(21, 31)))
     assert cost.kv_bytes_per_token(config, mask, "bfloat16") == 22 * 2 * 8 * 128 * 2

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from exporter.checks.manifest import MANIFEST, RECIPE_COPY, canonical_hash, read_manifest, verify
+from exporter.checks.manifest import MANIFEST, RECIPE_COPY, read_manifest
+from exporter.checks.verify import verify
+from exporter.files import json_digest
 from helpers import TINY_RECIPE as TINY
 from helpers import cli
 
@@ -26,7 +28,7 @@ def test_manifest_lists_every_file_with_size_and_hash(tiny_artifact):
         assert f["sha256"] == sha256_file(tiny_artifact / f["path"])
     kinds = {f["path"]: f["kind"] for f in m["files"]}
     assert kinds["model.onnx"] == "onnx" and kinds["model.onnx.data"] == "onnx-external-data"
-    assert m["recipe"]["sha256"] == canonical_hash(resolved_recipe(load_recipe(TINY)))
+    assert m["recipe"]["sha256"] == json_digest(resolved_recipe(load_recipe(TINY)))
     assert m["mask"] == {"attention": [3, 4], "mlp": [4], "blocks": [4]}
     assert m["model"]["kind"] == "config" and len(m["model"]["config_sha256"]) == 64
     sig = m["onnx"]["model.onnx"]["signature"]

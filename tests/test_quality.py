@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from exporter.quality import metrics as Q
+from exporter.commands import eval as command
 from exporter.quality.data import read_lambada
 from exporter.mask import SkipMask
 from exporter.progress import progress_bar
@@ -158,7 +159,7 @@ def test_eval_of_the_exported_onnx_matches_pytorch(tiny_artifact_copy, data_fold
 
     recipe, art = load_recipe(TINY_RECIPE), tiny_artifact_copy
     settings = Q.Settings(data=data_folder, window=128, windows=2, passages=6)
-    result, path = Q.run_eval(recipe, settings, artifact=art)
+    result, path = command.run_eval(recipe, settings, artifact=art)
     assert path == art / "eval.json" and json.loads(path.read_text())["models"] == result["models"]
     assert result["mask"] == {"attention": [3, 4], "mlp": [4], "blocks": [4]}
     models = result["models"]
@@ -173,12 +174,12 @@ def test_eval_of_the_exported_onnx_matches_pytorch(tiny_artifact_copy, data_fold
 def test_eval_of_a_published_folder_keeps_its_manifest_valid(tiny_artifact_copy, data_folder):
     """Regression: eval rewrote report.json and added eval.json without recording them, so
     `export-skip verify` failed on every folder that had been evaluated."""
-    from exporter.checks.manifest import verify
+    from exporter.checks.verify import verify
     from exporter.recipe import load_recipe
 
     art = tiny_artifact_copy  # a published folder, as the pipeline wrote it
     assert verify(art) == []
-    Q.run_eval(load_recipe(TINY_RECIPE), Q.Settings(data=data_folder, window=128, windows=1, passages=2), artifact=art)
+    command.run_eval(load_recipe(TINY_RECIPE), Q.Settings(data=data_folder, window=128, windows=1, passages=2), artifact=art)
     assert verify(art) == []
     files = {f["path"] for f in json.loads((art / "manifest.json").read_text())["files"]}
     assert {"eval.json", "report.json"} <= files

@@ -6,6 +6,7 @@ import torch
 from conftest import build_model
 from exporter.quality import calibration as C
 from exporter.quality import search as S
+from exporter.commands import search as command
 from exporter.quality import strategies as St
 from exporter.errors import UserError
 from exporter.quality.importance import calibration_windows, measure_importance
@@ -135,7 +136,7 @@ def test_emitted_recipe_loads_and_exports(tmp_path, data_folder):
     source = TINY_RECIPE
     out = tmp_path / "sub" / "found.yaml"
     recipe = load_recipe(source)
-    result = S.run_search(recipe, source, settings(data_folder, budget=S.Budget(count=2), kind="block"), out)
+    result = command.run_search(recipe, source, settings(data_folder, budget=S.Budget(count=2), kind="block"), out)
     text = out.read_text()
     assert text.startswith(f"# export-skip {out}") and "Predicted decode speedup" in text
     found = load_recipe(out)
@@ -162,7 +163,7 @@ def test_relative_model_paths_follow_the_emitted_recipe(tmp_path, data_folder, l
 
     result = {"mask": SkipMask(attention=(1,)), "steps": [], "calibration": {"metric": "kl", "windows": 1, "length": 2, "seed": 0, "data": "x"},
               "final": {"kl": 0.0, "ppl": 1.0, "ppl_full": 1.0, "ppl_increase_pct": 0.0, "top1_agreement": 1.0}}
-    S.write_recipe(src, out, result, settings(data_folder), model.config, ["search", str(src)])
+    command.write_recipe(src, out, result, settings(data_folder), model.config, ["search", str(src)])
     assert load_recipe(out).model.path == folder.resolve()
 
 

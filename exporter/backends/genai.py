@@ -1,6 +1,6 @@
 """genai_config.json beside the ONNX, so onnxruntime-genai drives the skipped graph unchanged.
 
-The graph already follows onnxruntime-genai's naming (past_key_values.%d.key, present.%d.key); its
+The graph already follows onnxruntime-genai's naming (the contract's past and present names); its
 runtime looks the per-layer names up with the base model's layer count and tolerates gaps (layers
 whose attention was removed have no cache entry) as long as `past_present_share_buffer` is false,
 so only this config (and the tokenizer files) are needed. The runtime itself is the optional extra
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from exporter.architectures import head_dim, layout_for
 from exporter.errors import UserError
+from exporter.onnx.contract import past_name, present_name
 
 CONFIG_FILE = "genai_config.json"
 
@@ -58,10 +59,10 @@ def genai_config(config, generation_config, onnx_file: str, context_length: int,
                 "num_key_value_heads": config.num_key_value_heads,
                 "num_hidden_layers": kv_layers,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                           "position_ids": "position_ids", "past_key_names": past_name("%d", "key"),
+                           "past_value_names": past_name("%d", "value")},
+                "outputs": {"logits": "logits", "present_key_names": present_name("%d", "key"),
+                            "present_value_names": present_name("%d", "value")},
             },
         },
         "search": {

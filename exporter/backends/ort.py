@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from exporter.backends.base import DecodeRunner
+from exporter.dtypes import numpy_dtype
 from exporter.onnx.session import open_session
 from exporter.onnx.contract import is_past, is_present, past_for
 
@@ -25,12 +26,11 @@ class OrtRunner(DecodeRunner):
     def reset(self, batch: int) -> None:
         import numpy as np
 
-        dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
         self.past = {}
         for inp in self.past_inputs:
             _, heads, _, dim = inp.shape
             # bfloat16 pasts have no numpy dtype; such graphs are run through OrtValue elsewhere
-            self.past[inp.name] = np.zeros((batch, heads, 0, dim), dtype=dtypes.get(inp.type, np.float32))
+            self.past[inp.name] = np.zeros((batch, heads, 0, dim), dtype=numpy_dtype(inp.type) or np.float32)
 
     def forward(self, input_ids, attention_mask, position_ids):
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),

@@ -1,37 +1,28 @@
-"""manifest.json: the record of an artifact folder's contents, and `verify` against it.
+"""manifest.json: the record of an artifact folder's contents (written, read, listed, extended by record_files).
 
 report.json is the record of checks; the manifest is the record of contents: every file in the folder
 (whatever other stages wrote, not a fixed list) with bytes and sha256, the resolved recipe and its
 hash, the base model's identity, the mask, each ONNX graph's I/O signature, tool versions and the
-creation time. The pipeline writes it last, after report.json / report.md. `verify` re-hashes every
-file, checks that nothing was added or removed, that the recorded recipe still hashes to its hash,
-and that every ONNX graph loads, matches its recorded signature and finds its external data.
+creation time. The pipeline writes it last, after report.json / report.md. `check_files` compares the folder's
+files with it; `verify` (checks/verify.py) adds the recipe and ONNX checks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from exporter.errors import CheckFailed, UserError
-from exporter.files import describe_file, sha256_file
+from exporter.files import describe_file, json_digest, sha256_file
 from exporter.onnx.contract import onnx_signature
 from exporter.report import Report
-from exporter.recipe import load_recipe
 from exporter.versions import tool_versions
 
 MANIFEST = "manifest.json"
 RECIPE_COPY = "recipe.yaml"
 FORMAT = "export-skip-manifest/1"
-
-
-def canonical_hash(data) -> str:
-    """sha256 of JSON with sorted keys and no whitespace: the same data always hashes the same."""
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def resolved_recipe(recipe) -> dict:
@@ -99,7 +90,7 @@ def build_manifest(folder: Path, recipe, report: Report) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "passed": report.passed,
         "recipe": {"source": str(recipe.source_path) if recipe.source_path else None, "copy": RECIPE_COPY
-                   if (folder / RECIPE_COPY).is_file() else None, "sha256": canonical_hash(resolved),
+                   if (folder / RECIPE_COPY).is_file() else None, "sha256": json_digest(resolved),
                    "resolved": resolved},
         "model": report.model,  # hub id + revision + commit, or file hashes
         "architecture": report.architecture,
@@ -145,7 +136,9 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-def _check_files(folder: Path, manifest: dict) -> list[Problem]:
+def check_files(folder: Path, manifest: dict) -> list[Problem]:
+    """Files missing, resized, re-hashed to other content, or added since the manifest listed them (what `verify`
+    checks first, and what `record_files` requires of every file it is not recording)."""
     problems = []
     listed = {f["path"]: f for f in manifest["files"]}
     for rel, entry in listed.items():
@@ -163,83 +156,6 @@ def _check_files(folder: Path, manifest: dict) -> list[Problem]:
     return problems
 
 
-def _diff_keys(a, b, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON-like dicts (for a readable recipe mismatch)."""
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [prefix or "(root)"] if a != b else []
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        keys += _diff_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-    return keys
-
-
-def _check_recipe(folder: Path, manifest: dict, recipe_path: Path | None) -> list[Problem]:
-    import yaml
-
-    problems = []
-    rec = manifest["recipe"]
-    if canonical_hash(rec["resolved"]) != rec["sha256"]:
-        problems.append(Problem(MANIFEST, "recipe.resolved no longer hashes to recipe.sha256 (the manifest was edited)"))
-    copy = folder / RECIPE_COPY
-    if rec.get("copy") and copy.is_file():
-        try:
-            data = yaml.safe_load(copy.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            data = None
-        if data is None or canonical_hash(data) != rec["sha256"]:
-            changed = ", ".join(_diff_keys(rec["resolved"], data)) if isinstance(data, dict) else "unreadable"
-            problems.append(Problem(RECIPE_COPY, f"differs from the recipe the artifact was built from ({changed})"))
-    if recipe_path is not None:
-        given = resolved_recipe(load_recipe(recipe_path))
-        if canonical_hash(given) != rec["sha256"]:
-            changed = ", ".join(_diff_keys(rec["resolved"], given))
-            problems.append(Problem(str(recipe_path), f"is not the recipe this artifact was built from (differs in: {changed})"))
-    return problems
-
-
-def _check_onnx(folder: Path, manifest: dict, with_ort: bool) -> list[Problem]:
-    """Each graph loads (protobuf), matches its recorded signature, and its external data is in place."""
-    import onnx
-
-    problems = []
-    listed = {f["path"] for f in manifest["files"]}
-    for rel, recorded in manifest.get("onnx", {}).items():
-        path = folder / rel
-        if not path.is_file():
-            continue  # reported as missing by the file check
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # protobuf raises several types for a damaged file
-            problems.append(Problem(rel, f"does not load as ONNX: {str(exc).splitlines()[0][:200]}"))
-            continue
-        signature = onnx_signature(path)
-        if signature != recorded["signature"]:
-            changed = ", ".join(_diff_keys(recorded["signature"], signature)) or "order"
-            problems.append(Problem(rel, f"I/O signature differs from the manifest ({changed})"))
-        before = len(problems)
-        base = Path(rel).parent
-        for init in proto.graph.initializer:
-            if init.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = {e.key: e.value for e in init.external_data}
-            data = (base / info.get("location", "")).as_posix()
-            end = int(info.get("offset", 0)) + int(info.get("length", 0))
-            if data not in listed:
-                problems.append(Problem(rel, f"initializer {init.name} points at {data}, which is not in the manifest"))
-                break
-            if not (folder / data).is_file() or end > (folder / data).stat().st_size:  # what ORT would read
-                problems.append(Problem(rel, f"initializer {init.name} reads past the end of {data}"))
-                break
-        if with_ort and len(problems) == before:
-            import onnxruntime as ort
-
-            try:
-                ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                problems.append(Problem(rel, f"ONNX Runtime cannot open it: {str(exc).splitlines()[0][:200]}"))
-    return problems
-
-
 def record_files(folder: Path, paths: list[str]) -> Path:
     """After publishing, a later command (eval, bench) that adds or rewrites `paths` records them.
 
@@ -249,7 +165,7 @@ def record_files(folder: Path, paths: list[str]) -> Path:
     folder = Path(folder)
     manifest = read_manifest(folder)
     changed = {Path(p).as_posix() for p in paths}
-    problems = [p for p in _check_files(folder, manifest) if p.path not in changed]
+    problems = [p for p in check_files(folder, manifest) if p.path not in changed]
     if problems:
         raise CheckFailed(f"{folder}: not recording {', '.join(sorted(changed))}: the folder already differs "
                           f"from its manifest ({problems[0]})")
@@ -260,10 +176,3 @@ def record_files(folder: Path, paths: list[str]) -> Path:
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def verify(folder: Path, recipe_path: Path | None = None, with_ort: bool = False) -> list[Problem]:
-    """Every way the folder differs from its manifest; an empty list means it is intact."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    return _check_files(folder, manifest) + _check_recipe(folder, manifest, recipe_path) + _check_onnx(folder, manifest, with_ort)

@@ -10,12 +10,13 @@ later sessions ran the same SmolLM2 graph 9-17% faster than the first, and acros
 one opened was sometimes 10-15% slower than the others (docs/results/speed.md). So the rounds are split
 over `repeats` sets of fresh workers, each set opened in a rotated order, and the times pooled.
 
-The timing itself is in timing.py, the worker processes in worker.py, the full model's graphs in
-full_graph.py.
+The timing itself is in timing/interleaved.py, the worker processes in timing/worker.py; the full model's graphs
+come from the pipeline run with an empty mask (pipeline/run.py: unskipped_graph).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -23,7 +24,8 @@ from pathlib import Path
 import psutil
 
 from exporter.architectures import head_dim
-from exporter.pipeline.unskipped import full_graph, graph_pairs
+from exporter.commands.options import add_recipe, positive
+from exporter.pipeline.speed import graph_pairs
 from exporter.timing.interleaved import compare, load_average, settle_for, summarize, time_interleaved
 from exporter.machine import describe_machine, machine_info
 from exporter.timing.worker import close_workers, open_workers, peak_memory
@@ -32,8 +34,8 @@ from exporter.errors import UserError
 from exporter.checks.manifest import record_files
 from exporter.mask import resolve_mask
 from exporter.model.source import load_config
+from exporter.recipe import load_recipe
 from exporter.onnx.contract import ONNX_FILE
-from exporter.onnx.graph import op_counts
 
 DECODE = [(1, 128), (1, 512), (1, 2048), (4, 128), (4, 512), (4, 2048)]  # (batch, context)
 PREFILL = [(1, 128), (1, 512)]  # (batch, prompt tokens)
@@ -41,6 +43,34 @@ PEAK_CONTEXT = 4096
 DECODE_ROUNDS = 20  # interleaved rounds per decode case; EXPORT_SKIP_BENCH_ROUNDS overrides (a 3% saving
 PREFILL_ROUNDS = 5  # on a busy machine needs a few hundred rounds to stand out of the noise)
 REPEATS = 2  # fresh worker processes per graph, opened in a rotated order each time (EXPORT_SKIP_BENCH_REPEATS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe(parser)
+    parser.add_argument("--out", type=Path, metavar="DIR", help="artifact folder holding the skipped model.onnx "
+                                                              "(default: artifacts/<recipe file stem>)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and cases (a smoke run)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="ONNX Runtime intra-op threads (default: cores)")
+    parser.add_argument("--peer", action="append", default=[], metavar="NAME=ONNX",
+                        help="another tool's graph of the full model, timed in the same run (repeatable)")
+    parser.add_argument("--rounds", type=positive, metavar="N", help="interleaved decode rounds per case (default 20; "
+                        "a 3%% saving on a busy machine needs a few hundred)")
+    parser.add_argument("--repeats", type=positive, metavar="N",
+                        help="sets of fresh worker processes, opened in rotated order (default 2)")
+
+
+def run(args: argparse.Namespace, console) -> int:
+    recipe = load_recipe(args.recipe)
+    out = args.out or Path("artifacts") / (recipe.name or args.recipe.stem)
+    peers = {}
+    for item in args.peer:
+        name, _, path = item.partition("=")
+        if not name or not path or not Path(path).is_file():
+            raise UserError(f"--peer {item!r}: expected NAME=PATH to an existing .onnx file")
+        peers[name] = Path(path)
+    return run_bench(recipe, out, console, quick=args.quick, threads=args.threads, extra=peers,
+                     rounds=args.rounds, repeats=args.repeats)
 
 
 def _positive_env(name: str, default: int) -> int:
@@ -68,6 +98,9 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     """`export-skip bench`: writes bench.json and bench.md into the artifact folder `out`."""
     import onnxruntime as ort
 
+    from exporter.onnx.graph import op_counts  # onnx, torch: imported when the bench runs, not for its --help
+    from exporter.pipeline.run import unskipped_graph
+
     skipped_plain = out / ONNX_FILE
     if not skipped_plain.is_file():
         raise UserError(f"{skipped_plain} not found: run `export-skip {recipe.source_path}` first (or give --out)")
@@ -76,7 +109,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
     precision = recipe.model.dtype
     max_ctx = config.max_position_embeddings - 2
     kv_head_dim = head_dim(config)
-    full_plain = full_graph(recipe, console=console, build=_artifact_build(out))
+    full_plain = unskipped_graph(recipe, _artifact_build(out), console)
     pairs = graph_pairs(full_plain, skipped_plain)
     graphs = {f"{side}:{variant}": path for variant, paths in pairs.items() for side, path in zip(("full", "skipped"), paths)}
     for name, path in (extra or {}).items():
@@ -149,9 +182,7 @@ def run_bench(recipe, out: Path, console, quick: bool = False, threads: int | No
 
 def _artifact_build(out: Path) -> dict | None:
     """The optimized variant the artifact in `out` was built in (its report.json), for the full graph to match."""
-    import json
-
-    from exporter.pipeline.optimize import build_options
+    from exporter.pipeline.optimize import build_options  # onnx, torch
 
     try:
         r = json.loads((out / "report.json").read_text())

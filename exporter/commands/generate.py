@@ -9,12 +9,12 @@ tokenizer the pipeline used (their text is token numbers, not words).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+from exporter.commands.options import add_folder
 from exporter.model import prompts as P
-from exporter.backends.genai import genai_greedy
-from exporter.backends.ort import OrtRunner
 from exporter.errors import UserError
 from exporter.checks.manifest import MANIFEST, read_manifest
 from exporter.model.prompts import ByteTokenizer, decode
@@ -69,6 +69,8 @@ def ort_greedy(onnx_path: Path, input_ids: list[int], max_new_tokens: int, eos: 
     """Greedy continuation in ONNX Runtime; stops after eos (included) or max_new_tokens."""
     import torch
 
+    from exporter.backends.ort import OrtRunner  # torch, onnxruntime: imported when a graph runs
+
     runner = OrtRunner(onnx_path, threads=threads)
     ids = torch.tensor([input_ids], dtype=torch.long)
     logits = runner.prefill(ids, torch.ones_like(ids))
@@ -96,6 +98,8 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, chat: bool | N
     input_ids = P.encode(tokenizer, prompt, chat)
     stream = _Stream(tokenizer, out)
     if runtime == "genai":
+        from exporter.backends.genai import genai_greedy
+
         tokens = genai_greedy(folder, input_ids, max_new_tokens, on_token=stream)
     else:
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -103,3 +107,20 @@ def generate(folder: Path, prompt: str, max_new_tokens: int = 64, chat: bool | N
     out.write("\n")
     out.flush()
     return tokens
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_folder(parser)
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap the prompt in the chat template (default: what the recipe validated with)")
+    parser.add_argument("--runtime", choices=("ort", "genai"), default="ort",
+                        help="ONNX Runtime via export-skip's runner, or onnxruntime-genai (extra [genai])")
+    parser.add_argument("--onnx", metavar="FILE",
+                        help="graph file inside the folder (default: model.opt.onnx where the run wrote one, else model.onnx)")
+
+
+def run(args: argparse.Namespace, console) -> int:
+    generate(args.folder, args.prompt, args.max_new_tokens, args.chat, args.runtime, args.onnx)
+    return 0

@@ -7,9 +7,11 @@ in the folder, so a new stage shows up here without a change to this module.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+from exporter.commands.options import add_folder
 from exporter.errors import UserError
 from exporter.dtypes import ITEMSIZE
 from exporter.checks.manifest import MANIFEST, read_manifest
@@ -157,3 +159,14 @@ def render(folder: Path, console) -> None:
                 console.print(f"{path.name}: not valid JSON")
     if manifest:
         console.print("tools: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()), highlight=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_folder(parser)
+
+
+def run(args: argparse.Namespace, console) -> int:
+    from rich.console import Console
+
+    render(args.folder, Console(highlight=False))  # on stdout, the diagnostics console is stderr
+    return 0

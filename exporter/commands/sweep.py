@@ -7,15 +7,15 @@ built, so a node never takes more than it can hold (exporter/cluster.py). Items 
 error's first line; a worker lost mid-item is retried by Ray; an item whose published folder still verifies
 against its recipe, built by the same tool versions, is not redone (`--force` redoes everything). Before an
 item counts as passed the driver re-hashes every file in its folder against its manifest.json
-(exporter.checks.manifest.verify): with --ray, DIR must be one path that every node and the driver see (a shared
+(exporter.checks.verify.verify): with --ray, DIR must be one path that every node and the driver see (a shared
 filesystem). Writes DIR/sweep.json and DIR/sweep.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +23,15 @@ from pathlib import Path
 from rich.markup import escape
 
 from exporter.cluster import Job, Resources, check_code, connect, disconnect, memory_estimate, run_tasks, where_am_i
-from exporter.cost import config_for_recipe, kept_parameters
+from exporter.commands.options import add_ray
+from exporter.cost import kept_parameters
 from exporter.dtypes import itemsize
 from exporter.errors import UserError
-from exporter.checks.manifest import MANIFEST, verify
+from exporter.files import write_text_atomic
+from exporter.checks.manifest import MANIFEST
+from exporter.checks.verify import verify
 from exporter.mask import resolve_mask
-from exporter.pipeline.run import run
+from exporter.model.source import config_for_recipe
 from exporter.progress import progress_bar
 from exporter.recipe import Recipe, load_recipe
 from exporter.report import Report
@@ -36,6 +39,25 @@ from exporter.versions import tool_versions
 
 SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipes", nargs="+", metavar="RECIPE",
+                        help="recipe files, or glob patterns ('recipes/tiny-*.yaml')")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="folder for every item's artifact folder, sweep.json and sweep.md "
+                             "(with --ray: a path every node sees, on a shared filesystem)")
+    parser.add_argument("--force", action="store_true", help="redo every item and stage (no reuse, no stage cache)")
+    parser.add_argument("--cpus", type=float, default=1, metavar="N", help="--ray: CPUs each item declares (default 1)")
+    add_ray(parser)
+
+
+def run(args: argparse.Namespace, console) -> int:
+    summary = run_sweep(args.recipes, args.out, console, ray=args.ray, force=args.force, cpus=args.cpus)
+    verdict = "[green bold]PASSED[/]" if not summary["failed"] else "[red bold]FAILED[/]"
+    console.print(f"{verdict} {summary['passed']} passed, {summary['failed']} failed in {summary['seconds']:.0f} s; "
+                  f"{summary['out']}/sweep.md")
+    return 1 if summary["failed"] else 0
 
 
 @dataclass
@@ -87,10 +109,12 @@ def plan_items(paths: list[Path], cpus: float) -> list[Item]:
 
 def run_item(recipe: Recipe, folder: str, force: bool = False) -> dict:
     """One item, where it runs (this process, or a Ray worker): the pipeline, then what the summary needs."""
+    from exporter.pipeline.run import run as run_pipeline  # torch, onnx: only where an item runs
+
     started = time.perf_counter()
     where = where_am_i()
     try:
-        report = run(recipe, Path(folder), console=None, force=force)
+        report = run_pipeline(recipe, Path(folder), console=None, force=force)
     except Exception as exc:  # noqa: BLE001 - the item fails alone; its first line is kept
         return {"error": _one_line(exc), "seconds": round(time.perf_counter() - started, 1), "worker": where}
     return {**summarise(report.to_json()), "folder": str(report.published_to),
@@ -218,9 +242,7 @@ def run_sweep(patterns: list[str], out: Path, console=None, ray: str | None = No
 def write_summary(out: Path, summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in ((SWEEP_JSON, json.dumps(summary, indent=2) + "\n"), (SWEEP_MD, render_markdown(summary))):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
 
 
 def render_markdown(summary: dict) -> str:

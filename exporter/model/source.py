@@ -9,7 +9,6 @@ stated in the report).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ from exporter.architectures import check_config, layout_for
 from exporter.model.checkpoint import is_checkpoint, load_base_config, load_checkpoint
 from exporter.dtypes import torch_dtype
 from exporter.errors import UserError
-from exporter.files import publish_folder, sha256_file
+from exporter.files import digest, json_digest, publish_folder, sha256_file, temporary_sibling
 from exporter.model.prompts import ByteTokenizer, tokenizer_or_bytes
 from exporter.recipe import ModelSource, PackageFile
 
@@ -47,8 +46,7 @@ def describe_source(source: ModelSource) -> dict:
     if source.kind == "gguf":
         path = gguf_path(source)
         return {"kind": "gguf", "path": str(path), "sha256": sha256_file(path)}
-    blob = json.dumps(source.config, sort_keys=True)
-    return {"kind": "config", "config_sha256": hashlib.sha256(blob.encode()).hexdigest(), "seed": source.seed}
+    return {"kind": "config", "config_sha256": json_digest(source.config), "seed": source.seed}
 
 
 def _hub_unreachable(hub_id: str) -> UserError:
@@ -125,7 +123,7 @@ def load_config(source: ModelSource):
 def _converted_gguf_folder(source: ModelSource) -> Path:
     path = gguf_path(source)
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = digest(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}", length=16)
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
@@ -182,7 +180,7 @@ def _convert_gguf(source: ModelSource) -> Path:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.tie_weights()  # as from_config does with initialisation on (a tied LM head is saved once)
     plain.load_state_dict(quantised.state_dict())
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp = temporary_sibling(folder)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     publish_folder(tmp, folder)
@@ -203,29 +201,31 @@ def _refuse_pickle_only(folder: Path, source: ModelSource) -> None:
                         "model.allow_pickle: true if you trust them")
 
 
-def load_model(source: ModelSource):
-    """(model, tokenizer): an eval-mode causal LM in the recipe's dtype, and its tokenizer."""
+def load_model(source: ModelSource, config=None):
+    """(model, tokenizer): an eval-mode causal LM in the recipe's dtype, and its tokenizer. `config`: the source's
+    config (load_config) where the caller has it already: the model is built from it, not read again."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch_dtype(source.dtype)
+    given = {} if config is None else {"config": config}
     if source.kind == "config":
-        config = load_config(source)
+        config = config or load_config(source)
         torch.manual_seed(source.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = ByteTokenizer(config.vocab_size)
     elif source.kind == "hub":
-        load_config(source)  # fails fast (one line) when offline
-        model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype,
+        config or load_config(source)  # fails fast (one line) when offline
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=dtype, **given,
                           use_safetensors=None if source.allow_pickle else True)
         tokenizer = tokenizer_or_bytes(lambda: _from_hub(AutoTokenizer.from_pretrained, source),
                                        model.config.vocab_size)
     elif source.kind == "path" and _is_serving_checkpoint(source.path):
-        model, tokenizer = load_checkpoint(source.path, dtype)
+        model, tokenizer = load_checkpoint(source.path, dtype, config)
     else:
         folder = _convert_gguf(source) if source.kind == "gguf" else source.path
         _refuse_pickle_only(folder, source)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=source.trust_remote_code,
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=source.trust_remote_code, **given,
                                                      use_safetensors=None if source.allow_pickle else True)
         tokenizer = tokenizer_or_bytes(lambda: AutoTokenizer.from_pretrained(folder), model.config.vocab_size)
     layout_for(model.config.model_type)
@@ -250,3 +250,41 @@ def load_tokenizer(source: ModelSource):
         return AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except errors:
         return ByteTokenizer(load_config(source).vocab_size)
+
+
+# --- a config without the weights: `plan` and `sweep` size a recipe from a shipped copy of a public config -------
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
+
+
+def shipped_config_path(hub_id: str) -> Path:
+    """recipes/configs/<repo name, lower case>.json, e.g. mistralai/Mistral-7B-v0.1 -> mistral-7b-v0.1.json."""
+    return SHIPPED_CONFIGS / (hub_id.split("/")[-1].lower() + ".json")
+
+
+def config_from_json(path: Path):
+    """A config object (attribute access) from a config.json, without transformers."""
+    from types import SimpleNamespace
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read a config.json: {exc}") from None
+    missing = [k for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "vocab_size") if k not in data]
+    if missing:
+        raise UserError(f"{path}: config.json lacks {', '.join(missing)}")
+    data.setdefault("num_key_value_heads", data["num_attention_heads"])
+    return SimpleNamespace(**data)
+
+
+def config_for_recipe(recipe, config_path: Path | None = None):
+    """(config, where it came from). Hub models use a shipped public config when it exists (no network)."""
+    if config_path is not None:
+        return config_from_json(config_path), str(config_path)
+    source = recipe.model
+    if source.kind == "hub":
+        shipped = shipped_config_path(source.hub)
+        if shipped.is_file():
+            return config_from_json(shipped), f"shipped copy {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
+    return load_config(source), f"model source ({source.kind})"

@@ -10,15 +10,21 @@ external data beside the .onnx. Names follow Optimum's and onnxruntime-genai's c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from exporter.architectures import head_dim
 
 ONNX_FILE = "model.onnx"  # the plain graph: TensorRT and any ONNX runtime
 OPT_FILE = "model.opt.onnx"  # the optimized ONNX Runtime graph (contrib ops), same I/O
-PAST = "past_key_values."
-PRESENT = "present."
+PAST = "past_key_values."  # + "{layer}.key" / "{layer}.value": the cache inputs
+PRESENT = "present."  # + "{layer}.key" / "{layer}.value": the cache outputs
+KINDS = ("key", "value")
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Peer graphs the bench times beside ours (onnxruntime-genai's model builder) name their caches otherwise:
+# inputs `past_key.{i}`-style, outputs `present_...`; the bench feeds and measures them too (timing/worker.py).
+PEER_PAST = ("past_key.",)
+PEER_PRESENT = "present"
 
 
 def data_path(graph: Path) -> Path:
@@ -26,18 +32,22 @@ def data_path(graph: Path) -> Path:
     return graph.with_name(graph.name + ".data")
 
 
+def past_name(layer: int | str, kind: str = "key") -> str:
+    """past_key_values.{layer}.{kind}; `layer` may be a template's placeholder ("%d": onnxruntime-genai's config)."""
+    return f"{PAST}{layer}.{kind}"
+
+
+def present_name(layer: int | str, kind: str = "key") -> str:
+    """present.{layer}.{kind} (see past_name)."""
+    return f"{PRESENT}{layer}.{kind}"
+
+
 def input_names(kept_attention: list[int]) -> list[str]:
-    names = list(MODEL_INPUTS)
-    for i in kept_attention:
-        names += [f"{PAST}{i}.key", f"{PAST}{i}.value"]
-    return names
+    return list(MODEL_INPUTS) + [past_name(i, kind) for i in kept_attention for kind in KINDS]
 
 
 def output_names(kept_attention: list[int]) -> list[str]:
-    names = ["logits"]
-    for i in kept_attention:
-        names += [f"{PRESENT}{i}.key", f"{PRESENT}{i}.value"]
-    return names
+    return ["logits"] + [present_name(i, kind) for i in kept_attention for kind in KINDS]
 
 
 def is_past(name: str) -> bool:
@@ -48,9 +58,28 @@ def is_present(name: str) -> bool:
     return name.startswith(PRESENT)
 
 
-def past_for(present_name: str) -> str:
+def is_cache_input(name: str) -> bool:
+    """A past cache input: ours, or a peer graph's (PEER_PAST)."""
+    return is_past(name) or name.startswith(PEER_PAST)
+
+
+def is_cache_output(name: str) -> bool:
+    """A present cache output: ours, or a peer graph's (PEER_PRESENT)."""
+    return name.startswith(PEER_PRESENT)
+
+
+def past_for(present: str) -> str:
     """present.{i}.key -> past_key_values.{i}.key: what a decode loop feeds back."""
-    return PAST + present_name.removeprefix(PRESENT)
+    return PAST + present.removeprefix(PRESENT)
+
+
+_PRESENT_KEY = re.compile(re.escape(PRESENT) + r"(\d+)\.key$")
+
+
+def present_key_layer(name: str) -> int | None:
+    """i for a name ending in present.{i}.key (a branch of the graph may prefix it), else None."""
+    match = _PRESENT_KEY.search(name)
+    return int(match.group(1)) if match else None
 
 
 def kept_layers(names) -> list[int]:

@@ -28,7 +28,6 @@ its branches gets this dispatch inside it. Heads whose size is not a multiple of
 from __future__ import annotations
 
 import copy
-import re
 
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from exporter.architectures import head_dim, sliding_window_for
-from exporter.onnx.contract import kept_layers
+from exporter.onnx.contract import kept_layers, present_key_layer
 from exporter.onnx.graph import branch_outputs, drop_dead_nodes, general_branch
 
 MS = "com.microsoft"
@@ -51,8 +50,7 @@ def _attr(node, name, default=None):
 
 
 def _layer(gqa) -> int | None:
-    match = re.search(r"present\.(\d+)\.key$", gqa.output[1])
-    return int(match.group(1)) if match else None
+    return present_key_layer(gqa.output[1])
 
 
 def fold_rotary(nodes: list, bias_free: set[int] = frozenset()) -> tuple[list, int]:

@@ -174,7 +174,7 @@ def add_batch1_path(proto, data_path: Path, model_dir: Path) -> int:
 
 def add_one_row_dispatch(proto, data_path: Path, model_dir: Path, layouts: dict[tuple[int, int], str]) -> int:
     """Per MatMul whose weight shape (K, N) `layouts` maps to "unpacked" or "transposed" (as timed on the machine
-    that builds: bench/kernels.py): `If(the call has one row) then that layout else the MatMul as it was`, in
+    that builds: timing/kernels.py): `If(the call has one row) then that layout else the MatMul as it was`, in
     place; returns the MatMuls so dispatched (0: `proto` left as it was).
 
     The one-MatMul alternative to add_batch1_path's whole-body branch, for CPUs where only some shapes gain

@@ -7,7 +7,7 @@ optimizer fuses none of that, so this module rewrites it, keeping the I/O contra
 - each kept attention layer becomes `com.microsoft.RotaryEmbedding` of q and k at `position_ids` (cos/sin
   caches computed from the config) and one `com.microsoft.GroupQueryAttention` node that reads grouped KV
   heads without copies, takes our additive bias as `attention_bias` (so padding, left or right, and
-  sliding windows mean what they mean in the plain graph) and produces `present.{i}.*` (past and present
+  sliding windows mean what they mean in the plain graph) and produces the contract's present outputs (past and present
   in separate buffers, as the contract has them);
 - where q, k and v are three MatMuls of the same input (+ constant biases: Qwen2), they become one MatMul
   (+ one Add) on the concatenated weight, then one Split;
@@ -49,7 +49,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.architectures import head_dim as head_dim_of, rope_kind_for
-from exporter.onnx.contract import OPT_FILE, data_path as data_path_of, input_names, kept_layers
+from exporter.dtypes import numpy_dtype, onnx_dtype_name
+from exporter.onnx.contract import OPT_FILE, data_path as data_path_of, input_names, kept_layers, present_name
 from exporter.onnx.decode import add_decode_path
 from exporter.onnx.gemv import add_batch1_path, add_one_row_dispatch
 from exporter.onnx.graph import (Graph, drop_dead_nodes, drop_unused_initializers, external_initializer,
@@ -143,15 +144,15 @@ def _match_softcap(g: Graph, scores: str) -> tuple[float, str]:
 
 def _find_attention(g: Graph, layer: int):
     """The tensors around layer `layer`'s attention in the plain graph (see surgery.SkippedLayer.attend)."""
-    cat_k = g.producer.get(f"present.{layer}.key")
-    cat_v = g.producer.get(f"present.{layer}.value")
+    cat_k = g.producer.get(present_name(layer, "key"))
+    cat_v = g.producer.get(present_name(layer, "value"))
     if cat_k is None or cat_v is None or cat_k.op_type != "Concat" or cat_v.op_type != "Concat":
         raise NotOptimizable(f"layer {layer}: present key/value are not produced by Concat")
     past_k, k_rot = cat_k.input
     past_v, v_t = cat_v.input
     v_transpose = g.producer.get(v_t)
     k_transpose = _upstream(g, k_rot, "Transpose")
-    scores = _downstream(g, f"present.{layer}.key", "MatMul", depth=8)
+    scores = _downstream(g, present_name(layer, "key"), "MatMul", depth=8)
     if v_transpose is None or v_transpose.op_type != "Transpose" or k_transpose is None or scores is None:
         raise NotOptimizable(f"layer {layer}: attention pattern not recognised (k/v transpose or scores)")
     q_transpose = _upstream(g, scores.input[0], "Transpose")
@@ -215,7 +216,7 @@ def _add_gqa(g: Graph, proto, layer: int, found: dict, heads: int, kv_heads: int
         "GroupQueryAttention",
         [q, k, v, found["past_k"], found["past_v"], shared["seqlens_k"], shared["total_len"],
          "", "", "", found["bias"]],
-        [found["out"], f"present.{layer}.key", f"present.{layer}.value"],
+        [found["out"], present_name(layer, "key"), present_name(layer, "value")],
         name=f"GroupQueryAttention_{layer}", domain=MS, num_heads=heads, kv_num_heads=kv_heads,
         do_rotary=0, scale=found["scale"], softcap=found["softcap"], local_window_size=-1))
     return nodes
@@ -373,7 +374,7 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     GroupQueryAttention (exporter/onnx/decode.py).
 
     `one_row_layouts` (fp32, without `batch1_path`): the MatMuls of those weight shapes (K, N) read the layout
-    named (bench/kernels.py measured it faster for one row) in one-row calls (gemv.add_one_row_dispatch).
+    named (timing/kernels.py measured it faster for one row) in one-row calls (gemv.add_one_row_dispatch).
 
     Raises NotOptimizable with the reason when the graph cannot be rewritten safely.
     """
@@ -386,8 +387,8 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
     inputs = {i.name: i for i in proto.graph.input}
     kept = kept_layers(inputs)
     elem = inputs[input_names(kept)[3]].type.tensor_type.elem_type if kept else None
-    np_dtypes = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
-    if kept and elem not in np_dtypes:
+    dtype = onnx_dtype_name(elem) if kept else None  # the cache's
+    if kept and dtype not in ("float32", "float16"):
         raise NotOptimizable(f"{onnx.TensorProto.DataType.Name(elem)} graphs: ONNX Runtime's CPU "
                              "GroupQueryAttention runs fp32 and fp16 only")
 
@@ -413,7 +414,7 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
         if kept:
             heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
             split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-            shared_nodes, shared = _shared_inputs(proto, caches, np_dtypes[elem], split)
+            shared_nodes, shared = _shared_inputs(proto, caches, numpy_dtype(dtype), split)
             new_nodes += shared_nodes
             for i in kept:
                 for n in found[i]["remove"]:
@@ -433,11 +434,11 @@ def optimize_onnx(plain_path: Path, config, out_path: Path | None = None, max_po
             proto.opset_import.append(helper.make_opsetid(MS, 1))
         nodes = len(proto.graph.node)
         gemv = 0
-        if batch1_path and (not kept or elem == onnx.TensorProto.FLOAT):  # one-row calls: unpacked (gemv.py)
+        if batch1_path and (not kept or dtype == "float32"):  # one-row calls: unpacked (gemv.py)
             gemv = add_batch1_path(proto, data_path, plain_path.parent)
         folded = add_decode_path(proto, config, kept) if decode_path and kept else 0
         one_row = 0
-        if one_row_layouts and not gemv and elem == onnx.TensorProto.FLOAT:
+        if one_row_layouts and not gemv and dtype == "float32":
             one_row = add_one_row_dispatch(proto, data_path, plain_path.parent, one_row_layouts)
         onnx.save(proto, str(out_path))
     except BaseException:  # nothing half-written: no data file without its graph, no graph without its data

@@ -33,19 +33,24 @@ def check_prepacks(path: Path) -> bool:
     return forced == "1" if forced in ("0", "1") else graph_bytes(path) <= SECOND_LAYOUT_MAX_BYTES
 
 
-def open_session(path: Path, threads: int | None = None, providers: list[str] | None = None, check: bool = False):
-    """An InferenceSession with quiet logging and, when given, `threads` intra-op threads; `check`: a session
-    that only checks parity (CHECK_CONFIG where the graph is big)."""
+def open_session(model, threads: int | None = None, providers: list[str] | None = None, check: bool = False):
+    """An InferenceSession of `model` (a graph file's path, a serialized graph's bytes, or an onnx ModelProto built
+    in memory) with quiet logging and, when given, `threads` intra-op threads; `check`: a session that only checks
+    parity (CHECK_CONFIG where the graph file is big)."""
     import onnxruntime as ort
 
+    if hasattr(model, "SerializeToString"):  # a ModelProto
+        model = model.SerializeToString()
+    in_memory = isinstance(model, bytes)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    if check and not check_prepacks(Path(path)):
+    if check and not in_memory and not check_prepacks(Path(model)):
         for key, value in CHECK_CONFIG.items():
             options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(model if in_memory else str(model), options,
+                                providers=providers or ["CPUExecutionProvider"])
 
 
 def ort_unsupported_op(error: Exception) -> str | None:

@@ -14,7 +14,7 @@ R = TypeVar("R", bound="StageResult")
 
 @dataclass
 class StageResult:
-    """What every stage may add to the run's findings (report.Findings)."""
+    """What every stage may add to the run's findings (Findings, below)."""
 
     artifacts: list[dict] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
@@ -94,13 +94,8 @@ class Packaged(StageResult):
 
 
 @dataclass
-class Findings:
+class Findings(StageResult):
     """What the stages found, accumulated in stage order: files, parity rows, checks and checks not run."""
-
-    artifacts: list[dict] = field(default_factory=list)
-    parity: list[dict] = field(default_factory=list)
-    checks: list[dict] = field(default_factory=list)
-    not_run: list[dict] = field(default_factory=list)
 
     def add(self, result: R) -> R:
         for key in ("artifacts", "parity", "checks", "not_run"):

@@ -23,6 +23,11 @@ class _Settings(BaseModel):
         """The JSON a cache key hashes (pipeline/keys.py)."""
         return self.model_dump(mode="json")
 
+    @classmethod
+    def _pick(cls, section, **computed):
+        """The fields this class names, read from the recipe section `section`, except those given `computed`."""
+        return cls(**{name: getattr(section, name) for name in cls.model_fields if name not in computed}, **computed)
+
 
 class LoadSettings(_Settings):
     """The base model and the mask to resolve against its config (load stage; not cached: it loads weights)."""
@@ -57,9 +62,7 @@ class ReferenceSettings(_Settings):
 
     @classmethod
     def of(cls, recipe: Recipe) -> ReferenceSettings:
-        v = recipe.validation
-        return cls(prompts=tuple(v.prompts), chat=v.chat, padded_batch=v.padded_batch, decode_steps=v.decode_steps,
-                   atol=v.atol)
+        return cls._pick(recipe.validation, prompts=tuple(recipe.validation.prompts))
 
 
 class PrecisionsSettings(_Settings):
@@ -83,8 +86,7 @@ class ValidateSettings(_Settings):
 
     @classmethod
     def of(cls, recipe: Recipe) -> ValidateSettings:
-        v = recipe.validation
-        return cls(decode_steps=v.decode_steps, atol=v.atol, half_atol=v.half_atol)
+        return cls._pick(recipe.validation)
 
 
 class OptimizeSettings(_Settings):

@@ -21,16 +21,10 @@ from pathlib import Path
 import torch
 
 from exporter.quality import data
-from exporter.backends.ort import OrtRunner
 from exporter.quality.bootstrap import exp_ratio, paired_difference, standard_error
-from exporter.errors import UserError
-from exporter.checks.manifest import record_files
-from exporter.mask import SkipMask, resolve_mask
-from exporter.model.source import describe_source, load_config, load_model
-from exporter.onnx.contract import ONNX_FILE
+from exporter.mask import SkipMask
 from exporter.checks.parity import kl_top1_sum
 from exporter.progress import progress_bar
-from exporter.report import REPORT_JSON, Report
 from exporter.model.prompts import encode_plain, pad_token_id
 from exporter.model.surgery import apply_skip
 
@@ -278,108 +272,3 @@ def write_json(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
-
-# ---------------------------------------------------------------- `export-skip eval`
-
-ONNX_REL_TOLERANCE = 0.005  # the exported graph's perplexity must be within 0.5% of PyTorch's
-# an int4 graph is not the same numbers: its KL to the full model may exceed the fp32 skipped model's by this
-# much (issue 14's bar: quantization costs no more than this on top of the skipping)
-INT4_KL_MARGIN = 0.05
-
-
-def run_eval(recipe, settings: Settings, artifact: Path | None = None, out: Path | None = None,
-             console=None, onnx_file: str | None = None) -> tuple[dict, Path]:
-    """Evaluate a recipe's mask (and, with `artifact`, its exported ONNX in ONNX Runtime); write eval.json."""
-    config = load_config(recipe.model)
-    mask = resolve_mask(recipe, config.num_hidden_layers)
-    onnx_path = None
-    if artifact is not None:
-        onnx_path = _artifact_onnx(artifact, mask, onnx_file)
-    for name in settings.tasks:  # fail on missing data before loading anything heavy
-
-        data.data_file(settings.data, data.WIKITEXT if name == "wikitext" else data.LAMBADA)
-    model, tokenizer = load_model(recipe.model)
-    scorer = TorchScorer(model, {"skipped": mask})
-    if onnx_path is not None:
-        scorer = WithRunners(scorer, {"onnx": OrtRunner(onnx_path)})
-    result = evaluate(scorer, tokenizer, settings, console)
-    result = {"recipe": str(recipe.source_path), "model": describe_source(recipe.model),
-              "mask": mask.describe(),
-              "backends": {"full": "pytorch", "skipped": "pytorch (physically skipped model)",
-                           **({"onnx": f"onnxruntime ({onnx_path})"} if onnx_path else {})},
-              **result}
-    quantized = onnx_path is not None and onnx_path.parent.name == "int4"
-    if onnx_path is not None and "wikitext" in result and not quantized:
-        ort_ppl, pt_ppl = result["models"]["onnx"]["perplexity"], result["models"]["skipped"]["perplexity"]
-        rel = abs(ort_ppl - pt_ppl) / pt_ppl
-        result["onnx_vs_pytorch"] = {"perplexity_rel_diff": rel, "limit": ONNX_REL_TOLERANCE,
-                                     "passed": rel <= ONNX_REL_TOLERANCE}
-    elif quantized and "wikitext" in result:  # what int4 adds to the skipping's KL, on the same windows
-        added = result["models"]["onnx"]["kl"] - result["models"]["skipped"]["kl"]
-        result["int4_vs_fp32"] = {"kl_added": added, "limit": INT4_KL_MARGIN, "passed": added <= INT4_KL_MARGIN}
-    path = out or (artifact / "eval.json" if artifact else Path("artifacts") / f"eval-{recipe.source_path.stem}" / "eval.json")
-    write_json(result, path)
-    touched = []
-    report = Report.load(artifact) if artifact is not None else None
-    if report is not None:  # the pipeline's report gains the numbers
-        report.add_section(artifact, "quality", result)
-        touched.append(REPORT_JSON)
-    if artifact is not None and (artifact / "manifest.json").is_file():  # a published folder: record what changed
-
-        if path.resolve().parent == artifact.resolve():
-            touched.append(path.name)
-        if touched:
-            record_files(artifact, touched)
-    if console is not None:
-        print_table(result, console)
-    return result, path
-
-
-def _artifact_onnx(artifact: Path, mask: SkipMask, onnx_file: str | None = None) -> Path:
-    path = artifact / (onnx_file or ONNX_FILE)
-    if not path.is_file():
-        raise UserError(f"--artifact {artifact}: no {ONNX_FILE} there (run export-skip RECIPE --out {artifact} first)")
-    report = Report.load(artifact)
-    if report is not None:
-        got = report.mask
-        if (tuple(got.get("attention", ())), tuple(got.get("mlp", ()))) != (mask.attention, mask.mlp):
-            raise UserError(f"--artifact {artifact}: it was exported with mask {got}, not the recipe's "
-                            f"attention {list(mask.attention)}, mlp {list(mask.mlp)}")
-    return path
-
-
-def print_table(result: dict, console) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"quality ({'subset' if _is_subset(result) else 'full data'})")
-    for col in ("model", "perplexity", "KL vs full", "top-1 agree", "LAMBADA acc"):
-        table.add_column(col, justify="right")
-    for name, m in result["models"].items():
-        table.add_row(name, _fmt(m, "perplexity", "{:.3f}"), _fmt(m, "kl", "{:.4f}"),
-                      _fmt(m, "top1_agreement", "{:.2%}"), _fmt(m, "lambada_accuracy", "{:.2%}"))
-    console.print(table)
-    console.print("± one bootstrap standard error over windows / passages")
-    if "skipped" in result["models"] and FULL in result["models"]:
-        for metric, d in compare(result, "skipped", FULL).items():
-            verdict = "distinguishable" if d["distinguishable"] else "not distinguishable from the full model"
-            console.print(f"skipped - full, {metric}: {d['difference']:+.4g} ± {d['se']:.2g} (paired): {verdict}")
-    added = result.get("int4_vs_fp32")
-    if added:
-        word = "[green]ok[/]" if added["passed"] else "[red]over the limit[/]"
-        console.print(f"int4 graph: KL vs full {added['kl_added']:+.4f} over the fp32 skipped model's "
-                      f"(limit {added['limit']}) {word}")
-    check = result.get("onnx_vs_pytorch")
-    if check:
-        word = "[green]ok[/]" if check["passed"] else "[red]FAILED[/]"
-        console.print(f"ONNX vs PyTorch perplexity: {check['perplexity_rel_diff']:.4%} (limit {check['limit']:.1%}) {word}")
-
-
-def _is_subset(result: dict) -> bool:
-    return any(result.get(t, {}).get("subset") for t in ("wikitext", "lambada"))
-
-
-def _fmt(m: dict, key: str, spec: str) -> str:
-    value, se = m.get(key), m.get(f"{key}_se")
-    if value is None:
-        return "-"
-    return spec.format(value) + ("" if se is None or se != se else " ± " + spec.format(se))

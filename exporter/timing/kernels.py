@@ -23,6 +23,7 @@ import numpy as np
 
 from exporter.timing.interleaved import time_interleaved
 from exporter.machine import machine_info
+from exporter.onnx.session import open_session
 
 STREAM_BYTES = 64 * 2**20  # at least; twice the last-level cache where the OS reports it (stream_bytes())
 MAX_COPIES = 256  # tiny shapes (test models: kilobytes) stop there: their weights sit in cache in a real step too
@@ -47,7 +48,6 @@ def copies_for(k: int, n: int, stream: int) -> int:
 def layout_sessions(k: int, n: int, threads: int, stream: int, seed: int = 0):
     """{layout: InferenceSession} for weights of shape [k, n] (as many copies as fill `stream` bytes), and
     the number of copies each session multiplies per call."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -68,11 +68,7 @@ def layout_sessions(k: int, n: int, threads: int, stream: int, seed: int = 0):
             [numpy_helper.from_array(v, f"w{i}") for i, v in enumerate(values)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid("com.microsoft", 1)])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        sessions[layout] = ort.InferenceSession(model.SerializeToString(), options,
-                                                providers=["CPUExecutionProvider"])
+        sessions[layout] = open_session(model, threads)
     return sessions, copies
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from exporter.onnx.session import open_session
 from exporter.errors import UserError
 from exporter.measure import PeakSampler
-from exporter.onnx.contract import is_past, is_present
+from exporter.dtypes import numpy_dtype
+from exporter.onnx.contract import MODEL_INPUTS, PAST, is_cache_input, is_cache_output
 
 WORKER = "exporter.timing.worker"
 
@@ -42,18 +43,16 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
     feeds, filled = {}, {}
     for inp in session.get_inputs():
-        name, dtype = inp.name, dtypes.get(inp.type)
+        name, dtype = inp.name, numpy_dtype(inp.type)
         if name == "input_ids":
             feeds[name] = rng.integers(0, 100, (batch, seq), dtype=np.int64)
         elif name == "attention_mask":
             feeds[name] = np.ones((batch, past + seq), dtype=dtype or np.int64)
         elif name == "position_ids":
             feeds[name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
-        elif is_past(name) or name.startswith("past_key."):  # past_key.*: a peer's naming
+        elif is_cache_input(name):  # ours or a peer graph's (contract.PEER_PAST)
             _, heads, _, dim = inp.shape
             dim = dim if isinstance(dim, int) else head_dim
             if not isinstance(heads, int) or dim is None:
@@ -65,7 +64,7 @@ def make_feeds(session, batch: int, seq: int, past: int, seed: int = 0, head_dim
             feeds[name] = filled[shape, dtype]
         else:
             raise UserError(f"cannot feed graph input {name!r}: the bench drives graphs that follow the ONNX "
-                            "contract (input_ids, attention_mask, position_ids, past_key_values.*)")
+                            f"contract ({', '.join(MODEL_INPUTS)}, {PAST}*)")
     return {name: aligned(value) for name, value in feeds.items()}
 
 
@@ -84,10 +83,10 @@ def aligned(array):
 
 
 def measured_kv_bytes_per_token(session, past: int = 15, head_dim: int | None = None) -> int:
-    """Bytes of the present.* outputs of one decode step, per cached token (batch 1): measured, not computed."""
+    """Bytes of the present cache outputs of one decode step, per cached token (batch 1): measured, not computed."""
     outputs = [o.name for o in session.get_outputs()]
     values = session.run(None, make_feeds(session, 1, 1, past, head_dim=head_dim))
-    total = sum(v.nbytes for name, v in zip(outputs, values) if is_present(name) or name.startswith("present"))
+    total = sum(v.nbytes for name, v in zip(outputs, values) if is_cache_output(name))
     return total // (past + 1)
 
 
