@@ -20,7 +20,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from exporter.errors import UserError
+from exporter.errors import CheckFailed, UserError
 from exporter.pipeline.workdir import raise_on_sigterm
 
 MAIN = "run"  # the main job: `export-skip RECIPE ...`, no command word
@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         return 2
+    except CheckFailed as exc:  # a check failed (its report says which): one line, exit 1
+        if debug:
+            traceback.print_exc()
+        console.print(f"[red bold]FAILED[/] {exc}", soft_wrap=True, markup=True, highlight=False)
+        return 1
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing was published")
         return 130

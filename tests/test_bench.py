@@ -233,3 +233,24 @@ def test_feeds_start_on_64_byte_boundaries_like_ort_outputs(tiny_artifact):
     assert np.all(feeds["position_ids"] == 37) and feeds["attention_mask"].shape == (2, 38)
     outputs = session.run(None, feeds)  # the graph takes them as they are
     assert outputs[0].shape[:2] == (2, 1)
+
+
+def test_the_speed_stage_times_nothing_when_the_unskipped_run_fails_its_checks(tiny, tmp_path):
+    """The unskipped graphs come from a checked pipeline run; when that run fails a check, the skipped run reports
+    the cost model and why nothing was timed (the full graph is never called twice, nothing is timed)."""
+    from exporter.errors import CheckFailed
+    from exporter.pipeline.settings import SpeedSettings
+    from exporter.pipeline.speed import speed_stage
+
+    recipe, model, mask = tiny
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise CheckFailed("the unskipped model's run failed its checks: see X/report.md")
+
+    speed = speed_stage(SpeedSettings(measure=True, dtype="float32"), model.config, mask, tmp_path / "model.onnx",
+                        weight_bytes=1 << 20, full_graph=failing)
+    assert calls == [1] and speed.measured is None and speed.prediction
+    assert speed.not_measured.startswith("the unskipped model's run failed its checks")
+    assert set(speed.to_report()) == {"prediction", "measured", "not_measured"}

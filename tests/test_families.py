@@ -223,9 +223,9 @@ def test_removal_takes_whole_branches_and_the_cost_model_counts_them(family, loa
     from exporter.pipeline.remove import remove_stage
 
     model, _ = loaded(family)
-    skipped, size = remove_stage(model, MASK)
-    assert size["checks"][0]["passed"], size["checks"]
-    assert size["kv_cache"]["layers_skipped"] == 2
+    skipped, removed = remove_stage(model, MASK)
+    assert removed.checks[0]["passed"], removed.checks
+    assert removed.kv_cache["layers_skipped"] == 2
     layout = ARCHITECTURES[model.config.model_type]
     for i in MASK.attention:
         assert not any(hasattr(skipped.model.layers[i], name) for name in layout.branch("attention"))

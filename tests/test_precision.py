@@ -11,7 +11,8 @@ from exporter.onnx.contract import onnx_signature
 from exporter.onnx.export import export_onnx, model_in_precision
 from exporter.pipeline.validate import validate_stage
 from exporter.model.prompts import left_padded
-from exporter.recipe import Atol, Recipe, Validate
+from exporter.pipeline.settings import ValidateSettings
+from exporter.recipe import Atol, Recipe
 from exporter.model.surgery import apply_skip
 
 
@@ -21,8 +22,9 @@ def check_half_parity(model, mask, precision, graph, batches, steps, atol, folde
     from exporter.pipeline.reference import record_reference
 
     save_reference(record_reference(model, mask, batches, steps), folder / REFERENCE_FILE)
-    out = validate_stage(Validate(decode_steps=steps, half_atol=atol), folder, {precision: graph}, "fp32")
-    return out["parity"], out["not_run"], out["greedy"]
+    out = validate_stage(ValidateSettings(decode_steps=steps, atol=Atol(), half_atol=atol), folder, {precision: graph},
+                         "fp32")
+    return out.parity, out.not_run, out.greedy
 
 
 def _elem_types(path):

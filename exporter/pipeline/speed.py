@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from exporter.errors import CheckFailed
 from exporter.onnx.contract import OPT_FILE
 from exporter.pipeline.results import Speed
 from exporter.pipeline.settings import SpeedSettings
@@ -77,7 +78,10 @@ def speed_stage(settings: SpeedSettings, config, mask, skipped_plain: Path, weig
                "to time it")
     if why is not None:
         return Speed(prediction=prediction, not_measured=f"{why}; `export-skip bench RECIPE` measures full vs skipped")
-    full_plain = full_graph()
+    try:
+        full_plain = full_graph()
+    except CheckFailed as exc:  # the unskipped model's own run failed a check: no sound comparison to time
+        return Speed(prediction=prediction, not_measured=f"{exc}; `export-skip bench RECIPE` measures full vs skipped")
     measured = quick_ratio(config, mask, full_plain, skipped_plain, context=context, budget_s=budget_s,
                            precision=precision)
     return Speed(prediction=prediction, measured=measured, full_graph=str(full_plain))
