@@ -63,6 +63,15 @@ def _initializers_everywhere(graph):
                 yield from _initializers_everywhere(sub)
 
 
+def external_data_files(path: Path) -> list[Path]:
+    """The external data files a graph's initializers (its subgraphs' too) read, beside it: an optimized graph reads
+    most of its weights from the plain graph's file, its own holds only what the rewrite made new."""
+    proto = onnx.load(str(path), load_external_data=False)
+    names = {e.value for t in _initializers_everywhere(proto.graph) if t.data_location == TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    return [Path(path).parent / name for name in sorted(names)]
+
+
 def move_graph(src: Path, dst: Path) -> None:
     """Rename a graph and its own external data file (`src.data` -> `dst.data`), pointing its tensors at the new
     name; tensors it reads from another graph's file (the plain graph's weights) are left as they are."""

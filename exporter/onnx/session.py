@@ -22,9 +22,13 @@ CHECK_CONFIG = {"session.disable_prepacking": "1"}
 
 
 def graph_bytes(path: Path) -> int:
-    """Bytes of a graph file and its external data."""
-    data = data_path(path)
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Bytes of a graph file and of every external data file it reads (its own and, for an optimized graph, the
+    plain graph's, which holds most of its weights: counting only its own file once let a 7B-class model's
+    optimized graph be checked prepacked, the weights twice in memory)."""
+    from exporter.onnx.graph import external_data_files
+
+    files = {data_path(path), *external_data_files(path)}
+    return path.stat().st_size + sum(f.stat().st_size for f in files if f.is_file())
 
 
 def check_prepacks(path: Path) -> bool:
