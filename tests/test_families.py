@@ -355,6 +355,7 @@ def test_checkpoint_refused_before_any_work_or_written(family, folders, tmp_path
     from exporter.pipeline import run as pipeline
     from exporter.recipe import Recipe
     from exporter.pipeline import load
+    from exporter.model.source import load_config
     from exporter.pipeline.settings import LoadSettings
 
     recipe = Recipe.model_validate({"version": 1, "model": {"path": str(folders(family))},
@@ -362,7 +363,7 @@ def test_checkpoint_refused_before_any_work_or_written(family, folders, tmp_path
                                     "export": {"checkpoint": True}, "validate": {"speed": False}})
     reason = CHECKPOINT_REFUSED[family]
     if reason is None:
-        load.require_supported(LoadSettings.of(recipe), load.load_base_config(LoadSettings.of(recipe)))
+        load.require_supported(LoadSettings.of(recipe), load_config(recipe.model))
         return
     monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("weights were loaded before the refusal"))
     out = tmp_path / "art" / family

@@ -53,7 +53,7 @@ def test_the_pytorch_model_is_released_before_onnx_runtime(tmp_path, monkeypatch
     from exporter.measure import StageLog
     from exporter.pipeline import run as pipeline
     from exporter.pipeline.cache import StageCache
-    from exporter.pipeline.load import load_base_config
+    from exporter.model.source import load_config
     from exporter.pipeline.results import Findings
     from exporter.pipeline.settings import RunSettings
     from exporter.recipe import load_recipe
@@ -74,7 +74,7 @@ def test_the_pytorch_model_is_released_before_onnx_runtime(tmp_path, monkeypatch
         return found.add(result)
 
     settings = RunSettings.of(load_recipe(TINY_RECIPE))
-    loaded = pipeline._pytorch_stages(settings, load_base_config(settings.load), ExitStack(), tmp_path, StageLog(None),
+    loaded = pipeline._pytorch_stages(settings, load_config(settings.load.source), ExitStack(), tmp_path, StageLog(None),
                                       found, cached, False)
     gc.collect()
     assert alive and alive[0]() is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from exporter.mask import skip_mask
 from exporter.model.checkpoint import check_supported, merge_removed
-from exporter.model.source import describe_source, load_config, load_model
+from exporter.model.source import describe_source, load_model
 from exporter.pipeline.settings import LoadSettings
 
 
@@ -13,11 +13,6 @@ def require_supported(settings: LoadSettings, config) -> None:
     2): a serving checkpoint in a format that cannot describe the family (checkpoint.check_supported)."""
     if settings.checkpoint:
         check_supported(config)
-
-
-def load_base_config(settings: LoadSettings):
-    """The base model's config: loaded once per run, before any weights, and passed to every stage that reads it."""
-    return load_config(settings.source)
 
 
 def load_stage(settings: LoadSettings, config):

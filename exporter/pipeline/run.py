@@ -23,13 +23,13 @@ from exporter.checks.reference import REFERENCE_FILE
 from exporter.dtypes import itemsize, model_precision
 from exporter.errors import CheckFailed
 from exporter.measure import StageLog
-from exporter.model.source import cache_dir, gguf_parsed_once
+from exporter.model.source import cache_dir, gguf_parsed_once, load_config
 from exporter.onnx.contract import ONNX_FILE
 from exporter.pipeline.cache import StageCache, stage_key
 from exporter.pipeline.engines import engines_stage, require_backends
 from exporter.pipeline.export import estimate_run_bytes, export_stage
 from exporter.pipeline.keys import StageKeys, engines_key
-from exporter.pipeline.load import load_base_config, load_stage, require_supported
+from exporter.pipeline.load import load_stage, require_supported
 from exporter.pipeline.optimize import build_options, optimize_stage
 from exporter.pipeline.package import checkpoint_stage, package_stage
 from exporter.pipeline.precisions import graph_paths, precisions_stage
@@ -63,7 +63,7 @@ def run(recipe: Recipe, out_dir: Path, console=None, force: bool = False, wait: 
 def _run(recipe: Recipe, settings: RunSettings, out_dir: Path, console, force: bool, wait: bool,
          parsing: ExitStack) -> Report:
     started = time.perf_counter()
-    config = load_base_config(settings.load)  # once: every stage that reads the config gets this one
+    config = load_config(settings.load.source)  # once: every stage that reads the config gets this one
     require_backends(settings.engines, settings.load.where)
     require_supported(settings.load, config)
     log, found = StageLog(console), Findings()
