@@ -202,7 +202,8 @@ def add_one_row_dispatch(proto, data_path: Path, model_dir: Path, layouts: dict[
             nodes.append(n)
             continue
         w, bt, how = targets[id(n)]
-        y, tag = n.output[0], ONE_ROW + (n.name or y)
+        y = n.output[0]
+        tag = ONE_ROW + (n.name or y)  # an unnamed MatMul is tagged by its output
         want_bt = how == "transposed"
         row = one_row_node(n, weights.get(w, bt, want_bt), want_bt, f"{tag}/row", f"{tag}/row")
         general = copy.deepcopy(n)
